@@ -1,0 +1,100 @@
+"""``viscy preprocess``: VisCy's normalisation layout, real Ray tasks, idempotence, masks, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import write_iohub_plate
+from viscy.config import ForegroundMaskConfig, PreprocessConfig
+from viscy.data.plate import Plate
+from viscy.data.preprocess import STAT_KEYS, compute_statistics, preprocess_plate
+from viscy.errors import ChannelNotFoundError, DataError
+
+VISCY_KEYS = {"mean", "std", "median", "iqr", "p1", "p5", "p95", "p99"}
+
+
+def _attrs(path: Path) -> dict:
+    return json.loads((path / ".zattrs").read_text())
+
+
+def _pixels(plate: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(plate)): p.read_bytes() for p in sorted(plate.rglob("*")) if p.is_file() and p.name[0] != "."
+    }
+
+
+def test_statistics_values():
+    v = np.arange(1, 101, dtype=np.float32)
+    s = compute_statistics(v)
+    assert set(s) == set(STAT_KEYS)
+    assert s["median"] == pytest.approx(50.5) and s["mean"] == pytest.approx(50.5)
+    assert s["iqr"] == pytest.approx(np.percentile(v, 75) - np.percentile(v, 25))
+    assert s["p99_p1"] == pytest.approx(s["p99"] - s["p1"])
+
+
+def test_writes_viscy_layout_and_is_idempotent(small_plate, ray_local):
+    before = _pixels(small_plate)
+    cfg = PreprocessConfig(data_path=small_plate, grid_spacing=4)
+    summary = preprocess_plate(cfg, progress=False)
+    assert summary["fovs"] == ["A/1/0", "A/1/1", "B/2/0"] and not summary["skipped"]
+
+    plate_norm = _attrs(small_plate)["normalization"]
+    assert set(plate_norm) == {"Phase3D", "Nuclei", "Membrane"}
+    for meta in plate_norm.values():
+        assert VISCY_KEYS <= set(meta["dataset_statistics"])
+    for fov in ("A/1/0", "A/1/1", "B/2/0"):
+        fov_norm = _attrs(small_plate / fov)["normalization"]
+        for ch in ("Phase3D", "Nuclei", "Membrane"):
+            assert {"dataset_statistics", "fov_statistics", "timepoint_statistics"} <= set(fov_norm[ch])
+            assert VISCY_KEYS <= set(fov_norm[ch]["fov_statistics"])
+            assert fov_norm[ch]["dataset_statistics"] == plate_norm[ch]["dataset_statistics"]
+    # FOV statistics match a direct computation on the same grid.
+    with Plate(small_plate) as plate:
+        grid = plate.read("A/1/1", 0, [1], slice(None), slice(None, None, 4), slice(None, None, 4))
+    fov_stats = _attrs(small_plate / "A/1/1")["normalization"]["Nuclei"]["fov_statistics"]
+    assert fov_stats["median"] == pytest.approx(float(np.median(grid)), rel=1e-6)
+    # The channel scales of the fixture (Nuclei ~ 100, Membrane ~ 200) come through.
+    assert plate_norm["Membrane"]["dataset_statistics"]["median"] == pytest.approx(200, abs=5)
+
+    preprocess_plate(cfg, progress=False)
+    assert _attrs(small_plate)["normalization"] == plate_norm  # idempotent
+    assert _pixels(small_plate) == before  # never modifies pixel data
+
+
+def test_fg_mask_and_otsu_threshold(tmp_path, ray_local):
+    from viscy.config import SynthConfig
+    from viscy.data.synth import write_synthetic_plate
+
+    path = write_synthetic_plate(SynthConfig(output=tmp_path / "s.zarr", cols=["1"], fovs_per_well=1, z=2))
+    cfg = PreprocessConfig(data_path=path, fg_mask=ForegroundMaskConfig(channel="Nuclei"))
+    preprocess_plate(cfg, progress=False)
+    with Plate(path) as plate:
+        mask = plate.read("A/1/0", 0, [0], array="fg_mask")
+        nuclei = plate.read("A/1/0", 0, [1])[0]
+        assert mask.shape == (1, 2, 256, 256) and mask.dtype == np.uint8
+        assert 0.02 < mask.mean() < 0.8
+        # Foreground is where the nuclei are bright.
+        assert nuclei[mask[0] > 0].mean() > 2 * nuclei[mask[0] == 0].mean()
+        assert "otsu_threshold" in plate.normalization("A/1/0")["Nuclei"]
+        assert not plate.has_array("A/1/0", "fg_mask.partial")
+
+
+def test_bad_channel_and_patterns(small_plate, ray_local):
+    with pytest.raises(ChannelNotFoundError, match="available channels"):
+        preprocess_plate(PreprocessConfig(data_path=small_plate, channels=["DAPI"]), progress=False)
+    with pytest.raises(DataError, match="no position"):
+        preprocess_plate(PreprocessConfig(data_path=small_plate, positions=["Z/*"]), progress=False)
+    assert "normalization" not in _attrs(small_plate)
+
+
+def test_corrupt_fov_is_skipped_and_reported(tmp_path, ray_local):
+    path = write_iohub_plate(tmp_path / "c.zarr")
+    (path / "A/1/1/0/0/0/0/0/0").write_bytes(b"corrupt")
+    summary = preprocess_plate(PreprocessConfig(data_path=path), progress=False)
+    assert summary["fovs"] == ["A/1/0", "B/2/0"]
+    assert "A/1/1" in summary["skipped"] and "re-copy" in summary["skipped"]["A/1/1"]
+    assert "normalization" not in _attrs(path / "A/1/1")

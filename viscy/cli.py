@@ -1,0 +1,145 @@
+"""The ``viscy`` command: one verb per pipeline stage, each configured by the typed schema.
+
+``viscy VERB [--config FILE] [--section.key VALUE ...]``. Verbs import their stage lazily so that
+``viscy --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import textwrap
+from dataclasses import dataclass
+
+from viscy.config import ConfigError, describe_schema, load_config, parse_overrides
+
+
+@dataclass(frozen=True)
+class Verb:
+    """A CLI verb: its one-line help, its config schema and the function that runs it."""
+
+    name: str
+    summary: str
+    schema: str  # "module:Class" of the pydantic config
+    entry: str  # "module:function" taking the validated config
+    details: str = ""
+
+
+VERBS: list[Verb] = [
+    Verb(
+        "demo",
+        "Run the embedded default job on a synthetic plate (local Ray).",
+        "viscy.config:DemoConfig",
+        "viscy.demo:run_demo",
+        "Synthesises a plate, computes normalisation statistics with Ray and prints a summary.",
+    ),
+    Verb(
+        "synth",
+        "Write a synthetic HCS OME-Zarr plate with phase, fluorescence and ground-truth labels.",
+        "viscy.config:SynthConfig",
+        "viscy.data.synth:run_synth",
+        "Cells are a tessellation with membranes on their borders and ellipsoidal nuclei; phase is the\n"
+        "blurred optical path length with noise, an illumination gradient and defocus away from focus.",
+    ),
+    Verb(
+        "preprocess",
+        "Compute normalisation statistics (and foreground masks) into the plate's zattrs with Ray.",
+        "viscy.config:PreprocessConfig",
+        "viscy.data.preprocess:run_preprocess",
+        "One Ray task per FOV (local Ray, or the cluster at RAY_ADDRESS). Writes VisCy's layout:\n"
+        "plate and FOV .zattrs['normalization'][channel] = {dataset_statistics, fov_statistics, ...}.",
+    ),
+    Verb(
+        "info",
+        "Summarise a plate: positions, channels, shapes and stored statistics.",
+        "viscy.data.plate:InfoConfig",
+        "viscy.data.plate:run_info",
+    ),
+]
+
+
+def _load(target: str):
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _verb_help(verb: Verb) -> str:
+    schema = _load(verb.schema)
+    rows = describe_schema(schema)
+    width = max(len(k) for k, _, _ in rows) + 2
+    body = []
+    for key, default, desc in rows:
+        line = f"  --{key:<{width}} {desc}"
+        if default not in ("REQUIRED", "(section)"):
+            line += f" [default: {default}]"
+        elif default == "REQUIRED":
+            line += " [required]"
+        body.append(textwrap.fill(line, 110, subsequent_indent=" " * (width + 5)))
+    return (
+        f"usage: viscy {verb.name} [--config FILE] [--key VALUE ...]\n\n{verb.summary}\n"
+        + (f"\n{verb.details}\n" if verb.details else "")
+        + "\noptions:\n  -h, --help"
+        + " " * (width - 4)
+        + "  show this help and exit\n"
+        + f"  --config FILE{' ' * (width - 9)} YAML file with the keys below (overrides win)\n"
+        + "\nconfig keys (nested keys use dots; lists take several values, e.g. --data.yx_patch_size 256 256):\n"
+        + "\n".join(body)
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser (verbs only; each verb parses its own keys)."""
+    parser = argparse.ArgumentParser(
+        prog="viscy",
+        description="Virtual staining on Ray: synthesise, preprocess, train, tune, export, predict, "
+        "evaluate and serve models that predict fluorescence from label-free microscopy.",
+        epilog="Run 'viscy VERB --help' for the keys of one verb.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", title="verbs")
+    for verb in VERBS:
+        sub.add_parser(verb.name, help=verb.summary, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``viscy`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0
+    verbs = {v.name: v for v in VERBS}
+    name, rest = argv[0], argv[1:]
+    if name not in verbs:
+        parser.error(f"unknown verb {name!r}; choose from: {', '.join(verbs)}")
+    verb = verbs[name]
+    if "-h" in rest or "--help" in rest:
+        print(_verb_help(verb))
+        return 0
+    config_path = None
+    if "--config" in rest:
+        i = rest.index("--config")
+        if i + 1 >= len(rest):
+            print("error: --config needs a FILE", file=sys.stderr)
+            return 2
+        config_path = rest[i + 1]
+        rest = rest[:i] + rest[i + 2 :]
+    try:
+        config = load_config(_load(verb.schema), config_path, parse_overrides(rest))
+    except ConfigError as exc:
+        print(f"viscy {name}: {exc}", file=sys.stderr)
+        return 2
+    from viscy.errors import ViscyError
+
+    try:
+        result = _load(verb.entry)(config)
+    except (ViscyError, ConfigError) as exc:
+        print(f"viscy {name}: error: {exc}", file=sys.stderr)
+        return 1
+    return int(result) if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

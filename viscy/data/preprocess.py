@@ -1,0 +1,246 @@
+"""``viscy preprocess``: normalisation statistics (and foreground masks) in VisCy's zattrs layout.
+
+One Ray task per FOV samples every channel on a YX grid (all T and Z), returns FOV statistics plus a
+bounded subsample for the dataset statistics, and optionally writes an Otsu foreground mask next to the
+image. The driver then writes, exactly as VisCy does::
+
+    plate/.zattrs["normalization"][channel]["dataset_statistics"]
+    plate/A/1/0/.zattrs["normalization"][channel] = {"dataset_statistics": ..., "fov_statistics": ...,
+                                                     "timepoint_statistics": {"0": ..., ...}}
+
+Pixel data are never modified; rerunning gives the same values (the sampling grid is deterministic).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from viscy.config import PreprocessConfig
+from viscy.data.plate import FG_MASK_KEY, Plate
+from viscy.errors import DataError, ViscyError
+
+STAT_KEYS = ("mean", "std", "median", "iqr", "min", "max", "p1", "p5", "p95", "p99", "p95_p5", "p99_p1")
+# Per-FOV cap on values returned to the driver for dataset-level statistics (bounds driver memory).
+MAX_SAMPLES_PER_FOV = 200_000
+
+
+def compute_statistics(values: np.ndarray) -> dict[str, float]:
+    """VisCy's statistics of a 1-D sample: mean, std, median, iqr, min, max and percentiles."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        raise DataError("no finite values to compute statistics from")
+    p1, p5, p25, p50, p75, p95, p99 = np.percentile(v, [1, 5, 25, 50, 75, 95, 99])
+    return {
+        "mean": float(v.mean()),
+        "std": float(v.std()),
+        "median": float(p50),
+        "iqr": float(p75 - p25),
+        "min": float(v.min()),
+        "max": float(v.max()),
+        "p1": float(p1),
+        "p5": float(p5),
+        "p95": float(p95),
+        "p99": float(p99),
+        "p95_p5": float(p95 - p5),
+        "p99_p1": float(p99 - p1),
+    }
+
+
+@dataclass
+class FovResult:
+    """What one per-FOV task returns."""
+
+    name: str
+    fov_statistics: dict[str, dict[str, float]] = field(default_factory=dict)
+    timepoint_statistics: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    samples: dict[str, np.ndarray] = field(default_factory=dict)
+    timepoint_samples: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    otsu_threshold: float | None = None
+    skipped: str | None = None
+
+
+def _subsample(values: np.ndarray, limit: int) -> np.ndarray:
+    if values.size <= limit:
+        return values
+    idx = np.linspace(0, values.size - 1, limit).astype(np.int64)
+    return values[idx]
+
+
+def write_fg_mask(plate: Plate, name: str, channel: int, sigma: float) -> float:
+    """Otsu foreground mask of one channel, written as uint8 array ``fg_mask`` (T, 1, Z, Y, X).
+
+    The mask is written to a temporary array and renamed when complete, so a killed run never leaves a
+    mask that looks finished.
+    """
+    import zarr
+    from skimage.filters import gaussian, threshold_otsu
+
+    shape = plate.info(name).shape
+    t_n, _, z_n, y_n, x_n = shape
+    # Threshold from a grid sample of the whole FOV so all slices share one threshold.
+    sample = plate.read(name, 0, [channel], slice(None), slice(None, None, 4), slice(None, None, 4))
+    threshold = float(threshold_otsu(gaussian(sample[0].astype(np.float32), sigma=sigma / 4, channel_axis=None)))
+    group = zarr.open_group(str(plate.root / name) if plate.kind == "hcs" else str(plate.root), mode="r+")
+    tmp_key = f"{FG_MASK_KEY}.partial"
+    if tmp_key in group:
+        del group[tmp_key]
+    mask_arr = group.create_dataset(
+        tmp_key,
+        shape=(t_n, 1, z_n, y_n, x_n),
+        chunks=(1, 1, 1, y_n, x_n),
+        dtype="uint8",
+        overwrite=True,
+        dimension_separator="/",  # NGFF 0.4 nested chunk keys, as iohub reads them
+    )
+    for t in range(t_n):
+        for z in range(z_n):
+            img = plate.read(name, t, [channel], slice(z, z + 1))[0, 0].astype(np.float32)
+            mask_arr[t, 0, z] = (gaussian(img, sigma=sigma) > threshold).astype(np.uint8)
+    mask_arr.attrs.update({"channel": plate.channel_names[channel], "otsu_threshold": threshold, "sigma": sigma})
+    if FG_MASK_KEY in group:
+        del group[FG_MASK_KEY]
+    group.store.rename(f"{group.path}/{tmp_key}".strip("/"), f"{group.path}/{FG_MASK_KEY}".strip("/"))
+    return threshold
+
+
+def fov_statistics_task(
+    plate_path: str, name: str, channels: list[str], grid: int, fg_channel: str | None, fg_sigma: float
+) -> FovResult:
+    """Sample one FOV on the grid; returns statistics, a bounded subsample, and the Otsu threshold."""
+    result = FovResult(name)
+    try:
+        plate = Plate(plate_path)
+        idx = plate.channel_indices(channels)
+        t_n = plate.info(name).shape[0]
+        per_t: list[np.ndarray] = []
+        for t in range(t_n):
+            per_t.append(plate.read(name, t, idx, slice(None), slice(None, None, grid), slice(None, None, grid)))
+        for ci, ch in enumerate(channels):
+            all_t = np.concatenate([a[ci].ravel() for a in per_t]).astype(np.float32)
+            if not np.isfinite(all_t).any():
+                raise DataError(f"channel {ch} holds no finite values")
+            result.fov_statistics[ch] = compute_statistics(all_t)
+            result.samples[ch] = _subsample(all_t, MAX_SAMPLES_PER_FOV)
+            for t, a in enumerate(per_t):
+                vals = a[ci].ravel().astype(np.float32)
+                result.timepoint_statistics.setdefault(ch, {})[str(t)] = compute_statistics(vals)
+                result.timepoint_samples.setdefault(ch, {})[str(t)] = _subsample(vals, MAX_SAMPLES_PER_FOV // t_n)
+        if fg_channel is not None:
+            result.otsu_threshold = write_fg_mask(plate, name, plate.channel_indices(fg_channel)[0], fg_sigma)
+    except ViscyError as exc:
+        result.skipped = str(exc)
+    return result
+
+
+def _write_attrs(group_path: Path, key: str, value: Any) -> None:
+    import zarr
+
+    grp = zarr.open_group(str(group_path), mode="r+")
+    grp.attrs[key] = value
+
+
+def preprocess_plate(config: PreprocessConfig, progress: bool = True) -> dict[str, Any]:
+    """Compute and write normalisation statistics for a plate; returns a summary.
+
+    Raises
+    ------
+    DataError
+        If the plate, channels or positions are invalid, or every FOV was skipped.
+    """
+    import ray
+    from tqdm.auto import tqdm
+
+    plate = Plate(config.data_path)
+    channels = config.channels or plate.channel_names
+    plate.channel_indices(channels)  # validates names before any work
+    if config.fg_mask is not None:
+        plate.channel_indices(config.fg_mask.channel)
+    names = plate.select(config.positions)
+    plate.check_consistent(names)
+    fg = config.fg_mask
+    started = time.perf_counter()
+    from viscy.ray_utils import ensure_ray
+
+    ensure_ray()
+    task = ray.remote(num_cpus=config.num_cpus_per_task)(fov_statistics_task)
+    refs = [
+        task.remote(
+            str(plate.root if plate.kind == "hcs" else plate.path),
+            n,
+            channels,
+            config.grid_spacing,
+            fg.channel if fg else None,
+            fg.smoothing_sigma if fg else 2.0,
+        )
+        for n in names
+    ]
+    results: list[FovResult] = []
+    with tqdm(total=len(refs), desc="preprocess FOVs", unit="fov", disable=not progress) as bar:
+        pending = refs
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            results.extend(ray.get(done))
+            bar.update(len(done))
+    ok = sorted((r for r in results if r.skipped is None), key=lambda r: r.name)
+    skipped = {r.name: r.skipped for r in results if r.skipped is not None}
+    if not ok:
+        raise DataError(f"every FOV was skipped: {skipped}")
+
+    dataset_stats = {ch: compute_statistics(np.concatenate([r.samples[ch] for r in ok])) for ch in channels}
+    t_keys = sorted({t for r in ok for t in r.timepoint_samples[channels[0]]}, key=int)
+    timepoint_stats = {
+        ch: {
+            t: compute_statistics(
+                np.concatenate([r.timepoint_samples[ch][t] for r in ok if t in r.timepoint_samples[ch]])
+            )
+            for t in t_keys
+        }
+        for ch in channels
+    }
+    # Merge with statistics of channels not recomputed now, so a partial rerun keeps the others.
+    plate_norm = dict(plate.plate_attrs().get("normalization", {}))
+    for ch in channels:
+        plate_norm[ch] = {"dataset_statistics": dataset_stats[ch], "timepoint_statistics": timepoint_stats[ch]}
+    for r in ok:
+        fov_norm = dict(plate.position_attrs(r.name).get("normalization", {}))
+        for ch in channels:
+            entry = {
+                "dataset_statistics": dataset_stats[ch],
+                "fov_statistics": r.fov_statistics[ch],
+                "timepoint_statistics": r.timepoint_statistics[ch],
+            }
+            if fg is not None and ch == fg.channel and r.otsu_threshold is not None:
+                entry["otsu_threshold"] = r.otsu_threshold
+            fov_norm[ch] = entry
+        _write_attrs(plate.root / r.name if plate.kind == "hcs" else plate.root, "normalization", fov_norm)
+    # The plate-level entry is written last: its presence means every FOV entry is complete.
+    if plate.kind == "hcs":
+        _write_attrs(plate.root, "normalization", plate_norm)
+    return {
+        "plate": str(plate.root),
+        "channels": channels,
+        "fovs": [r.name for r in ok],
+        "skipped": skipped,
+        "dataset_statistics": dataset_stats,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def run_preprocess(config: PreprocessConfig) -> dict[str, Any]:
+    """CLI entry of ``viscy preprocess``."""
+    from viscy.config import save_config
+
+    summary = preprocess_plate(config)
+    save_config(config, Path(summary["plate"]) / "viscy_preprocess", "preprocess")
+    print(f"preprocessed {len(summary['fovs'])} FOVs of {summary['plate']} in {summary['seconds']:.1f} s")
+    for ch, s in summary["dataset_statistics"].items():
+        print(f"  {ch:<12} median {s['median']:.4g}  iqr {s['iqr']:.4g}  mean {s['mean']:.4g}  std {s['std']:.4g}")
+    for name, why in summary["skipped"].items():
+        print(f"  skipped {name}: {why}")
+    return summary
