@@ -111,44 +111,77 @@ def denormalize(x: np.ndarray, params: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------- augmentation
-def build_augmentation(config: AugmentationConfig, seed: int | None = None):
-    """MONAI ``Compose`` over dict samples ``{"source": (C,Z,Y,X), "target": (C,Z',Y,X)}``.
+class YXAugmentation:
+    """Seeded MONAI dictionary transforms over ``{"source": (C,Z,Y,X), "target": (C',Z',Y,X)}`` samples.
 
-    Spatial transforms act in the YX plane only (Z is never resampled) and identically on source and
-    target, which must therefore share their spatial shape; intensity transforms act on the source only.
+    Spatial transforms act in the YX plane only and identically on source and target: Z is folded into
+    channels so that MONAI runs cheap 2D resampling and never moves data across slices. Flips and 90-degree
+    rotations run before the affine, whose output window is ``output_yx`` (so non-square patches keep
+    their shape). Intensity transforms act on the source only.
     """
-    from monai import transforms as mt
 
-    both = ["source", "target"]
-    lo, hi = config.scale_range
-    pipeline = [
-        mt.RandAffined(
-            both,
-            prob=config.affine_prob,
-            rotate_range=(config.rotate_range, 0.0, 0.0),
-            scale_range=(0.0, (lo - 1.0, hi - 1.0), (lo - 1.0, hi - 1.0)),
-            shear_range=(0.0, 0.0, 0.0, config.shear_range, 0.0, config.shear_range),
-            mode="bilinear",
-            padding_mode="reflection",
-        ),
-        mt.RandFlipd(both, prob=config.flip_prob, spatial_axis=1),
-        mt.RandFlipd(both, prob=config.flip_prob, spatial_axis=2),
-        mt.RandRotate90d(both, prob=config.rot90_prob, spatial_axes=(1, 2)),
-        mt.RandAdjustContrastd(["source"], prob=config.contrast_prob, gamma=config.contrast_gamma),
-        mt.RandScaleIntensityd(["source"], prob=config.intensity_scale_prob, factors=config.intensity_scale_factors),
-        mt.RandGaussianNoised(["source"], prob=config.noise_prob, std=config.noise_std),
-        mt.RandGaussianSmoothd(
-            ["source"],
-            prob=config.smooth_prob,
-            sigma_x=(0.0, 0.0),
-            sigma_y=config.smooth_sigma,
-            sigma_z=config.smooth_sigma,
-        ),
-    ]
-    compose = mt.Compose(pipeline)
+    def __init__(self, config: AugmentationConfig, output_yx: tuple[int, int] | None = None) -> None:
+        from monai import transforms as mt
+
+        both = ["source", "target"]
+        lo, hi = config.scale_range
+        self.compose = mt.Compose(
+            [
+                mt.RandFlipd(both, prob=config.flip_prob, spatial_axis=0),
+                mt.RandFlipd(both, prob=config.flip_prob, spatial_axis=1),
+                mt.RandRotate90d(both, prob=config.rot90_prob, spatial_axes=(0, 1)),
+                mt.RandAffined(
+                    both,
+                    spatial_size=output_yx,
+                    cache_grid=output_yx is not None,
+                    prob=config.affine_prob,
+                    rotate_range=config.rotate_range,
+                    scale_range=((lo - 1.0, hi - 1.0), (lo - 1.0, hi - 1.0)),
+                    shear_range=(config.shear_range, config.shear_range),
+                    mode="bilinear",
+                    padding_mode="reflection",
+                ),
+                mt.RandAdjustContrastd(["source"], prob=config.contrast_prob, gamma=config.contrast_gamma),
+                mt.RandScaleIntensityd(
+                    ["source"], prob=config.intensity_scale_prob, factors=config.intensity_scale_factors
+                ),
+                mt.RandGaussianNoised(["source"], prob=config.noise_prob, std=config.noise_std),
+                mt.RandGaussianSmoothd(
+                    ["source"], prob=config.smooth_prob, sigma_x=config.smooth_sigma, sigma_y=config.smooth_sigma
+                ),
+            ]
+        )
+
+    def set_random_state(self, seed: int) -> YXAugmentation:
+        """Seed every random transform."""
+        self.compose.set_random_state(seed=seed)
+        return self
+
+    def __call__(self, sample: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        src, tgt = sample["source"], sample["target"]
+        if src.shape[-2:] != tgt.shape[-2:]:
+            raise ValueError(f"source {src.shape} and target {tgt.shape} must share their YX shape")
+        folded = {"source": src.reshape(-1, *src.shape[-2:]), "target": tgt.reshape(-1, *tgt.shape[-2:])}
+        out = self.compose(folded)
+        s, t = np.asarray(out["source"]), np.asarray(out["target"])
+        return {
+            "source": s.reshape(*src.shape[:-2], *s.shape[-2:]),
+            "target": t.reshape(*tgt.shape[:-2], *t.shape[-2:]),
+        }
+
+
+def build_augmentation(
+    config: AugmentationConfig, seed: int | None = None, output_yx: tuple[int, int] | None = None
+) -> YXAugmentation:
+    """The training augmentation (see :class:`YXAugmentation`), seeded when ``seed`` is given.
+
+    ``output_yx`` makes the affine sample only the central output window (cheaper than resampling
+    the whole context crop and cropping afterwards).
+    """
+    aug = YXAugmentation(config, output_yx)
     if seed is not None:
-        compose.set_random_state(seed=seed)
-    return compose
+        aug.set_random_state(seed)
+    return aug
 
 
 def _crop_context(spec: PatchSpec, aug: AugmentationConfig | None) -> tuple[int, int]:
@@ -270,7 +303,9 @@ class PatchSampler:
             zc = z0 + spec.z_window // 2
             fg = plate.read(name, t, [0], slice(zc, zc + 1), array=FG_MASK_KEY)[0, 0] > 0
         aug = self.augmentation if augment else None
-        transform = build_augmentation(aug, seed=int(rng.integers(2**31))) if aug is not None else None
+        transform = (
+            build_augmentation(aug, seed=int(rng.integers(2**31)), output_yx=spec.yx_patch) if aug is not None else None
+        )
         ctx = _crop_context(spec, aug)
         ns = len(spec.source_channels)
         zc = spec.z_window // 2
@@ -284,7 +319,7 @@ class PatchSampler:
             src, tgt = crop[:ns], crop[ns:]
             if transform is not None:
                 out = transform({"source": src, "target": tgt})
-                src, tgt = np.asarray(out["source"]), np.asarray(out["target"])
+                src, tgt = out["source"], out["target"]
             if spec.target_2d:
                 tgt = tgt[:, zc : zc + 1]
             if src.shape[-2:] != spec.yx_patch:

@@ -1,0 +1,86 @@
+"""Patch extraction throughput vs the raw read+decode bound of the same plate.
+
+Prints patches/s for 256² YX patches with a 5-slice window (normalisation + MONAI augmentation), the
+raw bound (whole chunks read and decompressed, expressed as the patches/s those bytes could feed), and
+their ratio. Run: ``.venv/bin/python benchmarks/bench_patches.py [--yx 1024] [--z 8] [--seconds 20]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from viscy.config import AugmentationConfig, NormalizationConfig, PreprocessConfig, SynthConfig
+from viscy.data.patches import PatchSampler, PatchSpec
+from viscy.data.plate import Plate
+from viscy.data.preprocess import preprocess_plate
+from viscy.data.synth import write_synthetic_plate
+
+
+def raw_read_bound(path: Path, names: list[str], bytes_per_patch: int) -> tuple[float, float]:
+    """Read and decompress every chunk of every FOV; return (MB/s, patches/s equivalent)."""
+    plate = Plate(path)
+    start = time.perf_counter()
+    total = 0
+    for name in names:
+        arr = plate.image(name)
+        for t in range(arr.shape[0]):
+            data = np.asarray(arr[t])  # every chunk of this time point, decoded
+            total += data.nbytes
+    elapsed = time.perf_counter() - start
+    return total / elapsed / 1e6, total / elapsed / bytes_per_patch
+
+
+def patch_rate(sampler: PatchSampler, names: list[str], per_stack: int, seconds: float) -> float:
+    """Patches/s of ``PatchSampler.sample`` cycling over FOVs for about ``seconds``."""
+    sampler.sample(names[0], 1, seed=0)  # open the plate, import MONAI
+    n, i = 0, 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        batch = sampler.sample(names[i % len(names)], per_stack, seed=i)
+        n += batch["source"].shape[0]
+        i += 1
+    return n / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--yx", type=int, default=1024, help="FOV edge in pixels")
+    parser.add_argument("--z", type=int, default=8, help="Z slices per FOV")
+    parser.add_argument("--per-stack", type=int, default=8, help="patches cut per region read")
+    parser.add_argument("--seconds", type=float, default=15.0, help="time per measurement")
+    args = parser.parse_args()
+
+    import ray
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = SynthConfig(
+            output=Path(tmp) / "bench.zarr", cols=["1", "2"], fovs_per_well=2, z=args.z, yx=(args.yx,) * 2
+        )
+        t0 = time.perf_counter()
+        path = write_synthetic_plate(cfg)
+        print(
+            f"plate: 4 FOVs x (1, 3, {args.z}, {args.yx}, {args.yx}) float32, written in {time.perf_counter() - t0:.1f} s"
+        )
+        preprocess_plate(PreprocessConfig(data_path=path), progress=False)
+        ray.shutdown()
+        names = Plate(path).positions
+        spec = PatchSpec(("Phase3D",), ("Nuclei", "Membrane"), z_window=5, yx_patch=(256, 256), target_2d=False)
+        bytes_per_patch = 3 * 5 * 256 * 256 * 4
+        mbs, bound = raw_read_bound(path, names, bytes_per_patch)
+        norm = [NormalizationConfig()]
+        plain = patch_rate(PatchSampler(path, spec, norm), names, args.per_stack, args.seconds)
+        augmented = patch_rate(
+            PatchSampler(path, spec, norm, augmentation=AugmentationConfig()), names, args.per_stack, args.seconds
+        )
+    print(f"raw read+decode bound : {bound:8.1f} patches/s ({mbs:.0f} MB/s decoded)")
+    print(f"patches, normalised   : {plain:8.1f} patches/s  ratio to bound {plain / bound:.3f}")
+    print(f"patches, norm + aug   : {augmented:8.1f} patches/s  ratio to bound {augmented / bound:.3f}")
+
+
+if __name__ == "__main__":
+    main()
