@@ -64,7 +64,7 @@ def main() -> None:
         t0 = time.perf_counter()
         path = write_synthetic_plate(cfg)
         print(
-            f"plate: 4 FOVs x (1, 3, {args.z}, {args.yx}, {args.yx}) float32, written in {time.perf_counter() - t0:.1f} s"
+            f"plate: 4 FOVs x (1, 3, {args.z}, {args.yx}, {args.yx}) float32 in {time.perf_counter() - t0:.1f} s"
         )
         preprocess_plate(PreprocessConfig(data_path=path), progress=False)
         ray.shutdown()

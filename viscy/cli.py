@@ -56,6 +56,43 @@ VERBS: list[Verb] = [
         "viscy.data.plate:InfoConfig",
         "viscy.data.plate:run_info",
     ),
+    Verb(
+        "train",
+        "Train a model with Ray Train (local Ray or RAY_ADDRESS).",
+        "viscy.config:TrainConfig",
+        "viscy.train.trainer:run_train",
+        "TorchTrainer with Lightning DDP in each worker (gloo on CPU, NCCL on GPU), fed by a Ray Data patch\n"
+        "source (train/val split by FOV). Results go to trainer.storage_path/trainer.run_name: Ray checkpoints,\n"
+        "figures/, tensorboard/ or wandb/, viscy_config.yaml and best_model.pt (plain state dict).\n"
+        "Resume an interrupted run: viscy train --config x.yaml --trainer.run_name NAME --trainer.resume true\n"
+        "Examples: configs/demo.yaml (CPU, minutes), configs/vscyto2d_finetune.yaml, configs/vscyto3d.yaml.",
+    ),
+    Verb(
+        "export",
+        "Export a model (preset or checkpoint) to ONNX with metadata and a parity check.",
+        "viscy.config:ExportConfig",
+        "viscy.models.export:run_export",
+        "Dynamo exporter, opset >= 18, input 'input' (B, C, Z, Y, X) with dynamic batch, Y and X; the file's\n"
+        "metadata_props carry channel names, depths, YX multiple and normalisation (read_onnx_metadata).",
+    ),
+    Verb(
+        "predict",
+        "Predict whole plates with a checkpoint or ONNX model on Ray Data; resumable.",
+        "viscy.config:PredictConfig",
+        "viscy.predict.run:run_predict",
+        "An actor pool (one model per actor) reads, predicts tile by tile (overlap + Gaussian blending, Z\n"
+        "sliding windows, optional TTA) and writes '<target>_prediction' channels into a new store (output)\n"
+        "or the input plate (output: null). FOVs are marked complete last; a rerun resumes the same job.",
+    ),
+    Verb(
+        "evaluate",
+        "Score predictions: regression metrics and segmentation metrics (Cellpose or classical).",
+        "viscy.config:EvaluateConfig",
+        "viscy.evaluate.run:run_evaluate",
+        "One Ray task per FOV and time point compares <target> with <target><prediction_suffix>: Pearson,\n"
+        "SSIM, MS-SSIM, PSNR, MAE, MSE, NRMSE and, with a segmentation section, AP@[0.5:0.95], F1@0.5,\n"
+        "Dice and Jaccard. Writes metrics.csv/.parquet, summary.json and PNG figures to output_dir.",
+    ),
 ]
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numcodecs import blosc
 from pydantic import Field
 
 from viscy.config import StrictModel
@@ -27,6 +28,10 @@ EXPECTED_AXES = ("t", "c", "z", "y", "x")
 SUPPORTED_DTYPES = tuple(
     np.dtype(d) for d in ("uint8", "uint16", "uint32", "int8", "int16", "int32", "float16", "float32", "float64")
 )
+
+# Blosc's internal thread pool is not fork/actor safe ("Mutex corrupt" aborts in Ray workers); zarr's
+# documented remedy is to let Blosc decode in the calling thread.
+blosc.use_threads = False
 
 # iohub warns loudly (and harmlessly) about stores other writers made; errors below are clearer.
 logging.getLogger("iohub").setLevel(logging.ERROR)

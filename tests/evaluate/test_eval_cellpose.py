@@ -1,0 +1,46 @@
+"""Cellpose-SAM through the real loading path, with a randomly initialised checkpoint (no download)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from viscy.config import SegmentationConfig
+from viscy.evaluate.metrics import segmentation_metrics
+from viscy.evaluate.segment import get_segmenter
+
+
+@pytest.fixture(scope="session")
+def random_cpsam_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Cellpose 4 checkpoint of the Cellpose-SAM network with random weights.
+
+    ``CPSAM`` builds its ViT-L encoder with ``sam_model_registry["vit_l"](None)``: no SAM checkpoint, no download.
+    """
+    torch = pytest.importorskip("torch")
+    vit = pytest.importorskip("cellpose.vit")
+    torch.manual_seed(0)
+    net = vit.CPSAM(dtype=torch.float32)
+    path = tmp_path_factory.mktemp("cellpose") / "cpsam_random.pt"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+@pytest.mark.slow
+def test_cellpose_segmenter_with_random_checkpoint(random_cpsam_checkpoint: Path) -> None:
+    from tests.evaluate.eval_helpers import synth_plate
+    from viscy.data.plate import Plate
+
+    plate_path = synth_plate(random_cpsam_checkpoint.parent / "p.zarr", yx=(128, 128), fovs=1)
+    with Plate(plate_path) as plate:
+        image = plate.read("A/1/0", 0, plate.channel_indices(["Nuclei"]))[0, 0]
+        truth = plate.read("A/1/0", 0, [0], array="labels/nuclei/0")[0, 0]
+    segment = get_segmenter(
+        SegmentationConfig(method="cellpose", model=str(random_cpsam_checkpoint), diameter=15, gpu="auto")
+    )
+    masks = segment(image)
+    assert masks.shape == image.shape and masks.dtype == np.int32
+    assert masks.min() >= 0
+    m = segmentation_metrics(truth, masks)
+    assert 0 <= m["ap_50_95"] <= 1 and 0 <= m["dice"] <= 1 and m["n_true"] > 0

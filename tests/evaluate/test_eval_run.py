@@ -1,0 +1,108 @@
+"""End-to-end ``viscy evaluate`` on tiny synthetic plates through Ray, and its input errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.evaluate.eval_helpers import add_predictions, fake_prediction, synth_plate
+from viscy.cli import main
+from viscy.config import EvaluateConfig, SegmentationConfig
+from viscy.errors import ChannelNotFoundError, DataError, ShapeError, ViscyError
+from viscy.evaluate.metrics import REGRESSION_METRICS
+from viscy.evaluate.run import plan_evaluation, run_evaluate
+
+
+def test_end_to_end_same_plate(ray_local, predicted_plate: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "eval"
+    config = EvaluateConfig(
+        data_path=predicted_plate,
+        output_dir=out,
+        segmentation=SegmentationConfig(method="classical", channel="Nuclei", use_ground_truth_labels="nuclei"),
+    )
+    summary = run_evaluate(config)
+    for name in ("metrics.csv", "metrics.parquet", "summary.json", "viscy_config.yaml",
+                 "figures/metric_distributions.png", "figures/example_A_1_0.png", "figures/example_A_1_1.png"):
+        assert (out / name).is_file(), name
+    assert not list(out.rglob("*.tmp"))
+    table = pd.read_parquet(out / "metrics.parquet")
+    assert len(table) == 2 * 2  # 2 FOVs x 1 t x 2 channels x 1 z
+    assert list(table.columns[:4]) == ["position", "t", "channel", "z"]
+    assert pd.read_csv(out / "metrics.csv").shape == table.shape
+    assert table["pearson"].between(0.8, 1.0).all()
+    nuclei = table[table["channel"] == "Nuclei"]
+    assert nuclei["ap_50"].notna().all() and table.loc[table["channel"] == "Membrane", "ap_50"].isna().all()
+    assert (nuclei["ap_50"] > 0.5).all()
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["complete"] and on_disk["n_rows"] == 4
+    assert set(on_disk["mean"]) == {"Nuclei", "Membrane"}
+    assert set(REGRESSION_METRICS) <= set(on_disk["mean"]["Membrane"])
+    assert summary["mean"]["Nuclei"]["ap_50_95"] == pytest.approx(nuclei["ap_50_95"].mean())
+    printed = capsys.readouterr().out
+    assert "pearson" in printed and "Nuclei" in printed and "Membrane" in printed
+
+
+def test_separate_prediction_plate_all_slices(ray_local, tmp_path: Path) -> None:
+    """Predictions in another plate with the same positions; 3D data scored on every slice."""
+    from iohub.ngff import open_ome_zarr
+
+    target = synth_plate(tmp_path / "t.zarr", yx=(64, 64), z=3, fovs=1)
+    rng = np.random.default_rng(0)
+    with open_ome_zarr(target, mode="r") as src, open_ome_zarr(
+        tmp_path / "p.zarr", layout="hcs", mode="w-", channel_names=["Nuclei_prediction"]
+    ) as dst:
+        for name, pos in src.positions():
+            row, col, fov = name.split("/")
+            nuc = np.asarray(pos["0"][:, 1:2])
+            dst.create_position(row, col, fov).create_image("0", fake_prediction(nuc, rng))
+    config = EvaluateConfig(
+        data_path=target, prediction_path=tmp_path / "p.zarr", target_channel=["Nuclei"], z_slices="all",
+        segmentation=SegmentationConfig(method="classical"), output_dir=tmp_path / "out", num_example_panels=1,
+    )
+    run_evaluate(config)
+    table = pd.read_csv(tmp_path / "out" / "metrics.csv")
+    assert sorted(table["z"]) == [0, 1, 2]
+    assert table["ap_50"].notna().all()  # segmented target vs segmented prediction
+    assert (tmp_path / "out" / "figures" / "example_A_1_0.png").is_file()
+
+
+def test_missing_prediction_channel(tmp_path: Path) -> None:
+    plate = synth_plate(tmp_path / "p.zarr", yx=(64, 64), fovs=1)
+    config = EvaluateConfig(data_path=plate, output_dir=tmp_path / "out")
+    with pytest.raises(ChannelNotFoundError, match=r"Nuclei_prediction.*Phase3D, Nuclei, Membrane.*viscy predict"):
+        run_evaluate(config)
+    assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_shape_mismatch(tmp_path: Path) -> None:
+    target = synth_plate(tmp_path / "t.zarr", yx=(64, 64), fovs=1)
+    pred = add_predictions(synth_plate(tmp_path / "p.zarr", yx=(96, 96), fovs=1))
+    config = EvaluateConfig(data_path=target, prediction_path=pred, output_dir=tmp_path / "out")
+    with pytest.raises(ShapeError, match=r"does not match"):
+        plan_evaluation(config)
+
+
+def test_bad_segmentation_inputs(tmp_path: Path, predicted_plate: Path) -> None:
+    seg = SegmentationConfig(method="classical", channel="Nuclei", use_ground_truth_labels="membranes")
+    with pytest.raises(DataError, match=r"no label image 'membranes'.*nuclei, cells"):
+        plan_evaluation(EvaluateConfig(data_path=predicted_plate, segmentation=seg))
+    seg = SegmentationConfig(method="classical", channel="Phase3D")
+    with pytest.raises(ViscyError, match="not a target channel"):
+        plan_evaluation(EvaluateConfig(data_path=predicted_plate, segmentation=seg))
+
+
+def test_cli_reports_errors(tmp_path: Path, predicted_plate: Path, capsys) -> None:
+    out = tmp_path / "out"
+    assert main(["evaluate", "--data_path", str(predicted_plate), "--segmentation.method", "stardist"]) == 2
+    assert "allowed values" in capsys.readouterr().err
+    code = main(["evaluate", "--data_path", str(predicted_plate), "--output_dir", str(out),
+                 "--target_channel", "Nuclei", "--prediction_suffix", "_pred"])
+    assert code == 1
+    assert "viscy predict" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["evaluate", "--help"]) == 0
+    assert "segmentation.use_ground_truth_labels" in capsys.readouterr().out

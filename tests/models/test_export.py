@@ -1,0 +1,161 @@
+"""ONNX export: every architecture, dynamic batch/Y/X, metadata, onnxruntime parity, the CLI verb."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import yaml
+
+from viscy.errors import ModelError
+from viscy.models import create_model
+from viscy.models.export import (
+    create_ort_session,
+    export_onnx,
+    onnx_metadata,
+    parity,
+    read_onnx_metadata,
+    spec_from_metadata,
+)
+from viscy.models.registry import TINY_KWARGS, tiny_kwargs
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """One tiny model of every architecture, exported once per module."""
+    out = {}
+    root = tmp_path_factory.mktemp("onnx")
+    for name in TINY_KWARGS:
+        torch.manual_seed(0)
+        kwargs = tiny_kwargs(name)
+        if name == "fcmae":
+            kwargs["pretraining"] = True  # returns (prediction, mask): the export keeps the prediction only
+        model = create_model(name, **kwargs).eval()
+        meta = onnx_metadata(model, name=f"tiny-{name}", kwargs=tiny_kwargs(name))
+        out[name] = (model, export_onnx(model, root / f"{name}.onnx", metadata=meta))
+    return out
+
+
+@pytest.mark.parametrize("name", list(TINY_KWARGS))
+def test_onnx_matches_torch_at_two_sizes(exported, name):
+    model, path = exported[name]
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    assert [i.name for i in proto.graph.input] == ["input"]
+    assert [o.name for o in proto.graph.output] == ["output"]
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 18
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param != "" for d in dims] == [True, False, False, True, True]  # B, Y, X dynamic
+    m = model.spec.yx_multiple
+    session = create_ort_session(path, device="cpu")
+    assert session.get_providers() == ["CPUExecutionProvider"]
+    assert parity(model, session, [(2 * m, 3 * m), (4 * m, m)], batch=3) <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["unext2", "fcmae"])
+def test_metadata_describes_the_model(exported, name):
+    model, path = exported[name]
+    meta = read_onnx_metadata(path)
+    assert meta["model_name"] == f"tiny-{name}"
+    assert meta["architecture"] == name
+    assert meta["source_channels"] == ["source_0"]
+    assert meta["target_channels"] == ["target_0", "target_1"]
+    assert meta["opset"] >= 18
+    assert spec_from_metadata(meta) == model.spec
+    assert meta["kwargs"]["in_stack_depth"] == model.spec.in_depth
+
+
+def test_preset_metadata_carries_channels_and_normalisation():
+    model = create_model("VSCyto2D")
+    meta = onnx_metadata(model)
+    assert meta["viscy.model_name"] == "VSCyto2D"
+    assert meta["viscy.source_channels"] == '["Phase3D"]'
+    assert meta["viscy.target_channels"] == '["Nuclei", "Membrane"]'
+    assert '"subtrahend": "median"' in meta["viscy.normalization"]
+    with pytest.raises(ModelError, match="channel names"):
+        onnx_metadata(model, source_channels=["a", "b"])
+
+
+def test_session_and_export_errors(tmp_path):
+    with pytest.raises(ModelError, match="opset"):
+        export_onnx(create_model("unet2d", **tiny_kwargs("unet2d")), tmp_path / "x.onnx", opset=17)
+    with pytest.raises(ModelError, match="device"):
+        create_ort_session(tmp_path / "x.onnx", device="tpu")
+    (tmp_path / "junk.onnx").write_bytes(b"junk")
+    with pytest.raises(ModelError, match="cannot load"):
+        create_ort_session(tmp_path / "junk.onnx", device="cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelError, match="no usable GPU"):
+            create_ort_session(tmp_path / "junk.onnx", device="cuda")
+
+
+def test_cli_export_from_yaml_with_checkpoint(tmp_path, capsys):
+    from viscy.cli import main
+    from viscy.models.checkpoint import save_lightning_checkpoint
+
+    kwargs = tiny_kwargs("unet2d")
+    torch.manual_seed(3)
+    model = create_model("unet2d", **kwargs).eval()
+    ckpt = save_lightning_checkpoint(model, tmp_path / "last.ckpt", epoch=1, global_step=10)
+    config = {
+        "model": {"name": "unet2d", "kwargs": kwargs, "checkpoint": str(ckpt)},
+        "output": str(tmp_path / "out" / "unet2d.onnx"),
+        "example_yx": [64, 48],
+    }
+    (tmp_path / "export.yml").write_text(yaml.safe_dump(config))
+    assert main(["export", "--config", str(tmp_path / "export.yml")]) == 0
+    out = capsys.readouterr().out
+    assert "parity max|diff|" in out and "unet2d.onnx" in out
+    onnx_path = tmp_path / "out" / "unet2d.onnx"
+    assert (tmp_path / "out" / "viscy_config.yaml").is_file()
+    meta = read_onnx_metadata(onnx_path)
+    assert meta["architecture"] == "unet2d" and meta["kwargs"]["num_filters"] == 4
+    # the exported weights are the checkpoint's
+    session = create_ort_session(onnx_path, device="cpu")
+    x = torch.randn(1, 2, 1, 32, 32)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], ref, atol=1e-4)
+
+
+def test_cli_export_rejects_bad_input(tmp_path, capsys):
+    from viscy.cli import main
+
+    assert main(["export", "--model.name", "unet9d", "--output", str(tmp_path / "a.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "unet9d" in err and "unext2" in err and "VSCyto3D" in err
+    assert (
+        main(
+            [
+                "export",
+                "--model.name",
+                "unet2d",
+                "--model.kwargs",
+                "{num_filters: 4, num_blocks: 3}",
+                "--model.checkpoint",
+                str(tmp_path / "missing.ckpt"),
+                "--output",
+                str(tmp_path / "a.onnx"),
+            ]
+        )
+        == 1
+    )
+    assert "does not exist" in capsys.readouterr().err
+    wrong = create_model("unet2d", num_filters=8, num_blocks=3)
+    torch.save(wrong.state_dict(), tmp_path / "wrong.pt")
+    args = ["export", "--model.name", "unet2d", "--model.kwargs", "{num_filters: 4, num_blocks: 3}"]
+    args += ["--model.checkpoint", str(tmp_path / "wrong.pt"), "--output", str(tmp_path / "b.onnx")]
+    assert main(args) == 1
+    assert "shape mismatches" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_vscyto3d_sized_export(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("VSCyto3D").eval()
+    path = export_onnx(model, tmp_path / "VSCyto3D.onnx", example_yx=(64, 64))
+    meta = read_onnx_metadata(path)
+    assert meta["model_name"] == "VSCyto3D" and meta["in_depth"] == 5 and meta["yx_multiple"] == 32
+    assert meta["normalization"]["Phase3D"]["divisor"] == "iqr"
+    assert parity(model, path, [(64, 64), (96, 128)]) <= 1e-4

@@ -1,0 +1,69 @@
+"""Every YAML in configs/ loads through the schema; model/data consistency errors name the fix; CLI verb."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from viscy.cli import main
+from viscy.config import ConfigError, TrainConfig, load_config
+from viscy.train.demo_settings import demo_train_dict
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+
+
+def test_configs_exist():
+    names = {p.name for p in CONFIGS}
+    assert {"demo.yaml", "vscyto2d_finetune.yaml", "vscyto3d.yaml", "vsneuromast.yaml", "fcmae_pretrain.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_loads(path):
+    cfg = load_config(TrainConfig, path)
+    assert cfg.trainer.max_epochs >= 1
+
+
+def test_demo_yaml_matches_demo_settings():
+    tree = yaml.safe_load((CONFIGS[0].parent / "demo.yaml").read_text())
+    expected = demo_train_dict("demo_output/synthetic.zarr", "demo_output/runs")
+    assert TrainConfig.model_validate(tree) == TrainConfig.model_validate(expected)
+
+
+def test_recipes():
+    d = Path(CONFIGS[0].parent)
+    c2 = load_config(TrainConfig, d / "vscyto2d_finetune.yaml")
+    assert (c2.trainer.lr, c2.trainer.precision, c2.data.batch_size) == (2e-4, "16-mixed", 32)
+    assert c2.trainer.num_workers == 4 and c2.trainer.use_gpu
+    c3 = load_config(TrainConfig, d / "vscyto3d.yaml")
+    assert (c3.trainer.precision, c3.data.z_window_size, c3.data.yx_patch_size) == ("bf16-mixed", 5, (256, 256))
+    cn = load_config(TrainConfig, d / "vsneuromast.yaml")
+    assert (cn.trainer.lr, cn.trainer.schedule, cn.data.batch_size) == (1e-3, "Constant", 2)
+    cf = load_config(TrainConfig, d / "fcmae_pretrain.yaml")
+    assert cf.trainer.fcmae.pretraining and cf.trainer.fcmae.mask_ratio == 0.5 and cf.trainer.max_epochs == 400
+
+
+@pytest.mark.parametrize(
+    ("tree", "fix"),
+    [
+        ({"model": {"name": "VSCyto3D"}}, "--data.z_window_size 5"),
+        ({"model": {"name": "VSCyto3D"}, "data": {"z_window_size": 5}}, "--data.target_2d false"),
+        ({"model": {"name": "unet2d", "kwargs": {"out_channels": 3}}}, "out_channels 2"),
+        ({"model": {"name": "unet2d"}, "trainer": {"fcmae": {"pretraining": True}}}, "needs model.name fcmae"),
+    ],
+)
+def test_inconsistent_model_and_data(tree, fix):
+    base = {"data": {"data_path": "x.zarr"}}
+    base["data"].update(tree.pop("data", {}))
+    with pytest.raises(ConfigError, match=fix.replace(".", r"\.")):
+        load_config(TrainConfig, None, {"data": base["data"], **tree})
+
+
+def test_cli_train_help_and_resume_error(capsys, tmp_path):
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--trainer.resume" in out and "Ray Train" in out
+    code = main(["train", "--data.data_path", str(tmp_path / "p.zarr"), "--trainer.resume", "true"])
+    assert code in (1, 2)
+    assert "run_name" in capsys.readouterr().err

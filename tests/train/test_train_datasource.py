@@ -1,0 +1,74 @@
+"""Ray Data patch source: FOV split, per-epoch crops, fixed validation crops, shapes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.conftest import write_iohub_plate
+from viscy.config import DataConfig, PreprocessConfig
+from viscy.data.preprocess import preprocess_plate
+from viscy.errors import DataError
+from viscy.train.datasource import build_datasets, list_fovs, plan_reads, split_fovs
+
+POSITIONS = tuple(("A", str(c), str(f)) for c in (1, 2) for f in range(3))
+
+
+@pytest.fixture(scope="module")
+def plate(tmp_path_factory, ray_local):
+    path = write_iohub_plate(tmp_path_factory.mktemp("ds") / "p.zarr", shape=(1, 3, 3, 48, 48), positions=POSITIONS)
+    preprocess_plate(PreprocessConfig(data_path=path), progress=False)
+    return path
+
+
+def _data(plate, **kw) -> DataConfig:
+    base = {"data_path": [str(plate)], "z_window_size": 3, "target_2d": True, "yx_patch_size": (16, 16),
+            "patches_per_stack": 4, "batch_size": 4, "val_fraction": 0.34}
+    return DataConfig.model_validate(base | kw)
+
+
+def test_split_deterministic_and_disjoint(plate):
+    fovs = [(f"/p{i}.zarr", f"A/1/{j}") for i in range(2) for j in range(5)]
+    data = _data(plate)
+    a, b = split_fovs(fovs, data), split_fovs(list(reversed(fovs)), data)
+    assert a == b
+    assert set(a.train).isdisjoint(a.val) and set(a.train) | set(a.val) == set(fovs)
+    assert len(a.val) == round(0.34 * 10)
+    assert split_fovs(fovs, _data(plate, split_seed=1)) != a
+    explicit = split_fovs(fovs, _data(plate, val_positions=["A/1/0"]))
+    assert {f for _, f in explicit.val} == {"A/1/0"} and len(explicit.val) == 2
+    with pytest.raises(DataError, match="match no FOV"):
+        split_fovs(fovs, _data(plate, val_positions=["Z/*"]))
+
+
+def test_plan_reads_exact_total():
+    fovs = [("p", "A/1/0"), ("p", "A/1/1")]
+    reads = plan_reads(fovs, 4, 2, total=10, seed=3)
+    assert [r.n for r in reads] == [4, 4, 2] and [r.fov for r in reads] == ["A/1/0", "A/1/1", "A/1/0"]
+    assert plan_reads(fovs, 4, 2, total=10, seed=3) == reads
+    assert all(r.seed is None for r in plan_reads(fovs, 4, 2))
+
+
+def _sorted_rows(ds) -> np.ndarray:
+    rows = ds.take_all()
+    return np.stack(sorted((r["source"] for r in rows), key=lambda a: a.tobytes()))
+
+
+def test_train_patches_change_and_validation_is_fixed(plate):
+    data = _data(plate)
+    fovs = list_fovs(data)
+    assert len(fovs) == 6
+    train, val, split, steps = build_datasets(data, world_size=2, reads_per_fov=1, val_reads_per_fov=1, seed=0)
+    assert len(split.val) == 2 and len(split.train) == 4
+    assert steps == {"train_steps": 2, "val_steps": 1}
+    batch = next(iter(train.iter_batches(batch_size=4)))
+    assert batch["source"].shape == (4, 1, 3, 16, 16) and batch["target"].shape == (4, 2, 1, 16, 16)
+    assert batch["source"].dtype == np.float32
+    assert train.count() == 2 * 4 * 2
+    first, second = _sorted_rows(train), _sorted_rows(train)
+    assert not np.array_equal(first, second)
+    v1, v2 = _sorted_rows(val), _sorted_rows(val)
+    assert v1.shape == (8, 1, 3, 16, 16)
+    np.testing.assert_array_equal(v1, v2)
+    val_fovs = {f for _, f in split.val}
+    assert val_fovs.isdisjoint({f for _, f in split.train})

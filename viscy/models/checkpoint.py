@@ -1,0 +1,94 @@
+"""One checkpoint loader for plain state dicts and Lightning checkpoints (VisCy's ``model.`` prefix)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from viscy.errors import ModelError
+
+_PREFIXES = ("model.", "module.", "_orig_mod.")
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Read the tensors of a checkpoint (``torch.load(weights_only=True)``), stripping wrapper prefixes.
+
+    Accepts a plain state dict, ``{"state_dict": ...}`` (Lightning) or ``{"model": ...}``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"checkpoint {path} does not exist")
+    try:
+        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and weights-only errors all mean "unreadable"
+        raise ModelError(f"cannot read checkpoint {path}: {exc}") from exc
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    elif isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+        obj = obj["model"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise ModelError(f"checkpoint {path} holds no state dict (got {type(obj).__name__})")
+    return strip_prefixes(obj)
+
+
+def strip_prefixes(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Remove a wrapper prefix (``model.``, ``module.``, ``_orig_mod.``) shared by every key."""
+    out = dict(state)
+    changed = True
+    while changed and out:
+        changed = False
+        for prefix in _PREFIXES:
+            if all(k.startswith(prefix) for k in out):
+                out = {k[len(prefix) :]: v for k, v in out.items()}
+                changed = True
+    return out
+
+
+def load_state_dict(model: nn.Module, state: Mapping[str, Tensor], source: str = "state dict") -> nn.Module:
+    """Strictly load ``state`` into ``model``; mismatches raise :class:`ModelError` listing the keys."""
+    state = strip_prefixes(state)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {_short(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {_short(unexpected)}")
+        if wrong:
+            parts.append(f"shape mismatches ({len(wrong)}): {_short(wrong)}")
+        raise ModelError(
+            f"{source} does not match {type(model).__name__}: "
+            + "; ".join(parts)
+            + ". Check the architecture and its kwargs (e.g. in_stack_depth, out_channels)."
+        )
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load weights from ``path`` into ``model`` (in place) and return it."""
+    return load_state_dict(model, read_state_dict(path), source=f"checkpoint {path}")
+
+
+def save_lightning_checkpoint(model: nn.Module, path: str | Path, epoch: int = 0, global_step: int = 0) -> Path:
+    """Write ``model`` in VisCy's Lightning layout: ``{"state_dict": {"model.<key>": ...}, ...}``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {f"model.{k}": v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "epoch": epoch, "global_step": global_step}, path)
+    return path
+
+
+def _short(items: list[str], n: int = 8) -> str:
+    return ", ".join(items[:n]) + (f", ... (+{len(items) - n} more)" if len(items) > n else "")

@@ -1,0 +1,108 @@
+"""Model backends behind one ``predict_fn(np.ndarray (B, C, Z, Y, X)) -> np.ndarray``: torch and onnxruntime.
+
+``describe_model`` resolves, on the driver and without loading weights into an actor, what prediction needs
+to know: the :class:`~viscy.models.registry.ModelSpec`, default channel names and normalisation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from viscy.errors import ModelError
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the driver knows about a model before any actor loads it."""
+
+    kind: str  # "torch" or "onnx"
+    architecture: str
+    in_channels: int
+    out_channels: int
+    in_depth: int
+    out_depth: int
+    yx_multiple: int
+    source_channels: list[str] | None = None
+    target_channels: list[str] | None = None
+    normalization: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+def describe_model(model: Any = None, onnx: Path | None = None) -> ModelInfo:
+    """Spec, default channels and normalisation of a ``ModelConfig`` or an exported ONNX file."""
+    if onnx is not None:
+        from viscy.models.export import read_onnx_metadata
+
+        if not Path(onnx).is_file():
+            raise ModelError(f"ONNX file {onnx} does not exist; export one with `viscy export`")
+        meta = read_onnx_metadata(onnx)
+        try:
+            return ModelInfo(
+                "onnx", meta["architecture"], meta["in_channels"], meta["out_channels"], meta["in_depth"],
+                meta["out_depth"], meta["yx_multiple"], meta.get("source_channels"), meta.get("target_channels"),
+                dict(meta.get("normalization") or {}),
+            )
+        except KeyError as exc:
+            raise ModelError(f"{onnx} metadata lacks {exc}; re-export it with `viscy export`") from None
+    if model is None:
+        raise ModelError("set exactly one of 'model' and 'onnx'")
+    from viscy.models import create_model, get_spec
+
+    if model.checkpoint is not None and not Path(model.checkpoint).is_file():
+        raise ModelError(f"checkpoint {model.checkpoint} does not exist; fix model.checkpoint")
+    net = create_model(model.name, **model.kwargs)
+    spec = get_spec(net)
+    preset = getattr(net, "preset", None)
+    return ModelInfo(
+        "torch", spec.architecture, spec.in_channels, spec.out_channels, spec.in_depth, spec.out_depth,
+        spec.yx_multiple,
+        list(preset.source_channels) if preset else None,
+        list(preset.target_channels) if preset else None,
+        dict(preset.normalization) if preset else {},
+    )
+
+
+class TorchBackend:
+    """A torch model in eval mode; ``__call__`` maps a numpy batch to a numpy prediction."""
+
+    def __init__(self, model: Any, device: str = "cpu", threads: int | None = None) -> None:
+        import torch
+
+        from viscy.models import create_model
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.torch = torch
+        self.device = torch.device(device)
+        self.net = create_model(model.name, checkpoint=model.checkpoint, **model.kwargs).eval().to(self.device)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        with torch.inference_mode():
+            out = self.net(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device))
+            if isinstance(out, (tuple, list)):
+                out = out[0]
+            return out.float().cpu().numpy()
+
+
+class OnnxBackend:
+    """An onnxruntime session (CUDA when asked and usable, else CPU)."""
+
+    def __init__(self, path: Path, device: str = "cpu", threads: int | None = None) -> None:
+        from viscy.models.export import create_ort_session
+
+        self.session = create_ort_session(path, device=device, threads=threads)
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+
+
+def load_backend(model: Any = None, onnx: Path | None = None, device: str = "cpu", threads: int | None = None):
+    """The backend for a ``ModelConfig`` or an ONNX path."""
+    if onnx is not None:
+        return OnnxBackend(onnx, device=device, threads=threads)
+    return TorchBackend(model, device=device, threads=threads)

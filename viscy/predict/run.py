@@ -1,0 +1,362 @@
+"""``viscy predict``: whole plates through a torch or ONNX model on Ray Data, resumable.
+
+The driver validates everything (channels, statistics, existing outputs) before writing anything, creates
+the output arrays, then streams work units ``(plate, FOV, t, z-block)`` through an actor pool
+(``map_batches`` with a callable class: each actor loads the model once, then reads, predicts tile by tile
+with :mod:`viscy.predict.tiling` and writes whole chunks). As units come back the driver marks FOVs
+complete; a rerun of the same job skips them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections import defaultdict
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from viscy.config import NormalizationConfig, PredictConfig, save_config
+from viscy.data.patches import _norm_for_channel, denormalize, normalization_params, normalize
+from viscy.data.plate import Plate
+from viscy.errors import DataError, ModelError, ShapeError
+from viscy.predict.backends import ModelInfo, describe_model, load_backend
+from viscy.predict.tiling import TilingOptions, predict_stack
+from viscy.predict.writer import OutputTarget, check_output, is_complete, mark_complete, prepare_output, write_block
+
+log = logging.getLogger(__name__)
+
+# test hook: seconds each actor sleeps after a unit, so a test can kill a job mid-way deterministically
+DELAY_ENV = "VISCY_PREDICT_UNIT_DELAY_S"
+FALLBACK_SOURCES = ["Phase3D"]
+FALLBACK_TARGETS = ["Nuclei", "Membrane"]
+
+
+# ------------------------------------------------------------------------------------------ resolving
+def resolve_channels(config: PredictConfig, info: ModelInfo) -> tuple[list[str], list[str]]:
+    """Source and target channel names: config, else preset/ONNX metadata, else VisCy's defaults."""
+    sources = config.source_channel or info.source_channels
+    targets = config.target_channel or info.target_channels
+    if sources is None and info.in_channels == len(FALLBACK_SOURCES):
+        sources = FALLBACK_SOURCES
+    if targets is None and info.out_channels <= len(FALLBACK_TARGETS):
+        targets = FALLBACK_TARGETS[: info.out_channels]
+    if sources is None or len(sources) != info.in_channels:
+        raise ModelError(
+            f"the model takes {info.in_channels} input channel(s) but source_channel is {sources}; "
+            f"set source_channel to {info.in_channels} channel name(s)"
+        )
+    if targets is None or len(targets) != info.out_channels:
+        raise ModelError(
+            f"the model predicts {info.out_channels} channel(s) but target_channel is {targets}; "
+            f"set target_channel to {info.out_channels} name(s)"
+        )
+    return list(sources), list(targets)
+
+
+def resolve_normalization(config: PredictConfig, info: ModelInfo, sources: list[str]) -> list[NormalizationConfig]:
+    """Config normalisation, else the preset's/ONNX file's, else fov median/iqr of the sources."""
+    if config.normalization is not None:
+        return list(config.normalization)
+    if info.normalization:
+        return [NormalizationConfig(channels=[ch], **spec) for ch, spec in info.normalization.items()]
+    return [NormalizationConfig(channels=list(sources))]
+
+
+def tiling_options(config: PredictConfig, info: ModelInfo) -> TilingOptions:
+    """Tiling options from the config and the model's spec."""
+    return TilingOptions(
+        in_depth=info.in_depth, out_depth=info.out_depth, yx_multiple=info.yx_multiple,
+        tile_yx=tuple(config.tile_yx) if config.tile_yx else None, overlap=config.tile_overlap,
+        blend=config.blend, tta=config.tta, tta_reduction=config.tta_reduction, z_stride=config.z_stride,
+        batch_size=config.batch_size,
+    )
+
+
+def fingerprint(config: PredictConfig, sources: list[str], targets: list[str], norms: list[NormalizationConfig]) -> str:
+    """Hash of everything that changes the predicted values (not the parallelism)."""
+
+    def file_id(p: Path | None) -> Any:
+        if p is None or not Path(p).exists():
+            return None
+        st = Path(p).stat()
+        return [str(Path(p).resolve()), st.st_size, st.st_mtime_ns]
+
+    key = {
+        "model": config.model.model_dump(mode="json") if config.model else None,
+        "checkpoint": file_id(config.model.checkpoint) if config.model else None,
+        "onnx": file_id(config.onnx),
+        "sources": sources,
+        "targets": targets,
+        "normalization": [n.model_dump(mode="json") for n in norms],
+        "denormalize": config.denormalize,
+        "tiling": [config.tile_yx, config.tile_overlap, config.blend, config.tta, config.tta_reduction],
+        "z_stride": config.z_stride,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _output_for(config: PredictConfig, plate: Plate) -> Path | None:
+    if config.output is None:
+        return None
+    if len(config.data_path) == 1:
+        return Path(config.output)
+    return Path(config.output) / plate.root.name
+
+
+def _target_norms(norms: list[NormalizationConfig]) -> list[NormalizationConfig]:
+    return list(norms) + [NormalizationConfig()]
+
+
+# -------------------------------------------------------------------------------------------- actor
+class PredictActor:
+    """Ray Data callable class: loads the model once, then reads, predicts and writes whole work units."""
+
+    def __init__(
+        self,
+        model: dict | None,
+        onnx: str | None,
+        opts: dict,
+        sources: list[str],
+        targets: list[str],
+        norms: list[dict],
+        denorm: bool,
+        outputs: dict[str, OutputTarget],
+        device: str = "cpu",
+        threads: int | None = None,
+        delay_s: float = 0.0,
+    ) -> None:
+        from viscy.config import ModelConfig
+
+        model_cfg = ModelConfig(**model) if model is not None else None
+        self.predict_fn = load_backend(model_cfg, Path(onnx) if onnx else None, device=device, threads=threads)
+        self.opts = TilingOptions(**opts)
+        self.sources, self.targets = sources, targets
+        self.norms = [NormalizationConfig(**n) for n in norms]
+        self.denorm = denorm
+        self.outputs = outputs
+        self.delay_s = delay_s
+        self._plates: dict[str, Plate] = {}
+
+    def _plate(self, path: str) -> Plate:
+        if path not in self._plates:
+            self._plates[path] = Plate(path)
+        return self._plates[path]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        seconds = []
+        for i in range(len(batch["fov"])):
+            t0 = time.perf_counter()
+            predict_unit(
+                self._plate(str(batch["plate"][i])), str(batch["fov"][i]), int(batch["t"][i]),
+                (int(batch["z0"][i]), int(batch["z1"][i])), self.predict_fn, self.opts, self.sources,
+                self.targets, self.norms, self.denorm, self.outputs[str(batch["plate"][i])],
+            )
+            if self.delay_s:
+                time.sleep(self.delay_s)
+            seconds.append(time.perf_counter() - t0)
+        return {"plate": batch["plate"], "fov": batch["fov"], "seconds": np.asarray(seconds)}
+
+
+def predict_unit(
+    plate: Plate,
+    fov: str,
+    t: int,
+    z_range: tuple[int, int],
+    predict_fn,
+    opts: TilingOptions,
+    sources: list[str],
+    targets: list[str],
+    norms: list[NormalizationConfig],
+    denorm: bool,
+    target: OutputTarget,
+) -> None:
+    """Read, normalise, predict (tiled), de-normalise and write one ``(FOV, t, z-block)`` unit."""
+    n_z = plate.info(fov).shape[2]
+    src_idx = plate.channel_indices(sources)
+    needs_stats = any(_norm_for_channel(c, norms) for c in sources) or denorm
+    meta = plate.normalization(fov) if needs_stats else {}
+    params = normalization_params(meta, sources, norms)
+
+    def read(idx: np.ndarray) -> np.ndarray:
+        lo, hi = int(idx[0]), int(idx[-1]) + 1
+        data = plate.read(fov, t, src_idx, slice(lo, hi))[:, idx - lo]
+        return normalize(data.astype(np.float32), params)
+
+    pred = predict_stack(read, n_z, predict_fn, opts, z_range)
+    if denorm:
+        pred = denormalize(pred, normalization_params(meta, targets, _target_norms(norms)))
+    write_block(target, fov, t, z_range[0], pred)
+
+
+# -------------------------------------------------------------------------------------------- driver
+def _validate_plate(
+    plate: Plate, fovs: list[str], sources: list[str], targets: list[str], norms: list[NormalizationConfig],
+    denorm: bool, append: bool,
+) -> None:
+    plate.channel_indices(sources)
+    for fov in fovs:
+        inf = plate.info(fov)
+        needs_stats = any(_norm_for_channel(c, norms) for c in sources) or denorm
+        if needs_stats:
+            meta = plate.normalization(fov)
+            normalization_params(meta, sources, norms)
+            if denorm:
+                normalization_params(meta, targets, _target_norms(norms))
+        if append and not np.issubdtype(inf.dtype, np.floating):
+            raise DataError(
+                f"{plate.root}/{fov} stores {inf.dtype}; appending float predictions to it would truncate them. "
+                "Predict into a new store with output instead"
+            )
+
+
+def _units(plate: Plate, fov: str, z_block: int | None, z_chunk: int) -> list[dict[str, Any]]:
+    t_n, _, z_n, _, _ = plate.info(fov).shape
+    block = z_n if z_block is None else -(-z_block // z_chunk) * z_chunk
+    return [
+        {"plate": str(plate.path), "fov": fov, "t": t, "z0": z0, "z1": min(z0 + block, z_n)}
+        for t in range(t_n)
+        for z0 in range(0, z_n, block)
+    ]
+
+
+def _use_gpu(setting: Any) -> bool:
+    import ray
+
+    has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    if setting is True and not has_gpu:
+        raise ModelError("use_gpu: true but the Ray cluster has no GPU; set use_gpu: auto or false")
+    return bool(has_gpu) if setting == "auto" else bool(setting)
+
+
+def run_predict(config: PredictConfig) -> int:
+    """``viscy predict``: predict every selected FOV of every plate; returns 0. See the module docstring."""
+    predict_plates(config)
+    return 0
+
+
+def predict_plates(config: PredictConfig) -> dict[str, Any]:
+    """Predict every selected FOV of every plate; returns run statistics (FOVs, Mpx, wall and unit seconds)."""
+    t_start = time.perf_counter()
+    info = describe_model(config.model, config.onnx)
+    sources, targets = resolve_channels(config, info)
+    norms = resolve_normalization(config, info, sources)
+    opts = tiling_options(config, info)
+    fp = fingerprint(config, sources, targets, norms)
+
+    # 1. validate every plate and output before writing anything
+    plans = []
+    seen_outputs: set[Path] = set()
+    for path in config.data_path:
+        plate = Plate(path)
+        fovs = plate.select(config.positions)
+        output = _output_for(config, plate)
+        if output is not None:
+            if output.resolve() in seen_outputs:
+                raise DataError(f"two input plates would write to {output}; give the plates distinct names")
+            seen_outputs.add(output.resolve())
+            if output.resolve() == plate.root.resolve():
+                raise DataError(f"output {output} is the input plate; set output: null to append channels instead")
+        _validate_plate(plate, fovs, sources, targets, norms, config.denormalize, output is None)
+        action = check_output(plate, fovs, output, targets, fp, config.overwrite)
+        plans.append((plate, fovs, output, action))
+
+    # 2. create outputs, list the units of incomplete FOVs
+    job = {"model": config.model.name if config.model else str(config.onnx), "targets": targets,
+           "sources": sources, "denormalized": config.denormalize}
+    outputs: dict[str, OutputTarget] = {}
+    units: list[dict[str, Any]] = []
+    skipped = 0
+    for plate, fovs, output, action in plans:
+        target = prepare_output(plate, fovs, output, targets, fp, action, job)
+        outputs[str(plate.path)] = target
+        save_config(config, (output or plate.root).parent, "predict")
+        z_chunk = plate.info(fovs[0]).chunks[2] if target.append else 1
+        for fov in fovs:
+            if action == "resume" and is_complete(target, fov, fp):
+                skipped += 1
+                continue
+            units.extend(_units(plate, fov, config.z_block, z_chunk))
+    remaining: dict[tuple[str, str], int] = defaultdict(int)
+    for u in units:
+        remaining[(u["plate"], u["fov"])] += 1
+    n_fovs = len(remaining)
+    megapixels = 0.0
+    for plate, fovs, _, _ in plans:
+        for fov in fovs:
+            if (str(plate.path), fov) in remaining:
+                t_n, _, z_n, y, x = plate.info(fov).shape
+                megapixels += t_n * z_n * y * x / 1e6
+    stats: dict[str, Any] = {"fovs": n_fovs, "skipped": skipped, "units": len(units), "megapixels": megapixels}
+    if not units:
+        print(f"viscy predict: nothing to do ({skipped} FOV(s) already complete)")
+        return {**stats, "seconds": time.perf_counter() - t_start, "unit_seconds": 0.0}
+
+    # 3. stream units through the actor pool
+    from viscy.ray_utils import ensure_ray
+
+    ensure_ray()
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.op_resource_reservation_enabled = False
+    ctx.raise_original_map_exception = True  # a ViscyError in an actor reaches the CLI as itself
+    gpu = _use_gpu(config.use_gpu)
+    cpus_total = ray.cluster_resources().get("CPU", 1)
+    cpus = min(config.num_cpus_per_actor, cpus_total / config.num_actors)
+    if cpus < config.num_cpus_per_actor:
+        log.warning("only %s CPUs for %d actors; using %.2f CPUs per actor", cpus_total, config.num_actors, cpus)
+    actor_kwargs = {
+        "model": config.model.model_dump(mode="json") if config.model else None,
+        "onnx": str(config.onnx) if config.onnx else None,
+        "opts": asdict(opts),
+        "sources": sources,
+        "targets": targets,
+        "norms": [n.model_dump(mode="json") for n in norms],
+        "denorm": config.denormalize,
+        "outputs": outputs,
+        "device": "cuda" if gpu else "cpu",
+        "threads": max(1, int(cpus)),
+        "delay_s": float(os.environ.get(DELAY_ENV, "0") or 0),
+    }
+    ds = ray.data.from_items(units, override_num_blocks=min(len(units), 2000))
+    ds = ds.map_batches(
+        PredictActor, fn_constructor_kwargs=actor_kwargs, batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=config.num_actors), num_cpus=cpus, num_gpus=1 if gpu else 0,
+    )
+    bar = None
+    if config.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(units), desc="predict", unit="unit")
+    done_fovs = 0
+    unit_seconds = 0.0
+    for row in ds.iter_rows():
+        unit_seconds += float(row["seconds"])
+        key = (str(row["plate"]), str(row["fov"]))
+        remaining[key] -= 1
+        if remaining[key] == 0:
+            plate_path, fov = key
+            mark_complete(outputs[plate_path], fov, fp, {"targets": targets, "finished": time.time()})
+            done_fovs += 1
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if done_fovs != n_fovs:
+        raise ShapeError(f"only {done_fovs} of {n_fovs} FOVs finished; rerun to resume")
+    elapsed = time.perf_counter() - t_start
+    where = ", ".join(str(t.root) for t in outputs.values())
+    print(
+        f"viscy predict: {n_fovs} FOV(s), {len(units)} unit(s), {megapixels:.1f} Mpx in {elapsed:.1f} s "
+        f"({megapixels / max(elapsed, 1e-9):.2f} Mpx/s; {unit_seconds:.1f} s inside {config.num_actors} actor(s), "
+        f"{'GPU' if gpu else 'CPU'}); {skipped} FOV(s) already complete; channels "
+        f"{[t + '_prediction' for t in targets]} in {where}"
+    )
+    return {**stats, "seconds": elapsed, "unit_seconds": unit_seconds}

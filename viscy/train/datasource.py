@@ -1,0 +1,224 @@
+"""Ray Data patch source over one or many HCS plates, split into train/validation by FOV.
+
+Each read task reads one region per read (one ``PatchSampler.sample`` call) and cuts many patches from it;
+augmentation runs there, in Ray Data workers. Training reads draw fresh seeds each time the pipeline
+executes (every ``iter_torch_batches`` pass, i.e. every epoch), so crops differ between epochs; validation
+reads use fixed seeds and no augmentation, so every pass yields the same crops.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from viscy.config import DataConfig
+from viscy.data.patches import PatchSampler, PatchSpec
+from viscy.data.plate import Plate
+from viscy.errors import DataError
+
+_SAMPLERS: dict[tuple, PatchSampler] = {}
+
+
+@dataclass(frozen=True)
+class Read:
+    """One region read: ``n`` patches from FOV ``fov`` of ``plate``; ``seed`` None draws fresh entropy."""
+
+    plate: str
+    fov: str
+    n: int
+    seed: int | None
+
+
+@dataclass(frozen=True)
+class Split:
+    """FOVs (``(plate, fov)``) used for training and validation."""
+
+    train: tuple[tuple[str, str], ...]
+    val: tuple[tuple[str, str], ...]
+
+    def to_json(self) -> str:
+        return json.dumps({"train": [f"{p}::{f}" for p, f in self.train], "val": [f"{p}::{f}" for p, f in self.val]})
+
+
+def _sampler(plate: str, data: DataConfig, augment: bool) -> PatchSampler:
+    """One sampler (and open plate) per process, plate and mode."""
+    key = (plate, data.model_dump_json(), augment)
+    if key not in _SAMPLERS:
+        _SAMPLERS[key] = PatchSampler(
+            plate,
+            PatchSpec.from_config(data),
+            data.normalization,
+            data.augmentation if augment else None,
+            data.fg_mask_min_fraction,
+            data.fg_weighted_crops,
+        )
+    return _SAMPLERS[key]
+
+
+def list_fovs(data: DataConfig) -> list[tuple[str, str]]:
+    """(plate path, FOV name) of every selected FOV of every plate, checked against the patch spec."""
+    out = []
+    for path in data.data_path:
+        plate = Plate(path)
+        names = plate.select(data.positions)
+        _sampler(str(path), data, augment=False).validate(names)
+        out.extend((str(path), n) for n in names)
+        plate.close()
+    return out
+
+
+def split_fovs(fovs: list[tuple[str, str]], data: DataConfig) -> Split:
+    """Deterministic, disjoint train/validation split by FOV (seeded by ``data.split_seed``).
+
+    ``data.val_positions`` (fnmatch patterns on the FOV name or ``plate/FOV``) overrides ``val_fraction``.
+    """
+    fovs = sorted(fovs)
+    if data.val_positions is not None:
+        def is_val(p: str, f: str) -> bool:
+            full = f"{Path(p).as_posix().rstrip('/')}/{f}"
+            return any(fnmatch.fnmatchcase(f, pat) or fnmatch.fnmatchcase(full, pat) for pat in data.val_positions)
+
+        val = [x for x in fovs if is_val(*x)]
+        if not val:
+            raise DataError(f"data.val_positions {data.val_positions} match no FOV; e.g. {fovs[0][1]!r}")
+    else:
+        n_val = 0 if data.val_fraction == 0 or len(fovs) < 2 else max(1, round(data.val_fraction * len(fovs)))
+        order = np.random.default_rng(data.split_seed).permutation(len(fovs))
+        val = [fovs[i] for i in sorted(order[:n_val])]
+    train = [x for x in fovs if x not in val]
+    if not train:
+        raise DataError("no training FOVs left after the validation split; lower data.val_fraction")
+    return Split(tuple(train), tuple(val))
+
+
+def plan_reads(
+    fovs: tuple[tuple[str, str], ...] | list[tuple[str, str]],
+    patches_per_stack: int,
+    reads_per_fov: int,
+    total: int | None = None,
+    seed: int | None = None,
+) -> list[Read]:
+    """Reads cycling over FOVs; ``total`` patches exactly if given, else ``reads_per_fov`` reads per FOV.
+
+    ``seed`` None leaves read seeds to fresh entropy (training); an int fixes every read (validation).
+    """
+    if total is None:
+        total = len(fovs) * reads_per_fov * patches_per_stack
+    reads, k = [], 0
+    while total > 0:
+        plate, fov = fovs[k % len(fovs)]
+        n = min(patches_per_stack, total)
+        read_seed = None if seed is None else int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
+        reads.append(Read(plate, fov, n, read_seed))
+        total -= n
+        k += 1
+    return reads
+
+
+def read_patches(read: Read, data: DataConfig, augment: bool) -> dict[str, np.ndarray]:
+    """Execute one read (in a Ray Data worker)."""
+    seed = read.seed if read.seed is not None else secrets.randbits(63)
+    return _sampler(read.plate, data, augment).sample(read.fov, read.n, seed, augment=augment)
+
+
+def _read_task_fn(reads: list[Read], data: DataConfig, augment: bool):
+    def fn():
+        from ray.data.block import BlockAccessor
+
+        for r in reads:
+            yield BlockAccessor.batch_to_block(read_patches(r, data, augment))
+
+    return fn
+
+
+def patch_datasource(reads: list[Read], data: DataConfig, augment: bool):
+    """A ``ray.data.Datasource`` whose read tasks execute ``reads`` (the class is built lazily: Ray imports late)."""
+    from ray.data import Datasource, ReadTask
+    from ray.data.block import BlockMetadata
+
+    spec = PatchSpec.from_config(data)
+    bytes_per_patch = 4 * spec.yx_patch[0] * spec.yx_patch[1] * (
+        len(spec.source_channels) * spec.z_window + len(spec.target_channels) * spec.target_depth
+    )
+
+    class _Source(Datasource):
+        def estimate_inmemory_data_size(self) -> int:
+            return sum(r.n for r in reads) * bytes_per_patch
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None):
+            k = max(1, min(parallelism, len(reads)))
+            groups = [reads[i::k] for i in range(k)]
+            tasks = []
+            for group in groups:
+                rows = sum(r.n for r in group)
+                meta = BlockMetadata(num_rows=rows, size_bytes=rows * bytes_per_patch, exec_stats=None)
+                tasks.append(ReadTask(_read_task_fn(group, data, augment), meta))
+            return tasks
+
+        def get_name(self) -> str:
+            return "ReadOmeZarrPatches"
+
+    return _Source()
+
+
+def patch_dataset(reads: list[Read], data: DataConfig, augment: bool, num_blocks: int | None = None):
+    """A ``ray.data.Dataset`` of ``{"source", "target"}`` patches for ``reads`` (one block per read)."""
+    import ray.data
+
+    blocks = num_blocks or len(reads)
+    return ray.data.read_datasource(patch_datasource(reads, data, augment), override_num_blocks=blocks)
+
+
+def build_datasets(
+    data: DataConfig,
+    world_size: int,
+    reads_per_fov: int = 4,
+    val_reads_per_fov: int = 2,
+    train_steps_per_epoch: int | None = None,
+    val_steps: int | None = None,
+    seed: int = 42,
+) -> tuple[Any, Any | None, Split, dict[str, int]]:
+    """Train and validation datasets sized so that every worker gets the same whole number of batches.
+
+    Returns
+    -------
+    tuple
+        (train dataset, validation dataset or None, split, {"train_steps", "val_steps"} per worker)
+    """
+    split = split_fovs(list_fovs(data), data)
+    bs, pps = data.batch_size, data.patches_per_stack
+    if train_steps_per_epoch is None:
+        train_steps_per_epoch = max(1, (len(split.train) * reads_per_fov * pps) // (world_size * bs))
+    train_reads = plan_reads(split.train, pps, reads_per_fov, train_steps_per_epoch * bs * world_size)
+    train = patch_dataset(train_reads, data, augment=data.augmentation is not None)
+    val, n_val = None, 0
+    if split.val:
+        if val_steps is None:
+            val_steps = max(1, math.ceil(len(split.val) * val_reads_per_fov * pps / (world_size * bs)))
+        n_val = val_steps
+        val_reads = plan_reads(split.val, pps, val_reads_per_fov, val_steps * bs * world_size, seed=seed)
+        val = patch_dataset(val_reads, data, augment=False)
+    return train, val, split, {"train_steps": train_steps_per_epoch, "val_steps": n_val}
+
+
+class RayShardIterable(torch.utils.data.IterableDataset):
+    """Re-iterable view of a Ray Train dataset shard: each ``iter`` is one pass (one epoch) of torch batches."""
+
+    def __init__(self, shard: Any, batch_size: int, shuffle_buffer: int = 0) -> None:
+        self.shard, self.batch_size, self.shuffle_buffer = shard, batch_size, shuffle_buffer
+
+    def __iter__(self):
+        yield from self.shard.iter_torch_batches(
+            batch_size=self.batch_size,
+            drop_last=True,
+            local_shuffle_buffer_size=self.shuffle_buffer or None,
+            dtypes=torch.float32,
+        )
