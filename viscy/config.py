@@ -12,16 +12,25 @@ import datetime as _dt
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 CONFIG_FILENAME = "viscy_config.yaml"
 
 
 class ConfigError(ValueError):
     """A configuration could not be loaded or validated; the message names the key and the fix."""
+
+
+def _as_list(value: Any) -> Any:
+    """A single value given where a list is expected (``--positions A/1/0``) becomes a one-item list."""
+    return [value] if isinstance(value, (str, Path)) else value
+
+
+StrList = Annotated[list[str], BeforeValidator(_as_list)]
+PathList = Annotated[list[Path], BeforeValidator(_as_list)]
 
 
 class StrictModel(BaseModel):
@@ -35,8 +44,8 @@ class SynthConfig(StrictModel):
     """Synthetic HCS plate: cells, nuclei, membranes and a phase image derived from them."""
 
     output: Path = Field(Path("synthetic.zarr"), description="Path of the OME-Zarr plate to write.")
-    rows: list[str] = Field(["A"], description="Well row names.")
-    cols: list[str] = Field(["1", "2"], description="Well column names.")
+    rows: StrList = Field(["A"], description="Well row names.")
+    cols: StrList = Field(["1", "2"], description="Well column names.")
     fovs_per_well: int = Field(2, ge=1, description="Fields of view per well.")
     t: int = Field(1, ge=1, description="Time points.")
     z: int = Field(1, ge=1, description="Z slices (1 writes a 2D plate).")
@@ -68,8 +77,8 @@ class PreprocessConfig(StrictModel):
     """Normalisation statistics (and optional foreground masks) written into the plate's zattrs."""
 
     data_path: Path = Field(description="OME-Zarr HCS plate to annotate (pixel data are never modified).")
-    channels: list[str] | None = Field(None, description="Channels to compute statistics for; default all.")
-    positions: list[str] = Field(["*"], description="FOV name patterns (fnmatch), e.g. ['A/1/*'].")
+    channels: StrList | None = Field(None, description="Channels to compute statistics for; default all.")
+    positions: StrList = Field(["*"], description="FOV name patterns (fnmatch), e.g. ['A/1/*'].")
     grid_spacing: int = Field(32, ge=1, description="Sample every N-th pixel in Y and X (VisCy: 32).")
     fg_mask: ForegroundMaskConfig | None = Field(None, description="Also write a foreground mask per FOV.")
     num_cpus_per_task: float = Field(1.0, gt=0, description="CPUs reserved by each per-FOV Ray task.")
@@ -79,7 +88,7 @@ class PreprocessConfig(StrictModel):
 class NormalizationConfig(StrictModel):
     """How one group of channels is normalised: ``(x - subtrahend) / divisor`` from stored statistics."""
 
-    channels: list[str] | None = Field(None, description="Channels this applies to; None means all others.")
+    channels: StrList | None = Field(None, description="Channels this applies to; None means all others.")
     level: Literal["fov_statistics", "dataset_statistics"] = Field(
         "fov_statistics", description="Statistics level in the zattrs."
     )
@@ -109,10 +118,10 @@ class AugmentationConfig(StrictModel):
 class DataConfig(StrictModel):
     """Which plates, channels and patches a model sees."""
 
-    data_path: list[Path] = Field(description="One or more OME-Zarr HCS plates (or FOV paths inside them).")
-    source_channel: list[str] = Field(["Phase3D"], min_length=1, description="Input (label-free) channels.")
-    target_channel: list[str] = Field(["Nuclei", "Membrane"], min_length=1, description="Channels to predict.")
-    positions: list[str] = Field(["*"], description="FOV name patterns (fnmatch) to use.")
+    data_path: PathList = Field(description="One or more OME-Zarr HCS plates (or FOV paths inside them).")
+    source_channel: StrList = Field(["Phase3D"], min_length=1, description="Input (label-free) channels.")
+    target_channel: StrList = Field(["Nuclei", "Membrane"], min_length=1, description="Channels to predict.")
+    positions: StrList = Field(["*"], description="FOV name patterns (fnmatch) to use.")
     z_window_size: int = Field(1, ge=1, description="Z slices per sample (the model's input depth).")
     target_2d: bool = Field(True, description="Target is the centre slice only (2D and 2.5D models).")
     yx_patch_size: tuple[int, int] = Field((256, 256), description="Patch size in Y and X.")
@@ -129,13 +138,8 @@ class DataConfig(StrictModel):
     fg_weighted_crops: bool = Field(False, description="Centre crops on foreground pixels (needs fg_mask).")
     batch_size: int = Field(16, ge=1, description="Patches per batch per worker.")
     val_fraction: float = Field(0.2, ge=0, lt=1, description="Fraction of FOVs held out for validation.")
-    val_positions: list[str] | None = Field(None, description="Explicit validation FOVs (overrides fraction).")
+    val_positions: StrList | None = Field(None, description="Explicit validation FOVs (overrides fraction).")
     split_seed: int = Field(0, description="Seed of the train/validation split by FOV.")
-
-    @field_validator("data_path", mode="before")
-    @classmethod
-    def _one_or_many(cls, v: Any) -> Any:
-        return [v] if isinstance(v, (str, Path)) else v
 
     @field_validator("yx_patch_size")
     @classmethod
@@ -152,6 +156,246 @@ class DataConfig(StrictModel):
         return self
 
 
+# --------------------------------------------------------------------------------------------- models
+class ModelConfig(StrictModel):
+    """A model: registry architecture or named preset, constructor kwargs and optional weights."""
+
+    name: str = Field(
+        "unext2",
+        description="Architecture (unet2d, unet25d, unet3d, unext2, fcmae) or preset (VSCyto2D, VSCyto3D, "
+        "VSNeuromast).",
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Constructor arguments (for a preset: overrides of its own)."
+    )
+    checkpoint: Path | None = Field(None, description="Plain state dict or Lightning checkpoint to load.")
+
+    @field_validator("name")
+    @classmethod
+    def _known_name(cls, value: str) -> str:
+        from viscy.models.presets import is_preset, list_presets
+        from viscy.models.registry import list_models
+
+        if value.lower() not in list_models() and not is_preset(value):
+            allowed = list_models() + list_presets()
+            raise ValueError(f"unknown model {value!r}; allowed: {', '.join(allowed)}")
+        return value
+
+
+class ExportConfig(StrictModel):
+    """``viscy export``: write a model to ONNX with metadata and check it against torch."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The model to export.")
+    output: Path = Field(..., description="Path of the .onnx file to write.")
+    opset: int = Field(18, ge=18, description="ONNX opset (>= 18).")
+    example_yx: tuple[int, int] = Field(
+        (256, 256), description="YX size used for tracing and the parity check (rounded up to the model's multiple)."
+    )
+    check_parity: bool = Field(True, description="Compare onnxruntime with torch at example_yx.")
+
+    @field_validator("example_yx")
+    @classmethod
+    def _positive_yx(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if min(value) < 1:
+            raise ValueError(f"example_yx must be positive, got {value}")
+        return value
+
+
+# ------------------------------------------------------------------------------------------- training
+class FcmaeTrainConfig(StrictModel):
+    """FCMAE pre-training (masked reconstruction of the source) or fine-tuning from a pre-trained encoder."""
+
+    pretraining: bool = Field(False, description="Masked pre-training: reconstruct the source (model: fcmae).")
+    mask_ratio: float = Field(0.5, ge=0, lt=1, description="Fraction of patches masked in pre-training.")
+    encoder_checkpoint: Path | None = Field(
+        None, description="Pre-trained FCMAE checkpoint whose encoder initialises the model (fine-tuning)."
+    )
+
+
+class TrainerConfig(StrictModel):
+    """Optimisation, loss, precision, Ray Train scaling, checkpointing and fault tolerance."""
+
+    max_epochs: int = Field(50, ge=1, description="Epochs to train (a resumed run continues up to this).")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate of AdamW.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    warmup_epochs: int = Field(3, ge=0, description="Linear warm-up epochs of the WarmupCosine schedule.")
+    schedule: Literal["WarmupCosine", "Constant"] = Field("WarmupCosine", description="Learning-rate schedule.")
+    l1_alpha: float = Field(0.5, ge=0, description="Weight of the L1 loss.")
+    l2_alpha: float = Field(0.0, ge=0, description="Weight of the L2 (MSE) loss.")
+    ms_dssim_alpha: float = Field(0.5, ge=0, description="Weight of 1 - MS-SSIM (per YX slice).")
+    precision: Literal["32", "bf16-mixed", "16-mixed"] = Field(
+        "32", description="Lightning precision; 16-mixed falls back to 32 on CPU with a warning."
+    )
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (one DDP rank each).")
+    use_gpu: bool = Field(False, description="One GPU per worker (NCCL); false: CPU with gloo.")
+    cpus_per_worker: float = Field(0.5, gt=0, description="CPUs reserved per worker (leave some for Ray Data).")
+    gpus_per_worker: float = Field(1.0, gt=0, description="GPUs per worker when use_gpu is true.")
+    max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the latest checkpoint (-1: inf).")
+    num_to_keep: int = Field(2, ge=1, description="Best checkpoints kept (by validation loss).")
+    storage_path: str = Field("runs", description="Directory or URI (s3://, gs://) holding runs.")
+    run_name: str | None = Field(None, description="Run name (storage_path/run_name); default: model + time.")
+    resume: bool = Field(False, description="Continue the run storage_path/run_name from its last checkpoint.")
+    log_every_n_epochs: int = Field(5, ge=1, description="Epochs between input/target/prediction figures.")
+    fcmae: FcmaeTrainConfig = Field(default_factory=FcmaeTrainConfig)
+    train_steps_per_epoch: int | None = Field(
+        None, ge=1, description="Batches per worker per epoch; default: reads_per_fov reads of every train FOV."
+    )
+    val_steps: int | None = Field(None, ge=1, description="Validation batches per worker; default: all crops.")
+    reads_per_fov: int = Field(
+        4, ge=1, description="Region reads per training FOV per epoch (each cuts data.patches_per_stack patches)."
+    )
+    val_reads_per_fov: int = Field(2, ge=1, description="Fixed region reads per validation FOV.")
+    seed: int = Field(42, description="Seed of weights initialisation and validation crops.")
+
+
+class LoggingConfig(StrictModel):
+    """Experiment tracking: Weights & Biases when enabled, TensorBoard otherwise."""
+
+    wandb: bool = Field(False, description="Log to W&B (Lightning WandbLogger); false: TensorBoard.")
+    project: str = Field("viscy", description="W&B project.")
+    group: str | None = Field(None, description="W&B group.")
+    run_name: str | None = Field(None, description="W&B run name; default: the trainer's run name.")
+    offline: bool = Field(True, description="W&B offline mode (sync later with `wandb sync`).")
+
+
+class TrainConfig(StrictModel):
+    """``viscy train``: data, model, trainer and logging sections."""
+
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _model_matches_data(self) -> TrainConfig:
+        from viscy.models.presets import get_preset, is_preset
+
+        data, kw = self.data, dict(self.model.kwargs)
+        name = self.model.name
+        problems = []
+        in_depth = kw.get("in_stack_depth")
+        out_ch = kw.get("out_channels")
+        in_ch = kw.get("in_channels")
+        if is_preset(name):
+            preset = get_preset(name)
+            in_depth = preset.kwargs.get("in_stack_depth", preset.in_depth) if in_depth is None else in_depth
+            out_ch = preset.kwargs.get("out_channels") if out_ch is None else out_ch
+            in_ch = preset.kwargs.get("in_channels") if in_ch is None else in_ch
+        elif name.lower() == "unet2d" and in_depth is None:
+            in_depth = 1
+        if in_depth is not None and in_depth != data.z_window_size:
+            problems.append(
+                f"model {name} takes {in_depth} Z slices but data.z_window_size is {data.z_window_size}; "
+                f"set --data.z_window_size {in_depth} (or model.kwargs.in_stack_depth)"
+            )
+        if in_ch is not None and in_ch != len(data.source_channel):
+            problems.append(
+                f"model {name} takes {in_ch} input channels but data.source_channel has "
+                f"{len(data.source_channel)}; set model.kwargs.in_channels {len(data.source_channel)}"
+            )
+        want_out = len(data.source_channel) if self.trainer.fcmae.pretraining else len(data.target_channel)
+        what = "data.source_channel (pre-training)" if self.trainer.fcmae.pretraining else "data.target_channel"
+        if out_ch is not None and out_ch != want_out:
+            problems.append(
+                f"model {name} predicts {out_ch} channels but {what} has {want_out}; "
+                f"set model.kwargs.out_channels {want_out}"
+            )
+        arch = get_preset(name).architecture if is_preset(name) else name.lower()
+        if self.trainer.fcmae.pretraining and arch != "fcmae":
+            problems.append(f"trainer.fcmae.pretraining needs model.name fcmae (or VSCyto2D), not {name}")
+        if arch in ("unet2d", "unet25d") and not data.target_2d:
+            problems.append(f"{arch} predicts one Z slice; set --data.target_2d true")
+        if arch in ("unext2", "unet3d", "fcmae") and data.z_window_size > 1 and data.target_2d:
+            problems.append(f"{arch} predicts the whole Z window; set --data.target_2d false")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+# -------------------------------------------------------------------------------------------- predict
+class PredictConfig(StrictModel):
+    """``viscy predict``: whole plates through a torch or ONNX model on Ray Data, resumable."""
+
+    data_path: PathList = Field(description="One or more OME-Zarr HCS plates (or FOV paths inside them).")
+    positions: StrList = Field(["*"], description="FOV name patterns (fnmatch) to predict.")
+    model: ModelConfig | None = Field(None, description="Torch model (architecture or preset plus checkpoint).")
+    onnx: Path | None = Field(None, description="Exported ONNX file (its metadata gives channels and depths).")
+    output: Path | None = Field(
+        None,
+        description="New OME-Zarr store; null appends '<target>_prediction' channels to the input plate. "
+        "With several plates: a directory receiving one store per plate.",
+    )
+    overwrite: bool = Field(False, description="Replace existing predictions (else a rerun resumes the same job).")
+    source_channel: StrList | None = Field(None, description="Input channels; default from the preset/ONNX.")
+    target_channel: StrList | None = Field(None, description="Predicted channels; default from the preset/ONNX.")
+    normalization: list[NormalizationConfig] | None = Field(
+        None, description="Normalisation; default from the preset/ONNX, else fov median/iqr of the sources."
+    )
+    denormalize: bool = Field(False, description="Rescale predictions with the target channels' stored statistics.")
+    tile_yx: tuple[int, int] | None = Field(None, description="YX tile size; null predicts whole FOVs.")
+    tile_overlap: float = Field(0.25, ge=0, lt=1, description="Fraction of a tile overlapping its neighbour.")
+    blend: Literal["gaussian", "constant"] = Field("gaussian", description="Tile merge weights.")
+    tta: Literal["none", "rot90", "flips", "all"] = Field("none", description="Test-time augmentation.")
+    tta_reduction: Literal["mean", "median"] = Field("mean", description="Reduction of the TTA predictions.")
+    z_stride: int = Field(1, ge=1, description="Stride of the Z windows of 3D models (1 = VisCy).")
+    z_block: int | None = Field(8, ge=1, description="Output Z slices per task (bounds memory); null: whole stack.")
+    num_actors: int = Field(1, ge=1, description="Model replicas (Ray actors), each loading the model once.")
+    num_cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved (and torch threads) per actor.")
+    batch_size: int = Field(4, ge=1, description="Tiles per model call.")
+    use_gpu: Literal["auto"] | bool = Field("auto", description="One GPU per actor: auto uses one if the cluster has.")
+    progress: bool = Field(True, description="Show a progress bar.")
+
+    @field_validator("tile_yx")
+    @classmethod
+    def _tile_positive(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and min(v) < 8:
+            raise ValueError("tile_yx must be at least 8 x 8")
+        return v
+
+    @model_validator(mode="after")
+    def _one_model(self) -> PredictConfig:
+        if (self.model is None) == (self.onnx is None):
+            raise ValueError("set exactly one of 'model' (torch) and 'onnx' (exported file)")
+        return self
+
+
+# ------------------------------------------------------------------------------------------- evaluate
+class SegmentationConfig(StrictModel):
+    """How instances are segmented for the segmentation metrics of ``viscy evaluate``."""
+
+    method: Literal["classical", "cellpose"] = Field(
+        "classical", description="'classical' (Gaussian + Otsu + watershed, no weights) or 'cellpose'."
+    )
+    channel: str = Field("Nuclei", description="Target channel to segment (its prediction is segmented too).")
+    model: str = Field("cpsam", description="Cellpose pretrained model name or path to a Cellpose 4 checkpoint.")
+    diameter: float | None = Field(
+        None, gt=0, description="Object diameter in pixels; None: Cellpose's default / 15 px for 'classical'."
+    )
+    use_ground_truth_labels: str | None = Field(
+        None, description="Label image (e.g. 'nuclei') used as reference masks instead of segmenting the target."
+    )
+    gpu: Literal["auto", True, False] = Field("auto", description="Run Cellpose on CUDA: auto, true or false.")
+
+
+class EvaluateConfig(StrictModel):
+    """Score predicted channels against targets: regression and instance-segmentation metrics."""
+
+    data_path: Path = Field(description="OME-Zarr HCS plate holding the targets (and predictions by default).")
+    prediction_path: Path | None = Field(
+        None, description="Plate holding the predictions (same positions); None: predictions are in data_path."
+    )
+    positions: StrList = Field(["*"], description="FOV name patterns (fnmatch) to evaluate.")
+    target_channel: StrList = Field(["Nuclei", "Membrane"], min_length=1, description="Target channels.")
+    prediction_suffix: str = Field("_prediction", description="Prediction channel = target channel + suffix.")
+    source_channel: str | None = Field("Phase3D", description="Input channel shown in example panels; None: none.")
+    z_slices: Literal["center", "all"] = Field("center", description="Score the centre Z slice or every slice.")
+    segmentation: SegmentationConfig | None = Field(None, description="Segmentation metrics; null disables them.")
+    output_dir: Path = Field(Path("evaluation"), description="Directory for tables, summary JSON and figures.")
+    num_example_panels: int = Field(2, ge=0, description="FOVs drawn as example panels.")
+    num_cpus_per_task: float = Field(1.0, gt=0, description="CPUs reserved by each per-FOV/time-point Ray task.")
+
+
+# ----------------------------------------------------------------------------------------------- demo
 class DemoConfig(StrictModel):
     """The embedded default job: synthesise, preprocess, train, export, predict held-out FOVs, evaluate."""
 
@@ -328,251 +572,3 @@ def describe_schema(model: type[BaseModel], prefix: str = "") -> list[tuple[str,
         if sub is not None:
             rows.extend(describe_schema(sub, key + "."))
     return rows
-
-
-# --------------------------------------------------------------------------------------------- models
-class ModelConfig(StrictModel):
-    """A model: registry architecture or named preset, constructor kwargs and optional weights."""
-
-    name: str = Field(
-        "unext2",
-        description="Architecture (unet2d, unet25d, unet3d, unext2, fcmae) or preset (VSCyto2D, VSCyto3D, "
-        "VSNeuromast).",
-    )
-    kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="Constructor arguments (for a preset: overrides of its own)."
-    )
-    checkpoint: Path | None = Field(None, description="Plain state dict or Lightning checkpoint to load.")
-
-    @field_validator("name")
-    @classmethod
-    def _known_name(cls, value: str) -> str:
-        from viscy.models.presets import is_preset, list_presets
-        from viscy.models.registry import list_models
-
-        if value.lower() not in list_models() and not is_preset(value):
-            allowed = list_models() + list_presets()
-            raise ValueError(f"unknown model {value!r}; allowed: {', '.join(allowed)}")
-        return value
-
-
-class ExportConfig(StrictModel):
-    """``viscy export``: write a model to ONNX with metadata and check it against torch."""
-
-    model: ModelConfig = Field(default_factory=ModelConfig, description="The model to export.")
-    output: Path = Field(..., description="Path of the .onnx file to write.")
-    opset: int = Field(18, ge=18, description="ONNX opset (>= 18).")
-    example_yx: tuple[int, int] = Field(
-        (256, 256), description="YX size used for tracing and the parity check (rounded up to the model's multiple)."
-    )
-    check_parity: bool = Field(True, description="Compare onnxruntime with torch at example_yx.")
-
-    @field_validator("example_yx")
-    @classmethod
-    def _positive_yx(cls, value: tuple[int, int]) -> tuple[int, int]:
-        if min(value) < 1:
-            raise ValueError(f"example_yx must be positive, got {value}")
-        return value
-
-
-# ---- evaluate
-class SegmentationConfig(StrictModel):
-    """How instances are segmented for the segmentation metrics of ``viscy evaluate``."""
-
-    method: Literal["classical", "cellpose"] = Field(
-        "classical", description="'classical' (Gaussian + Otsu + watershed, no weights) or 'cellpose'."
-    )
-    channel: str = Field("Nuclei", description="Target channel to segment (its prediction is segmented too).")
-    model: str = Field("cpsam", description="Cellpose pretrained model name or path to a Cellpose 4 checkpoint.")
-    diameter: float | None = Field(
-        None, gt=0, description="Object diameter in pixels; None: Cellpose's default / 15 px for 'classical'."
-    )
-    use_ground_truth_labels: str | None = Field(
-        None, description="Label image (e.g. 'nuclei') used as reference masks instead of segmenting the target."
-    )
-    gpu: Literal["auto", True, False] = Field("auto", description="Run Cellpose on CUDA: auto, true or false.")
-
-
-class EvaluateConfig(StrictModel):
-    """Score predicted channels against targets: regression and instance-segmentation metrics."""
-
-    data_path: Path = Field(description="OME-Zarr HCS plate holding the targets (and predictions by default).")
-    prediction_path: Path | None = Field(
-        None, description="Plate holding the predictions (same positions); None: predictions are in data_path."
-    )
-    positions: list[str] = Field(["*"], description="FOV name patterns (fnmatch) to evaluate.")
-    target_channel: list[str] = Field(["Nuclei", "Membrane"], min_length=1, description="Target channels.")
-    prediction_suffix: str = Field("_prediction", description="Prediction channel = target channel + suffix.")
-    source_channel: str | None = Field("Phase3D", description="Input channel shown in example panels; None: none.")
-    z_slices: Literal["center", "all"] = Field("center", description="Score the centre Z slice or every slice.")
-    segmentation: SegmentationConfig | None = Field(None, description="Segmentation metrics; null disables them.")
-    output_dir: Path = Field(Path("evaluation"), description="Directory for tables, summary JSON and figures.")
-    num_example_panels: int = Field(2, ge=0, description="FOVs drawn as example panels.")
-    num_cpus_per_task: float = Field(1.0, gt=0, description="CPUs reserved by each per-FOV/time-point Ray task.")
-
-    @field_validator("target_channel", "positions", mode="before")
-    @classmethod
-    def _one_or_many(cls, v: Any) -> Any:
-        return [v] if isinstance(v, str) else v
-
-
-# ------------------------------------------------------------------------------------------- training
-class FcmaeTrainConfig(StrictModel):
-    """FCMAE pre-training (masked reconstruction of the source) or fine-tuning from a pre-trained encoder."""
-
-    pretraining: bool = Field(False, description="Masked pre-training: reconstruct the source (model: fcmae).")
-    mask_ratio: float = Field(0.5, ge=0, lt=1, description="Fraction of patches masked in pre-training.")
-    encoder_checkpoint: Path | None = Field(
-        None, description="Pre-trained FCMAE checkpoint whose encoder initialises the model (fine-tuning)."
-    )
-
-
-class TrainerConfig(StrictModel):
-    """Optimisation, loss, precision, Ray Train scaling, checkpointing and fault tolerance."""
-
-    max_epochs: int = Field(50, ge=1, description="Epochs to train (a resumed run continues up to this).")
-    lr: float = Field(2e-4, gt=0, description="Peak learning rate of AdamW.")
-    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
-    warmup_epochs: int = Field(3, ge=0, description="Linear warm-up epochs of the WarmupCosine schedule.")
-    schedule: Literal["WarmupCosine", "Constant"] = Field("WarmupCosine", description="Learning-rate schedule.")
-    l1_alpha: float = Field(0.5, ge=0, description="Weight of the L1 loss.")
-    l2_alpha: float = Field(0.0, ge=0, description="Weight of the L2 (MSE) loss.")
-    ms_dssim_alpha: float = Field(0.5, ge=0, description="Weight of 1 - MS-SSIM (per YX slice).")
-    precision: Literal["32", "bf16-mixed", "16-mixed"] = Field(
-        "32", description="Lightning precision; 16-mixed falls back to 32 on CPU with a warning."
-    )
-    num_workers: int = Field(1, ge=1, description="Ray Train workers (one DDP rank each).")
-    use_gpu: bool = Field(False, description="One GPU per worker (NCCL); false: CPU with gloo.")
-    cpus_per_worker: float = Field(0.5, gt=0, description="CPUs reserved per worker (leave some for Ray Data).")
-    gpus_per_worker: float = Field(1.0, gt=0, description="GPUs per worker when use_gpu is true.")
-    max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the latest checkpoint (-1: inf).")
-    num_to_keep: int = Field(2, ge=1, description="Best checkpoints kept (by validation loss).")
-    storage_path: str = Field("runs", description="Directory or URI (s3://, gs://) holding runs.")
-    run_name: str | None = Field(None, description="Run name (storage_path/run_name); default: model + time.")
-    resume: bool = Field(False, description="Continue the run storage_path/run_name from its last checkpoint.")
-    log_every_n_epochs: int = Field(5, ge=1, description="Epochs between input/target/prediction figures.")
-    fcmae: FcmaeTrainConfig = Field(default_factory=FcmaeTrainConfig)
-    train_steps_per_epoch: int | None = Field(
-        None, ge=1, description="Batches per worker per epoch; default: reads_per_fov reads of every train FOV."
-    )
-    val_steps: int | None = Field(None, ge=1, description="Validation batches per worker; default: all crops.")
-    reads_per_fov: int = Field(4, ge=1, description="Region reads per training FOV per epoch (each cuts "
-                                "data.patches_per_stack patches).")
-    val_reads_per_fov: int = Field(2, ge=1, description="Fixed region reads per validation FOV.")
-    seed: int = Field(42, description="Seed of weights initialisation and validation crops.")
-
-
-class LoggingConfig(StrictModel):
-    """Experiment tracking: Weights & Biases when enabled, TensorBoard otherwise."""
-
-    wandb: bool = Field(False, description="Log to W&B (Lightning WandbLogger); false: TensorBoard.")
-    project: str = Field("viscy", description="W&B project.")
-    group: str | None = Field(None, description="W&B group.")
-    run_name: str | None = Field(None, description="W&B run name; default: the trainer's run name.")
-    offline: bool = Field(True, description="W&B offline mode (sync later with `wandb sync`).")
-
-
-class TrainConfig(StrictModel):
-    """``viscy train``: data, model, trainer and logging sections."""
-
-    data: DataConfig
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
-    logging: LoggingConfig = Field(default_factory=LoggingConfig)
-
-    @model_validator(mode="after")
-    def _model_matches_data(self) -> TrainConfig:
-        from viscy.models.presets import get_preset, is_preset
-
-        data, kw = self.data, dict(self.model.kwargs)
-        name = self.model.name
-        problems = []
-        in_depth = kw.get("in_stack_depth")
-        out_ch = kw.get("out_channels")
-        in_ch = kw.get("in_channels")
-        if is_preset(name):
-            preset = get_preset(name)
-            in_depth = preset.kwargs.get("in_stack_depth", preset.in_depth) if in_depth is None else in_depth
-            out_ch = preset.kwargs.get("out_channels") if out_ch is None else out_ch
-            in_ch = preset.kwargs.get("in_channels") if in_ch is None else in_ch
-        elif name.lower() == "unet2d" and in_depth is None:
-            in_depth = 1
-        if in_depth is not None and in_depth != data.z_window_size:
-            problems.append(
-                f"model {name} takes {in_depth} Z slices but data.z_window_size is {data.z_window_size}; "
-                f"set --data.z_window_size {in_depth} (or model.kwargs.in_stack_depth)"
-            )
-        if in_ch is not None and in_ch != len(data.source_channel):
-            problems.append(
-                f"model {name} takes {in_ch} input channels but data.source_channel has "
-                f"{len(data.source_channel)}; set model.kwargs.in_channels {len(data.source_channel)}"
-            )
-        want_out = len(data.source_channel) if self.trainer.fcmae.pretraining else len(data.target_channel)
-        what = "data.source_channel (pre-training)" if self.trainer.fcmae.pretraining else "data.target_channel"
-        if out_ch is not None and out_ch != want_out:
-            problems.append(
-                f"model {name} predicts {out_ch} channels but {what} has {want_out}; "
-                f"set model.kwargs.out_channels {want_out}"
-            )
-        arch = get_preset(name).architecture if is_preset(name) else name.lower()
-        if self.trainer.fcmae.pretraining and arch != "fcmae":
-            problems.append(f"trainer.fcmae.pretraining needs model.name fcmae (or VSCyto2D), not {name}")
-        if arch in ("unet2d", "unet25d") and not data.target_2d:
-            problems.append(f"{arch} predicts one Z slice; set --data.target_2d true")
-        if arch in ("unext2", "unet3d", "fcmae") and data.z_window_size > 1 and data.target_2d:
-            problems.append(f"{arch} predicts the whole Z window; set --data.target_2d false")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
-
-
-# -------------------------------------------------------------------------------------------- predict
-class PredictConfig(StrictModel):
-    """``viscy predict``: whole plates through a torch or ONNX model on Ray Data, resumable."""
-
-    data_path: list[Path] = Field(description="One or more OME-Zarr HCS plates (or FOV paths inside them).")
-    positions: list[str] = Field(["*"], description="FOV name patterns (fnmatch) to predict.")
-    model: ModelConfig | None = Field(None, description="Torch model (architecture or preset plus checkpoint).")
-    onnx: Path | None = Field(None, description="Exported ONNX file (its metadata gives channels and depths).")
-    output: Path | None = Field(
-        None,
-        description="New OME-Zarr store; null appends '<target>_prediction' channels to the input plate. "
-        "With several plates: a directory receiving one store per plate.",
-    )
-    overwrite: bool = Field(False, description="Replace existing predictions (else a rerun resumes the same job).")
-    source_channel: list[str] | None = Field(None, description="Input channels; default from the preset/ONNX.")
-    target_channel: list[str] | None = Field(None, description="Predicted channels; default from the preset/ONNX.")
-    normalization: list[NormalizationConfig] | None = Field(
-        None, description="Normalisation; default from the preset/ONNX, else fov median/iqr of the sources."
-    )
-    denormalize: bool = Field(False, description="Rescale predictions with the target channels' stored statistics.")
-    tile_yx: tuple[int, int] | None = Field(None, description="YX tile size; null predicts whole FOVs.")
-    tile_overlap: float = Field(0.25, ge=0, lt=1, description="Fraction of a tile overlapping its neighbour.")
-    blend: Literal["gaussian", "constant"] = Field("gaussian", description="Tile merge weights.")
-    tta: Literal["none", "rot90", "flips", "all"] = Field("none", description="Test-time augmentation.")
-    tta_reduction: Literal["mean", "median"] = Field("mean", description="Reduction of the TTA predictions.")
-    z_stride: int = Field(1, ge=1, description="Stride of the Z windows of 3D models (1 = VisCy).")
-    z_block: int | None = Field(8, ge=1, description="Output Z slices per task (bounds memory); null: whole stack.")
-    num_actors: int = Field(1, ge=1, description="Model replicas (Ray actors), each loading the model once.")
-    num_cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved (and torch threads) per actor.")
-    batch_size: int = Field(4, ge=1, description="Tiles per model call.")
-    use_gpu: Literal["auto"] | bool = Field("auto", description="One GPU per actor: auto uses one if the cluster has.")
-    progress: bool = Field(True, description="Show a progress bar.")
-
-    @field_validator("data_path", mode="before")
-    @classmethod
-    def _data_path_list(cls, v: Any) -> Any:
-        return [v] if isinstance(v, (str, Path)) else v
-
-    @field_validator("tile_yx")
-    @classmethod
-    def _tile_positive(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
-        if v is not None and min(v) < 8:
-            raise ValueError("tile_yx must be at least 8 x 8")
-        return v
-
-    @model_validator(mode="after")
-    def _one_model(self) -> PredictConfig:
-        if (self.model is None) == (self.onnx is None):
-            raise ValueError("set exactly one of 'model' (torch) and 'onnx' (exported file)")
-        return self

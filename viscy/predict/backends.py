@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from viscy.errors import ModelError
+from viscy.models.registry import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -20,12 +21,7 @@ class ModelInfo:
     """What the driver knows about a model before any actor loads it."""
 
     kind: str  # "torch" or "onnx"
-    architecture: str
-    in_channels: int
-    out_channels: int
-    in_depth: int
-    out_depth: int
-    yx_multiple: int
+    spec: ModelSpec
     source_channels: list[str] | None = None
     target_channels: list[str] | None = None
     normalization: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -34,19 +30,22 @@ class ModelInfo:
 def describe_model(model: Any = None, onnx: Path | None = None) -> ModelInfo:
     """Spec, default channels and normalisation of a ``ModelConfig`` or an exported ONNX file."""
     if onnx is not None:
-        from viscy.models.export import read_onnx_metadata
+        from viscy.models.export import read_onnx_metadata, spec_from_metadata
 
         if not Path(onnx).is_file():
             raise ModelError(f"ONNX file {onnx} does not exist; export one with `viscy export`")
         meta = read_onnx_metadata(onnx)
         try:
-            return ModelInfo(
-                "onnx", meta["architecture"], meta["in_channels"], meta["out_channels"], meta["in_depth"],
-                meta["out_depth"], meta["yx_multiple"], meta.get("source_channels"), meta.get("target_channels"),
-                dict(meta.get("normalization") or {}),
-            )
+            spec = spec_from_metadata(meta)
         except KeyError as exc:
             raise ModelError(f"{onnx} metadata lacks {exc}; re-export it with `viscy export`") from None
+        return ModelInfo(
+            "onnx",
+            spec,
+            meta.get("source_channels"),
+            meta.get("target_channels"),
+            dict(meta.get("normalization") or {}),
+        )
     if model is None:
         raise ModelError("set exactly one of 'model' and 'onnx'")
     from viscy.models import create_model, get_spec
@@ -57,8 +56,8 @@ def describe_model(model: Any = None, onnx: Path | None = None) -> ModelInfo:
     spec = get_spec(net)
     preset = getattr(net, "preset", None)
     return ModelInfo(
-        "torch", spec.architecture, spec.in_channels, spec.out_channels, spec.in_depth, spec.out_depth,
-        spec.yx_multiple,
+        "torch",
+        spec,
         list(preset.source_channels) if preset else None,
         list(preset.target_channels) if preset else None,
         dict(preset.normalization) if preset else {},

@@ -42,19 +42,19 @@ def resolve_channels(config: PredictConfig, info: ModelInfo) -> tuple[list[str],
     """Source and target channel names: config, else preset/ONNX metadata, else VisCy's defaults."""
     sources = config.source_channel or info.source_channels
     targets = config.target_channel or info.target_channels
-    if sources is None and info.in_channels == len(FALLBACK_SOURCES):
+    if sources is None and info.spec.in_channels == len(FALLBACK_SOURCES):
         sources = FALLBACK_SOURCES
-    if targets is None and info.out_channels <= len(FALLBACK_TARGETS):
-        targets = FALLBACK_TARGETS[: info.out_channels]
-    if sources is None or len(sources) != info.in_channels:
+    if targets is None and info.spec.out_channels <= len(FALLBACK_TARGETS):
+        targets = FALLBACK_TARGETS[: info.spec.out_channels]
+    if sources is None or len(sources) != info.spec.in_channels:
         raise ModelError(
-            f"the model takes {info.in_channels} input channel(s) but source_channel is {sources}; "
-            f"set source_channel to {info.in_channels} channel name(s)"
+            f"the model takes {info.spec.in_channels} input channel(s) but source_channel is {sources}; "
+            f"set source_channel to {info.spec.in_channels} channel name(s)"
         )
-    if targets is None or len(targets) != info.out_channels:
+    if targets is None or len(targets) != info.spec.out_channels:
         raise ModelError(
-            f"the model predicts {info.out_channels} channel(s) but target_channel is {targets}; "
-            f"set target_channel to {info.out_channels} name(s)"
+            f"the model predicts {info.spec.out_channels} channel(s) but target_channel is {targets}; "
+            f"set target_channel to {info.spec.out_channels} name(s)"
         )
     return list(sources), list(targets)
 
@@ -71,9 +71,15 @@ def resolve_normalization(config: PredictConfig, info: ModelInfo, sources: list[
 def tiling_options(config: PredictConfig, info: ModelInfo) -> TilingOptions:
     """Tiling options from the config and the model's spec."""
     return TilingOptions(
-        in_depth=info.in_depth, out_depth=info.out_depth, yx_multiple=info.yx_multiple,
-        tile_yx=tuple(config.tile_yx) if config.tile_yx else None, overlap=config.tile_overlap,
-        blend=config.blend, tta=config.tta, tta_reduction=config.tta_reduction, z_stride=config.z_stride,
+        in_depth=info.spec.in_depth,
+        out_depth=info.spec.out_depth,
+        yx_multiple=info.spec.yx_multiple,
+        tile_yx=tuple(config.tile_yx) if config.tile_yx else None,
+        overlap=config.tile_overlap,
+        blend=config.blend,
+        tta=config.tta,
+        tta_reduction=config.tta_reduction,
+        z_stride=config.z_stride,
         batch_size=config.batch_size,
     )
 
@@ -153,9 +159,17 @@ class PredictActor:
         for i in range(len(batch["fov"])):
             t0 = time.perf_counter()
             predict_unit(
-                self._plate(str(batch["plate"][i])), str(batch["fov"][i]), int(batch["t"][i]),
-                (int(batch["z0"][i]), int(batch["z1"][i])), self.predict_fn, self.opts, self.sources,
-                self.targets, self.norms, self.denorm, self.outputs[str(batch["plate"][i])],
+                self._plate(str(batch["plate"][i])),
+                str(batch["fov"][i]),
+                int(batch["t"][i]),
+                (int(batch["z0"][i]), int(batch["z1"][i])),
+                self.predict_fn,
+                self.opts,
+                self.sources,
+                self.targets,
+                self.norms,
+                self.denorm,
+                self.outputs[str(batch["plate"][i])],
             )
             if self.delay_s:
                 time.sleep(self.delay_s)
@@ -196,8 +210,13 @@ def predict_unit(
 
 # -------------------------------------------------------------------------------------------- driver
 def _validate_plate(
-    plate: Plate, fovs: list[str], sources: list[str], targets: list[str], norms: list[NormalizationConfig],
-    denorm: bool, append: bool,
+    plate: Plate,
+    fovs: list[str],
+    sources: list[str],
+    targets: list[str],
+    norms: list[NormalizationConfig],
+    denorm: bool,
+    append: bool,
 ) -> None:
     plate.channel_indices(sources)
     for fov in fovs:
@@ -267,8 +286,12 @@ def predict_plates(config: PredictConfig) -> dict[str, Any]:
         plans.append((plate, fovs, output, action))
 
     # 2. create outputs, list the units of incomplete FOVs
-    job = {"model": config.model.name if config.model else str(config.onnx), "targets": targets,
-           "sources": sources, "denormalized": config.denormalize}
+    job = {
+        "model": config.model.name if config.model else str(config.onnx),
+        "targets": targets,
+        "sources": sources,
+        "denormalized": config.denormalize,
+    }
     outputs: dict[str, OutputTarget] = {}
     units: list[dict[str, Any]] = []
     skipped = 0
@@ -327,8 +350,12 @@ def predict_plates(config: PredictConfig) -> dict[str, Any]:
     }
     ds = ray.data.from_items(units, override_num_blocks=min(len(units), 2000))
     ds = ds.map_batches(
-        PredictActor, fn_constructor_kwargs=actor_kwargs, batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=config.num_actors), num_cpus=cpus, num_gpus=1 if gpu else 0,
+        PredictActor,
+        fn_constructor_kwargs=actor_kwargs,
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=config.num_actors),
+        num_cpus=cpus,
+        num_gpus=1 if gpu else 0,
     )
     bar = None
     if config.progress:
