@@ -13,6 +13,15 @@ from typing import Any
 from viscy.errors import ModelError
 
 _PHASE_NORM = {"level": "fov_statistics", "subtrahend": "median", "divisor": "iqr"}
+# UNeXt2 settings shared by VisCy's 3D presets; each adds its depth and stem kernel.
+_UNEXT2_KWARGS = {
+    "in_channels": 1,
+    "out_channels": 2,
+    "backbone": "convnextv2_tiny",
+    "decoder_mode": "pixelshuffle",
+    "head_expansion_ratio": 4,
+    "head_pool": True,
+}
 
 
 @dataclass(frozen=True)
@@ -65,16 +74,7 @@ _PRESETS: dict[str, Preset] = {
         Preset(
             name="VSCyto3D",
             architecture="unext2",
-            kwargs={
-                "in_channels": 1,
-                "out_channels": 2,
-                "in_stack_depth": 5,
-                "backbone": "convnextv2_tiny",
-                "stem_kernel_size": [5, 4, 4],
-                "decoder_mode": "pixelshuffle",
-                "head_expansion_ratio": 4,
-                "head_pool": True,
-            },
+            kwargs=dict(_UNEXT2_KWARGS, in_stack_depth=5, stem_kernel_size=[5, 4, 4]),
             source_channels=["Phase3D"],
             target_channels=["Nuclei", "Membrane"],
             in_depth=5,
@@ -86,16 +86,7 @@ _PRESETS: dict[str, Preset] = {
         Preset(
             name="VSNeuromast",
             architecture="unext2",
-            kwargs={
-                "in_channels": 1,
-                "out_channels": 2,
-                "in_stack_depth": 21,
-                "backbone": "convnextv2_tiny",
-                "stem_kernel_size": [7, 4, 4],
-                "decoder_mode": "pixelshuffle",
-                "head_expansion_ratio": 4,
-                "head_pool": True,
-            },
+            kwargs=dict(_UNEXT2_KWARGS, in_stack_depth=21, stem_kernel_size=[7, 4, 4]),
             source_channels=["Phase3D"],
             target_channels=["Nuclei", "Membrane"],
             in_depth=21,
