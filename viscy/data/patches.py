@@ -54,7 +54,8 @@ class PatchSpec:
 
 
 # ------------------------------------------------------------------------------------ normalisation
-def _norm_for_channel(channel: str, norms: list[NormalizationConfig]) -> NormalizationConfig | None:
+def normalization_for_channel(channel: str, norms: list[NormalizationConfig]) -> NormalizationConfig | None:
+    """The group setting that applies to ``channel``: one listing it, else one for all channels, else None."""
     for n in norms:
         if n.channels is not None and channel in n.channels:
             return n
@@ -79,7 +80,7 @@ def normalization_params(
     params = np.zeros((len(channels), 2), dtype=np.float32)
     params[:, 1] = 1.0
     for i, ch in enumerate(channels):
-        spec = _norm_for_channel(ch, norms)
+        spec = normalization_for_channel(ch, norms)
         if spec is None:
             continue
         try:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from viscy.config import NormalizationConfig, PredictConfig, save_config
-from viscy.data.patches import _norm_for_channel, denormalize, normalization_params, normalize
+from viscy.data.patches import denormalize, normalization_for_channel, normalization_params, normalize
 from viscy.data.plate import Plate
 from viscy.errors import DataError, ModelError, ShapeError
 from viscy.predict.backends import ModelInfo, describe_model, load_backend
@@ -193,7 +193,7 @@ def predict_unit(
     """Read, normalise, predict (tiled), de-normalise and write one ``(FOV, t, z-block)`` unit."""
     n_z = plate.info(fov).shape[2]
     src_idx = plate.channel_indices(sources)
-    needs_stats = any(_norm_for_channel(c, norms) for c in sources) or denorm
+    needs_stats = any(normalization_for_channel(c, norms) for c in sources) or denorm
     meta = plate.normalization(fov) if needs_stats else {}
     params = normalization_params(meta, sources, norms)
 
@@ -221,7 +221,7 @@ def _validate_plate(
     plate.channel_indices(sources)
     for fov in fovs:
         inf = plate.info(fov)
-        needs_stats = any(_norm_for_channel(c, norms) for c in sources) or denorm
+        needs_stats = any(normalization_for_channel(c, norms) for c in sources) or denorm
         if needs_stats:
             meta = plate.normalization(fov)
             normalization_params(meta, sources, norms)
