@@ -154,7 +154,6 @@ def preprocess_plate(config: PreprocessConfig, progress: bool = True) -> dict[st
         If the plate, channels or positions are invalid, or every FOV was skipped.
     """
     import ray
-    from tqdm.auto import tqdm
 
     plate = Plate(config.data_path)
     channels = config.channels or plate.channel_names
@@ -165,7 +164,7 @@ def preprocess_plate(config: PreprocessConfig, progress: bool = True) -> dict[st
     plate.check_consistent(names)
     fg = config.fg_mask
     started = time.perf_counter()
-    from viscy.ray_utils import ensure_ray
+    from viscy.ray_utils import as_completed, ensure_ray
 
     ensure_ray()
     task = ray.remote(num_cpus=config.num_cpus_per_task)(fov_statistics_task)
@@ -180,13 +179,7 @@ def preprocess_plate(config: PreprocessConfig, progress: bool = True) -> dict[st
         )
         for n in names
     ]
-    results: list[FovResult] = []
-    with tqdm(total=len(refs), desc="preprocess FOVs", unit="fov", disable=not progress) as bar:
-        pending = refs
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            results.extend(ray.get(done))
-            bar.update(len(done))
+    results = [r for _, r in as_completed(refs, "preprocess FOVs", "fov", progress)]
     ok = sorted((r for r in results if r.skipped is None), key=lambda r: r.name)
     skipped = {r.name: r.skipped for r in results if r.skipped is not None}
     if not ok:

@@ -206,7 +206,7 @@ def evaluate_fov(plan: EvalPlan, position: str, t: int, with_panel: bool) -> tup
 def _run_tasks(plan: EvalPlan) -> tuple[list[dict[str, Any]], list[tuple[str, dict]]]:
     import ray
 
-    from viscy.ray_utils import ensure_ray
+    from viscy.ray_utils import as_completed, ensure_ray
 
     ensure_ray()
     config = plan.config
@@ -224,26 +224,11 @@ def _run_tasks(plan: EvalPlan) -> tuple[list[dict[str, Any]], list[tuple[str, di
             refs[task.remote(plan_ref, name, t, name in panel_positions and t == 0)] = (name, t)
     rows: list[dict[str, Any]] = []
     panels: list[tuple[str, dict]] = []
-    pending, done_count, start = list(refs), 0, time.time()
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        try:
-            task_rows, panel = ray.get(done[0])
-        except ray.exceptions.RayTaskError as exc:
-            if isinstance(exc.cause, ViscyError):
-                raise exc.cause from None
-            raise
+    for ref, (task_rows, panel) in as_completed(list(refs), "evaluate FOV/time points", "task"):
         rows.extend(task_rows)
         if panel is not None:
-            panels.append((refs[done[0]][0], panel))
-        done_count += 1
-        print(f"\revaluated {done_count}/{len(refs)} FOV/time points ({time.time() - start:.0f} s)", end="", flush=True)
-    print()
+            panels.append((refs[ref][0], panel))
     return rows, panels
-
-
-def _replace(tmp: Path, final: Path) -> None:
-    os.replace(tmp, final)
 
 
 def _finite_mean(values: pd.Series) -> float | None:
@@ -278,11 +263,14 @@ def write_outputs(
     fig_dir.mkdir(parents=True, exist_ok=True)
     csv, parquet = out / f"{TABLE_NAME}.csv", out / f"{TABLE_NAME}.parquet"
     table.to_csv(csv.with_name(csv.name + ".tmp"), index=False)
-    _replace(csv.with_name(csv.name + ".tmp"), csv)
+    os.replace(csv.with_name(csv.name + ".tmp"), csv)
     table.to_parquet(parquet.with_name(parquet.name + ".tmp"), index=False)
-    _replace(parquet.with_name(parquet.name + ".tmp"), parquet)
-    figures = [plot_metric_distributions(table, [*REGRESSION_METRICS, *SEGMENTATION_METRICS],
-                                         fig_dir / "metric_distributions.png")]
+    os.replace(parquet.with_name(parquet.name + ".tmp"), parquet)
+    figures = [
+        plot_metric_distributions(
+            table, [*REGRESSION_METRICS, *SEGMENTATION_METRICS], fig_dir / "metric_distributions.png"
+        )
+    ]
     for position, panel in sorted(panels, key=lambda p: p[0]):
         figures.append(plot_example_panel(panel, fig_dir / f"example_{position.replace('/', '_')}.png"))
     means = summarize(table)
@@ -295,7 +283,9 @@ def write_outputs(
         "n_rows": len(table),
         "channels": list(means),
         "z_slices": config.z_slices,
-        "segmentation": None if seg is None else {
+        "segmentation": None
+        if seg is None
+        else {
             "method": seg.method,
             "channel": seg.channel,
             "reference": f"labels/{seg.use_ground_truth_labels}" if seg.use_ground_truth_labels else "segmented target",
@@ -311,7 +301,7 @@ def write_outputs(
     }
     tmp = out / (SUMMARY_NAME + ".tmp")
     tmp.write_text(json.dumps(_json_safe(summary), indent=2))
-    _replace(tmp, out / SUMMARY_NAME)
+    os.replace(tmp, out / SUMMARY_NAME)
     return summary
 
 

@@ -119,6 +119,11 @@ def _target_norms(norms: list[NormalizationConfig]) -> list[NormalizationConfig]
     return list(norms) + [NormalizationConfig()]
 
 
+def _needs_stats(sources: list[str], norms: list[NormalizationConfig], denorm: bool) -> bool:
+    """Whether a FOV's stored statistics are read (to normalise sources or de-normalise targets)."""
+    return denorm or any(normalization_for_channel(c, norms) for c in sources)
+
+
 # -------------------------------------------------------------------------------------------- actor
 class PredictActor:
     """Ray Data callable class: loads the model once, then reads, predicts and writes whole work units."""
@@ -193,8 +198,7 @@ def predict_unit(
     """Read, normalise, predict (tiled), de-normalise and write one ``(FOV, t, z-block)`` unit."""
     n_z = plate.info(fov).shape[2]
     src_idx = plate.channel_indices(sources)
-    needs_stats = any(normalization_for_channel(c, norms) for c in sources) or denorm
-    meta = plate.normalization(fov) if needs_stats else {}
+    meta = plate.normalization(fov) if _needs_stats(sources, norms, denorm) else {}
     params = normalization_params(meta, sources, norms)
 
     def read(idx: np.ndarray) -> np.ndarray:
@@ -219,9 +223,9 @@ def _validate_plate(
     append: bool,
 ) -> None:
     plate.channel_indices(sources)
+    needs_stats = _needs_stats(sources, norms, denorm)
     for fov in fovs:
         inf = plate.info(fov)
-        needs_stats = any(normalization_for_channel(c, norms) for c in sources) or denorm
         if needs_stats:
             meta = plate.normalization(fov)
             normalization_params(meta, sources, norms)
