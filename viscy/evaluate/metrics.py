@@ -24,10 +24,11 @@ from torchmetrics.functional.image import (
     structural_similarity_index_measure,
 )
 
+from viscy.train.loss import MS_SSIM_BETAS
+
 REGRESSION_METRICS = ("pearson", "ssim", "ms_ssim", "psnr", "mae", "mse", "nrmse")
 SEGMENTATION_METRICS = ("ap_50_95", "ap_50", "ap_75", "f1_50", "precision_50", "recall_50", "dice", "jaccard")
 IOU_THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
-_MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
 
 def ms_ssim_settings(height: int, width: int) -> tuple[int, tuple[float, ...]] | None:
@@ -41,7 +42,7 @@ def ms_ssim_settings(height: int, width: int) -> tuple[int, tuple[float, ...]] |
         for n in range(5, 0, -1):
             # torchmetrics' own validity rule, plus: the coarsest scale must still hold one kernel.
             if side // max(1, n - 1) ** 2 > kernel - 1 and side // 2 ** (n - 1) >= kernel:
-                betas = np.asarray(_MS_SSIM_BETAS[:n])
+                betas = np.asarray(MS_SSIM_BETAS[:n])
                 return kernel, tuple(float(b) for b in betas / betas.sum())
     return None
 
