@@ -2,7 +2,8 @@
 
 1. Patch stream: patches/s from our Ray Data source (``viscy.train.datasource``) consumed with
    ``iter_torch_batches`` vs a plain torch ``DataLoader`` (2 worker processes) running the same reads with the
-   same ``PatchSampler`` (same augmentations), with Ray Data's ``op_resource_reservation_enabled`` on and off.
+   same ``PatchSampler`` (same augmentations): Ray Data with ``data.reads_per_task`` 1 and the default, with
+   ``op_resource_reservation_enabled`` on and off, plus the CPU seconds each process spent (what limits it).
 2. Training: samples/s of UNeXt2 (VSCyto3D preset) at 256x256 through ``viscy train`` (Ray Train, CPU) with
    1 and 2 workers (first batch of the epoch excluded).
 
@@ -12,10 +13,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import torch
 
 from viscy.config import DataConfig, PreprocessConfig, SynthConfig, TrainConfig
@@ -41,12 +44,43 @@ class _ReadsDataset(torch.utils.data.IterableDataset):
                 yield {"source": torch.from_numpy(out["source"][i]), "target": torch.from_numpy(out["target"][i])}
 
 
-def _rate(batches, n_expected: int) -> float:
-    start, n = time.perf_counter(), 0
+def _cpu_seconds() -> dict[int, tuple[float, str]]:
+    """CPU seconds so far and a short label of every process on the machine."""
+    out, children = {}, {c.pid for c in psutil.Process().children(recursive=True)}
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            t = p.cpu_times()
+        except psutil.Error:
+            continue
+        cmd = " ".join(p.info["cmdline"] or [])
+        if p.pid == os.getpid():
+            label = "consumer"
+        elif cmd.startswith("ray::"):
+            label = "Ray worker"
+        elif p.pid in children and "multiprocessing" in cmd:
+            label = "DataLoader worker"
+        else:
+            label = "other"  # raylet, GCS, dashboard, ...
+        out[p.pid] = (t.user + t.system, label)
+    return out
+
+
+def _rate(batches, n_expected: int) -> tuple[float, dict[str, float]]:
+    """Patches/s of one pass, and the CPU seconds per patch spent in each kind of process during it."""
+    before, start, n = _cpu_seconds(), time.perf_counter(), 0
     for b in batches:
         n += b["source"].shape[0]
+    elapsed, after = time.perf_counter() - start, _cpu_seconds()
     assert n >= n_expected * 0.9, (n, n_expected)
-    return n / (time.perf_counter() - start)
+    cpu: dict[str, float] = {}
+    for pid, (t, label) in after.items():
+        if pid in before:
+            cpu[label] = cpu.get(label, 0.0) + (t - before[pid][0]) / n
+    return n / elapsed, cpu
+
+
+def _best(passes) -> tuple[float, dict[str, float]]:
+    return max(passes, key=lambda r: r[0])
 
 
 def bench_stream(plate: Path, patches: int, patch: int, batch: int, pps: int) -> None:
@@ -55,23 +89,28 @@ def bench_stream(plate: Path, patches: int, patch: int, batch: int, pps: int) ->
     data = DataConfig(data_path=[plate], yx_patch_size=(patch, patch), patches_per_stack=pps, batch_size=batch)
     fovs = [(str(plate), f) for f in Plate(plate).positions]
     reads = plan_reads(fovs, pps, 1, total=patches)
+    default_rpt = data.reads_per_task
     results = {}
-    for reserve in (True, False):
+    for reserve, rpt in ((True, default_rpt), (False, 1), (False, default_rpt), (False, 4 * default_rpt)):
         DataContext.get_current().op_resource_reservation_enabled = reserve
-        ds = patch_dataset(reads, data, augment=True)
+        ds = patch_dataset(reads, data.model_copy(update={"reads_per_task": rpt}), augment=True)
         _rate(ds.iter_torch_batches(batch_size=batch), patches // 4)  # warm-up pass (workers, imports)
-        best = max(_rate(ds.iter_torch_batches(batch_size=batch, dtypes=torch.float32), patches) for _ in range(2))
-        results[f"ray_data reservation={'on' if reserve else 'off'}"] = best
+        label = f"ray_data reads_per_task={rpt} reservation={'on' if reserve else 'off'}"
+        results[label] = _best(_rate(ds.iter_torch_batches(batch_size=batch, dtypes=torch.float32), patches)
+                               for _ in range(3))
     # spawn: forking a process that holds a Ray driver connection can hang.
     dl = torch.utils.data.DataLoader(
         _ReadsDataset(reads, data), batch_size=batch, num_workers=2, multiprocessing_context="spawn",
         persistent_workers=True,
     )
-    results["torch DataLoader num_workers=2"] = max(_rate(dl, patches) for _ in range(2))
-    base = results["torch DataLoader num_workers=2"]
+    _rate(dl, patches)  # warm-up pass (worker start)
+    results["torch DataLoader num_workers=2"] = _best(_rate(dl, patches) for _ in range(3))
+    base = results["torch DataLoader num_workers=2"][0]
     print(f"\npatch stream: {patches} patches of {patch}x{patch}, {pps} per read, batch {batch} (augmentations on)")
-    for k, v in results.items():
-        print(f"  {k:<36} {v:8.0f} patches/s   ratio vs DataLoader {v / base:5.2f}")
+    print(f"  {'pipeline':<50} {'patches/s':>9} {'vs DataLoader':>13}   CPU ms per patch")
+    for k, (rate, cpu) in results.items():
+        parts = ", ".join(f"{lbl} {1e3 * v:.2f}" for lbl, v in sorted(cpu.items()) if v * 1e3 >= 0.05)
+        print(f"  {k:<50} {rate:9.0f} {rate / base:13.2f}   {parts}")
 
 
 def bench_train(root: Path, steps: int, workers: list[int], batch: int) -> None:

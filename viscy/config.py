@@ -132,6 +132,10 @@ class DataConfig(StrictModel):
         default_factory=AugmentationConfig, description="Training augmentations; null disables them."
     )
     patches_per_stack: int = Field(8, ge=1, description="Patches cut from each region read (VisCy idea).")
+    reads_per_task: int = Field(
+        8, ge=1, description="Most region reads per Ray Data read task (amortises Ray's per-task cost; "
+        "never fewer tasks than cluster CPUs)."
+    )
     fg_mask_min_fraction: float = Field(
         0.0, ge=0, le=1, description="Reject patches whose foreground fraction is below this (needs fg_mask)."
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -9,7 +11,7 @@ from tests.conftest import write_iohub_plate
 from viscy.config import DataConfig, PreprocessConfig
 from viscy.data.preprocess import preprocess_plate
 from viscy.errors import DataError
-from viscy.train.datasource import build_datasets, list_fovs, plan_reads, split_fovs
+from viscy.train.datasource import build_datasets, list_fovs, patch_dataset, patch_datasource, plan_reads, split_fovs
 
 POSITIONS = tuple(("A", str(c), str(f)) for c in (1, 2) for f in range(3))
 
@@ -72,3 +74,17 @@ def test_train_patches_change_and_validation_is_fixed(plate):
     np.testing.assert_array_equal(v1, v2)
     val_fovs = {f for _, f in split.val}
     assert val_fovs.isdisjoint({f for _, f in split.train})
+
+
+def test_read_tasks_group_consecutive_reads(plate):
+    data = _data(plate, reads_per_task=3)
+    reads = plan_reads(list_fovs(data), 4, 1, total=4 * 7 - 2, seed=1)
+    assert len(reads) == 7
+    tasks = patch_datasource(reads, data, augment=False).get_read_tasks(math.ceil(len(reads) / 3))
+    assert [t.metadata.num_rows for t in tasks] == [8, 8, 10]
+    blocks = [b for t in tasks for b in t()]
+    assert [b.num_rows for b in blocks] == [r.n for r in reads]
+    ds = patch_dataset(reads, data, augment=False)
+    assert ds.count() == sum(r.n for r in reads)
+    one_each = patch_dataset(reads, _data(plate, reads_per_task=1), augment=False)
+    np.testing.assert_array_equal(_sorted_rows(ds), _sorted_rows(one_each))
