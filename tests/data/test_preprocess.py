@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -98,3 +99,20 @@ def test_corrupt_fov_is_skipped_and_reported(tmp_path, ray_local):
     assert summary["fovs"] == ["A/1/0", "B/2/0"]
     assert "A/1/1" in summary["skipped"] and "re-copy" in summary["skipped"]["A/1/1"]
     assert "normalization" not in _attrs(path / "A/1/1")
+
+
+def test_sparse_grid_warns_with_a_better_spacing(tmp_path, ray_local):
+    from viscy.config import SynthConfig
+    from viscy.data.synth import write_synthetic_plate
+
+    path = write_synthetic_plate(SynthConfig(output=tmp_path / "s.zarr", yx=(256, 256), cols=["1"]))
+    with pytest.warns(UserWarning, match=r"grid_spacing 32 samples only 64 pixels .* use --grid_spacing 4"):
+        preprocess_plate(PreprocessConfig(data_path=path, channels=["Nuclei"]), progress=False)
+    coarse = Plate(path).position_attrs("A/1/0")["normalization"]["Nuclei"]["fov_statistics"]["std"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        preprocess_plate(PreprocessConfig(data_path=path, channels=["Nuclei"], grid_spacing=4), progress=False)
+    fine = Plate(path).position_attrs("A/1/0")["normalization"]["Nuclei"]["fov_statistics"]["std"]
+    true = Plate(path).read("A/1/0", 0, Plate(path).channel_indices(["Nuclei"]), slice(None)).std()
+    assert abs(fine - true) / true < 0.05  # the 4-pixel grid is close to every pixel; 32 need not be
+    assert abs(fine - true) <= abs(coarse - true)

@@ -88,3 +88,31 @@ def test_read_tasks_group_consecutive_reads(plate):
     assert ds.count() == sum(r.n for r in reads)
     one_each = patch_dataset(reads, _data(plate, reads_per_task=1), augment=False)
     np.testing.assert_array_equal(_sorted_rows(ds), _sorted_rows(one_each))
+
+
+def test_training_read_order_changes_every_pass_validation_order_does_not(plate, monkeypatch):
+    import viscy.train.datasource as datasource
+
+    data = _data(plate, reads_per_task=8)
+    fovs = list_fovs(data)
+    seen: list[tuple[str, int | None]] = []
+    real = datasource.read_patches
+
+    def recording(read, data, augment):
+        seen.append((read.fov, read.seed))
+        return real(read, data, augment)
+
+    monkeypatch.setattr(datasource, "read_patches", recording)
+    for seed in (None, 5):
+        reads = plan_reads(fovs, 4, 1, total=4 * 8, seed=seed)
+        (task,) = patch_datasource(reads, data, augment=False).get_read_tasks(1)
+        passes = []
+        for _ in range(2):
+            seen.clear()
+            assert sum(b.num_rows for b in task()) == 32
+            passes.append(list(seen))
+        assert sorted(passes[0]) == sorted(passes[1]) and len(passes[0]) == 8
+        if seed is None:
+            assert passes[0] != passes[1]
+        else:
+            assert passes[0] == passes[1] == [(r.fov, r.seed) for r in reads]

@@ -76,3 +76,22 @@ def test_worker_kill_is_retried_from_checkpoint(plate, tmp_path):
     assert marker.exists()
     assert summary["epochs"] == 3 and summary["result"].metrics["step"] == 3 * 2
     assert list((tmp_path / "faulty" / "wandb").glob("offline-run-*"))
+
+
+def test_uri_storage_keeps_checkpoints_and_run_files_there(plate, tmp_path, monkeypatch):
+    store, cwd = tmp_path / "store", tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    uri = store.as_uri()  # file:///...: resolved by pyarrow like s3:// or gs://
+    with pytest.raises(ConfigError, match="no run to continue"):
+        run_train(_config(plate, uri, "remote", epochs=1, resume=True))
+    summary = run_train(_config(plate, uri, "remote", epochs=1))
+    remote = store / "remote"
+    assert summary["run_dir"] == cwd / "viscy_runs" / "remote"
+    assert len(_checkpoints(remote)) == 1
+    load_checkpoint(create_model("unet2d", **UNET), remote / BEST_MODEL)
+    assert (remote / "viscy_config.yaml").exists() and (remote / "run_info.json").exists()
+    assert [p.name for p in (remote / "figures").glob("*.png")] == ["epoch_0000.png"]
+    assert list((remote / "tensorboard").glob("events.out.tfevents.*"))
+    with pytest.raises(ConfigError, match="already exists"):
+        run_train(_config(plate, uri, "remote", epochs=1))

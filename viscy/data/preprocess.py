@@ -13,7 +13,9 @@ Pixel data are never modified; rerunning gives the same values (the sampling gri
 
 from __future__ import annotations
 
+import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,6 +147,21 @@ def _write_attrs(group_path: Path, key: str, value: Any) -> None:
     grp.attrs[key] = value
 
 
+MIN_SAMPLES_PER_SLICE = 1024
+
+
+def _warn_sparse_grid(yx: tuple[int, int], grid: int) -> None:
+    """Warn when the sampling grid leaves too few pixels per slice for stable statistics (small FOVs)."""
+    per_slice = math.ceil(yx[0] / grid) * math.ceil(yx[1] / grid)
+    if per_slice < MIN_SAMPLES_PER_SLICE:
+        better = max(1, math.isqrt(yx[0] * yx[1] // (4 * MIN_SAMPLES_PER_SLICE)))
+        warnings.warn(
+            f"grid_spacing {grid} samples only {per_slice} pixels per {yx[0]}x{yx[1]} slice, so FOV statistics "
+            f"(std, iqr) can be far off; use --grid_spacing {better} (VisCy's 32 suits FOVs of 1024x1024 and up)",
+            stacklevel=3,
+        )
+
+
 def preprocess_plate(config: PreprocessConfig, progress: bool = True) -> dict[str, Any]:
     """Compute and write normalisation statistics for a plate; returns a summary.
 
@@ -162,6 +179,7 @@ def preprocess_plate(config: PreprocessConfig, progress: bool = True) -> dict[st
         plate.channel_indices(config.fg_mask.channel)
     names = plate.select(config.positions)
     plate.check_consistent(names)
+    _warn_sparse_grid(plate.info(names[0]).shape[-2:], config.grid_spacing)
     fg = config.fg_mask
     started = time.perf_counter()
     from viscy.ray_utils import as_completed, ensure_ray

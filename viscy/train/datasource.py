@@ -1,10 +1,10 @@
 """Ray Data patch source over one or many HCS plates, split into train/validation by FOV.
 
 Each read (one ``PatchSampler.sample`` call) reads one region and cuts many patches from it; a read task runs
-``data.reads_per_task`` consecutive reads and yields one block per read; augmentation runs there, in Ray
-Data workers. Training reads draw fresh seeds each time the pipeline executes (every ``iter_torch_batches``
-pass, i.e. every epoch), so crops differ between epochs; validation reads use fixed seeds and no
-augmentation, so every pass yields the same crops.
+up to ``data.reads_per_task`` consecutive reads and yields one block per read; augmentation runs there, in
+Ray Data workers. Training reads draw fresh seeds, and each task a fresh order of its reads, every time the
+pipeline executes (every ``iter_torch_batches`` pass, i.e. every epoch), so crops and order differ between
+epochs; validation reads use fixed seeds and no augmentation, so every pass yields the same crops.
 """
 
 from __future__ import annotations
@@ -134,8 +134,11 @@ def _read_task_fn(reads: list[Read], data: DataConfig, augment: bool):
     def fn():
         from ray.data.block import BlockAccessor
 
-        for r in reads:
-            yield BlockAccessor.batch_to_block(read_patches(r, data, augment))
+        # Unseeded (training) reads run in a fresh order every pass; seeded (validation) ones in plan order.
+        fresh = any(r.seed is None for r in reads)
+        order = np.random.default_rng().permutation(len(reads)) if fresh else range(len(reads))
+        for i in order:
+            yield BlockAccessor.batch_to_block(read_patches(reads[i], data, augment))
 
     return fn
 

@@ -50,6 +50,39 @@ def run_paths(config: TrainConfig) -> tuple[str, str, Path]:
     return name, storage, local
 
 
+def _uri_fs(storage: str) -> tuple[Any, str]:
+    """(pyarrow filesystem, path inside it) of a storage URI, as Ray Train resolves it."""
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(storage)
+    return fs, root.rstrip("/")
+
+
+def run_exists(storage: str, name: str) -> bool:
+    """Whether ``<storage>/<name>`` holds a Ray Train run (its checkpoint-manager snapshot), local or URI."""
+    marker = "checkpoint_manager_snapshot.json"
+    if not _is_uri(storage):
+        return (Path(storage) / name / marker).exists()
+    import pyarrow.fs
+
+    fs, root = _uri_fs(storage)
+    return fs.get_file_info(f"{root}/{name}/{marker}").type != pyarrow.fs.FileType.NotFound
+
+
+def upload_run_dir(local: Path, storage: str, name: str) -> None:
+    """Copy the local run directory (config, run info, figures, logs, best weights) to ``<storage>/<name>``.
+
+    Only for URI storage (a local ``storage_path`` is written in place).
+    """
+    if not _is_uri(storage) or not local.is_dir():
+        return
+    import pyarrow.fs
+
+    fs, root = _uri_fs(storage)
+    pyarrow.fs.copy_files(str(local), f"{root}/{name}", source_filesystem=pyarrow.fs.LocalFileSystem(),
+                          destination_filesystem=fs)
+
+
 def _crash_callback(spec: str):
     import lightning.pytorch as pl
 
@@ -130,6 +163,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             trainer.fit(module, train_dataloaders=train_dl, val_dataloaders=val_dl, ckpt_path=ckpt)
     else:
         trainer.fit(module, train_dataloaders=train_dl, val_dataloaders=val_dl)
+    if ray.train.get_context().get_world_rank() == 0:  # figures and logs live on rank 0's node
+        upload_run_dir(run_dir, loop_config["storage"], name)
 
 
 def export_best(result: Any, score: str, out_dir: Path) -> tuple[Path, dict[str, Any]] | None:
@@ -172,12 +207,13 @@ def run_train(config: TrainConfig, crash_once: str | None = None) -> dict[str, A
 
     tc = config.trainer
     name, storage, run_dir = run_paths(config)
-    ray_dir_exists = not _is_uri(storage) and (Path(storage) / name / "checkpoint_manager_snapshot.json").exists()
-    if tc.resume and not _is_uri(storage) and not ray_dir_exists:
-        raise ConfigError(f"trainer.resume: no run to continue at {Path(storage) / name}; check run_name/storage_path")
+    run_location = f"{storage.rstrip('/')}/{name}"
+    ray_dir_exists = run_exists(storage, name)
+    if tc.resume and not ray_dir_exists:
+        raise ConfigError(f"trainer.resume: no run to continue at {run_location}; check run_name/storage_path")
     if not tc.resume and ray_dir_exists:
         raise ConfigError(
-            f"run {Path(storage) / name} already exists; pass --trainer.resume true to continue it "
+            f"run {run_location} already exists; pass --trainer.resume true to continue it "
             "or choose another --trainer.run_name"
         )
     if tc.precision == "16-mixed" and not tc.use_gpu:
@@ -208,7 +244,7 @@ def run_train(config: TrainConfig, crash_once: str | None = None) -> dict[str, A
         train_loop,
         train_loop_config={
             "config": json.loads(config.model_dump_json()), "run_dir": str(run_dir), "run_name": name,
-            "steps": steps, "crash_once": crash_once,
+            "steps": steps, "crash_once": crash_once, "storage": storage,
         },
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
@@ -232,6 +268,7 @@ def run_train(config: TrainConfig, crash_once: str | None = None) -> dict[str, A
     if exported is not None:
         summary["best_model"], summary["metrics"] = exported
         save_config(config, run_dir, "train")
+    upload_run_dir(run_dir, storage, name)
     m = summary["metrics"]
     print(f"viscy train: finished {summary['epochs']} epochs; best {score} {m.get(score, float('nan')):.4f} "
           f"(epoch {m.get('epoch', '?')})")
@@ -240,4 +277,6 @@ def run_train(config: TrainConfig, crash_once: str | None = None) -> dict[str, A
         if f"val_pearson_{ch}" in m:
             print(f"  validation Pearson {ch}: {m[f'val_pearson_{ch}']:.3f}")
     print(f"  best weights: {summary['best_model']}   figures: {run_dir / 'figures'}")
+    if _is_uri(storage):
+        print(f"  copied to {run_location}")
     return summary
