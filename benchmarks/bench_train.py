@@ -7,7 +7,7 @@
 2. Training: samples/s of UNeXt2 (VSCyto3D preset) at 256x256 through ``viscy train`` (Ray Train, CPU) with
    1 and 2 workers (first batch of the epoch excluded).
 
-``python benchmarks/bench_train.py --patches 512 --train-steps 3``; ``--skip-train`` / ``--skip-stream``.
+``python benchmarks/bench_train.py`` (defaults: 4096 patches, 4 training steps); ``--skip-train`` / ``--skip-stream``.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def bench_train(root: Path, steps: int, workers: list[int], batch: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--patches", type=int, default=1024)
+    p.add_argument("--patches", type=int, default=4096)
     p.add_argument("--patch", type=int, default=64)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--patches-per-read", type=int, default=16)

@@ -1,8 +1,9 @@
 """Ray Data patch source over one or many HCS plates, split into train/validation by FOV.
 
 Each read (one ``PatchSampler.sample`` call) reads one region and cuts many patches from it; a read task runs
-up to ``data.reads_per_task`` consecutive reads and yields one block per read; augmentation runs there, in
-Ray Data workers. Training reads draw fresh seeds, and each task a fresh order of its reads, every time the
+up to ``data.reads_per_task`` consecutive reads and yields each read's patches as it goes (Ray Data merges them
+into blocks of up to ``DataContext.target_max_block_size``, 128 MiB); augmentation runs there, in Ray Data
+workers. Training reads draw fresh seeds, and each task a fresh order of its reads, every time the
 pipeline executes (every ``iter_torch_batches`` pass, i.e. every epoch), so crops and order differ between
 epochs; validation reads use fixed seeds and no augmentation, so every pass yields the same crops.
 """
@@ -177,9 +178,10 @@ def patch_datasource(reads: list[Read], data: DataConfig, augment: bool):
 def patch_dataset(reads: list[Read], data: DataConfig, augment: bool):
     """A ``ray.data.Dataset`` of ``{"source", "target"}`` patches for ``reads``.
 
-    Each read becomes one block; up to ``data.reads_per_task`` consecutive reads share one read task, because a
-    Ray Data task costs about 20 ms of worker time on top of its reads (measured in
-    ``benchmarks/bench_train.py``). There are never fewer tasks than the cluster has CPUs (or reads).
+    Up to ``data.reads_per_task`` consecutive reads share one read task, because a Ray Data task costs about
+    20 ms of worker time on top of its reads (measured in ``benchmarks/bench_train.py``). There are never fewer
+    tasks than the cluster has CPUs (or reads). A task's memory is bounded by ``reads_per_task`` reads' patches
+    or Ray Data's target block size (128 MiB), whichever is smaller, whatever the plate size.
     """
     import ray
     import ray.data
