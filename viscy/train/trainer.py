@@ -69,18 +69,24 @@ def run_exists(storage: str, name: str) -> bool:
     return fs.get_file_info(f"{root}/{name}/{marker}").type != pyarrow.fs.FileType.NotFound
 
 
-def upload_run_dir(local: Path, storage: str, name: str) -> None:
-    """Copy the local run directory (config, run info, figures, logs, best weights) to ``<storage>/<name>``.
+def upload_run_files(local: Path, storage: str, name: str, dirs: bool) -> None:
+    """Copy the run directory's subdirectories (``dirs``) or top-level files to ``<storage>/<name>``.
 
-    Only for URI storage (a local ``storage_path`` is written in place).
+    Rank 0 copies the directories it writes (figures, logs); the driver copies the files it writes (config,
+    run info, best weights). Only for URI storage (a local ``storage_path`` is written in place).
     """
     if not _is_uri(storage) or not local.is_dir():
         return
     import pyarrow.fs
 
     fs, root = _uri_fs(storage)
-    pyarrow.fs.copy_files(str(local), f"{root}/{name}", source_filesystem=pyarrow.fs.LocalFileSystem(),
-                          destination_filesystem=fs)
+    for entry in local.iterdir():
+        if entry.is_dir() == dirs:
+            dest = f"{root}/{name}/{entry.name}"
+            if dirs:
+                fs.create_dir(dest, recursive=True)
+            pyarrow.fs.copy_files(str(entry), dest, source_filesystem=pyarrow.fs.LocalFileSystem(),
+                                  destination_filesystem=fs)
 
 
 def _crash_callback(spec: str):
@@ -164,7 +170,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     else:
         trainer.fit(module, train_dataloaders=train_dl, val_dataloaders=val_dl)
     if ray.train.get_context().get_world_rank() == 0:  # figures and logs live on rank 0's node
-        upload_run_dir(run_dir, loop_config["storage"], name)
+        upload_run_files(run_dir, loop_config["storage"], name, dirs=True)
 
 
 def export_best(result: Any, score: str, out_dir: Path) -> tuple[Path, dict[str, Any]] | None:
@@ -268,7 +274,7 @@ def run_train(config: TrainConfig, crash_once: str | None = None) -> dict[str, A
     if exported is not None:
         summary["best_model"], summary["metrics"] = exported
         save_config(config, run_dir, "train")
-    upload_run_dir(run_dir, storage, name)
+    upload_run_files(run_dir, storage, name, dirs=False)
     m = summary["metrics"]
     print(f"viscy train: finished {summary['epochs']} epochs; best {score} {m.get(score, float('nan')):.4f} "
           f"(epoch {m.get('epoch', '?')})")
