@@ -11,6 +11,11 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Ray workers inherit the environment of the raylet a test starts: this makes tests/viscy_hooks.py (the
+# functions behind viscy.testing's VISCY_TEST_HOOK) importable in every worker.
+_TESTS_DIR = str(Path(__file__).resolve().parent)
+if _TESTS_DIR not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_TESTS_DIR, os.environ.get("PYTHONPATH")) if p)
 
 
 def write_iohub_plate(

@@ -48,7 +48,8 @@ def test_killed_job_resumes_identically(tmp_path, ray_local):
     from viscy.data.synth import write_synthetic_plate
     from viscy.models import create_model
     from viscy.models.checkpoint import save_lightning_checkpoint
-    from viscy.predict.run import DELAY_ENV, run_predict
+    from viscy.predict.run import run_predict
+    from viscy.testing import HOOK_ENV
 
     plate = write_synthetic_plate(SynthConfig(output=tmp_path / "plate.zarr", cols=["1", "2"], yx=(64, 64)))
     preprocess_plate(PreprocessConfig(data_path=plate), progress=False)
@@ -61,7 +62,7 @@ def test_killed_job_resumes_identically(tmp_path, ray_local):
     }
     cfg = tmp_path / "predict.yaml"
     cfg.write_text(yaml.safe_dump(tree))
-    env = {**os.environ, "RAY_AUTH_MODE": "token", DELAY_ENV: "4"}
+    env = {**os.environ, "RAY_AUTH_MODE": "token", HOOK_ENV: "viscy_hooks:slow_predict_units"}
     env.pop("RAY_ADDRESS", None)
 
     proc = _cli(cfg, env)
@@ -77,7 +78,7 @@ def test_killed_job_resumes_identically(tmp_path, ray_local):
     done_before = _complete(out)
     assert 1 <= len(done_before) < len(FOVS)
 
-    env.pop(DELAY_ENV)
+    env.pop(HOOK_ENV)
     rerun = _cli(cfg, env)
     stdout, _ = rerun.communicate(timeout=400)
     assert rerun.returncode == 0, stdout

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections import defaultdict
 from dataclasses import asdict
@@ -28,11 +27,10 @@ from viscy.errors import DataError, ModelError, ShapeError
 from viscy.predict.backends import ModelInfo, describe_model, load_backend
 from viscy.predict.tiling import TilingOptions, predict_stack
 from viscy.predict.writer import OutputTarget, check_output, is_complete, mark_complete, prepare_output, write_block
+from viscy.testing import hook
 
 log = logging.getLogger(__name__)
 
-# test hook: seconds each actor sleeps after a unit, so a test can kill a job mid-way deterministically
-DELAY_ENV = "VISCY_PREDICT_UNIT_DELAY_S"
 FALLBACK_SOURCES = ["Phase3D"]
 FALLBACK_TARGETS = ["Nuclei", "Membrane"]
 
@@ -119,6 +117,18 @@ def _target_norms(norms: list[NormalizationConfig]) -> list[NormalizationConfig]
     return list(norms) + [NormalizationConfig()]
 
 
+def target_normalization(targets: list[str], norms: list[NormalizationConfig]) -> list[dict[str, Any]]:
+    """One explicit normalisation entry per target channel: what a prediction in normalised units means.
+
+    A target without its own entry falls back to FOV median/iqr (VisCy's default), as de-normalisation does.
+    """
+    out = []
+    for ch in targets:
+        spec = normalization_for_channel(ch, _target_norms(norms))
+        out.append({**spec.model_dump(mode="json"), "channels": [ch]})
+    return out
+
+
 def _needs_stats(sources: list[str], norms: list[NormalizationConfig], denorm: bool) -> bool:
     """Whether a FOV's stored statistics are read (to normalise sources or de-normalise targets)."""
     return denorm or any(normalization_for_channel(c, norms) for c in sources)
@@ -140,7 +150,6 @@ class PredictActor:
         outputs: dict[str, OutputTarget],
         device: str = "cpu",
         threads: int | None = None,
-        delay_s: float = 0.0,
     ) -> None:
         from viscy.config import ModelConfig
 
@@ -151,7 +160,6 @@ class PredictActor:
         self.norms = [NormalizationConfig(**n) for n in norms]
         self.denorm = denorm
         self.outputs = outputs
-        self.delay_s = delay_s
         self._plates: dict[str, Plate] = {}
 
     def _plate(self, path: str) -> Plate:
@@ -176,8 +184,7 @@ class PredictActor:
                 self.denorm,
                 self.outputs[str(batch["plate"][i])],
             )
-            if self.delay_s:
-                time.sleep(self.delay_s)
+            hook("predict.unit_done", fov=str(batch["fov"][i]), t=int(batch["t"][i]), z0=int(batch["z0"][i]))
             seconds.append(time.perf_counter() - t0)
         return {"plate": batch["plate"], "fov": batch["fov"], "seconds": np.asarray(seconds)}
 
@@ -295,6 +302,10 @@ def predict_plates(config: PredictConfig) -> dict[str, Any]:
         "targets": targets,
         "sources": sources,
         "denormalized": config.denormalize,
+        # How sources were normalised and how targets map to prediction units (evaluate reads this).
+        "normalization": [n.model_dump(mode="json") for n in norms],
+        "target_normalization": target_normalization(targets, norms),
+        "units": "raw intensity (denormalized)" if config.denormalize else "normalized",
     }
     outputs: dict[str, OutputTarget] = {}
     units: list[dict[str, Any]] = []
@@ -350,7 +361,6 @@ def predict_plates(config: PredictConfig) -> dict[str, Any]:
         "outputs": outputs,
         "device": "cuda" if gpu else "cpu",
         "threads": max(1, int(cpus)),
-        "delay_s": float(os.environ.get(DELAY_ENV, "0") or 0),
     }
     ds = ray.data.from_items(units, override_num_blocks=min(len(units), 2000))
     ds = ds.map_batches(
