@@ -7,7 +7,6 @@ import signal
 import time
 from pathlib import Path
 
-CRASH_MARKER_ENV = "VISCY_TEST_CRASH_MARKER"
 
 
 def slow_predict_units(point: str, **context) -> None:
@@ -17,8 +16,10 @@ def slow_predict_units(point: str, **context) -> None:
 
 
 def crash_rank1_at_epoch2(point: str, **context) -> None:
-    """SIGKILL Ray Train rank 1 once, at the start of epoch 2 (marker file in ``VISCY_TEST_CRASH_MARKER``)."""
-    marker = Path(os.environ[CRASH_MARKER_ENV])
-    if point == "train.epoch_start" and context["epoch"] == 2 and context["rank"] == 1 and not marker.exists():
+    """SIGKILL Ray Train rank 1 once, at the start of epoch 2 (marker file ``killed`` beside the run directory)."""
+    if point != "train.epoch_start":
+        return
+    marker = Path(context["run_dir"]).parent / "killed"
+    if context["epoch"] == 2 and context["rank"] == 1 and not marker.exists():
         marker.write_text("crashed")
         os.kill(os.getpid(), signal.SIGKILL)

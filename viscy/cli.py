@@ -119,6 +119,7 @@ def _verb_help(verb: Verb) -> str:
         + "\noptions:\n  -h, --help"
         + " " * (width - 4)
         + "  show this help and exit\n"
+        + f"  --verbose{' ' * (width - 5)} also print Ray, Ray Data and Lightning internals (always in the log file)\n"
         + f"  --config FILE{' ' * (width - 9)} YAML file with the keys below (overrides win)\n"
         + "\nconfig keys (nested keys use dots; lists take several values, e.g. --data.yx_patch_size 256 256):\n"
         + "\n".join(body)
@@ -155,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     if "-h" in rest or "--help" in rest:
         print(_verb_help(verb))
         return 0
+    is_verbose = "--verbose" in rest
+    rest = [a for a in rest if a != "--verbose"]
     config_path = None
     if "--config" in rest:
         i = rest.index("--config")
@@ -168,12 +171,26 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"viscy {name}: {exc}", file=sys.stderr)
         return 2
+    import logging
+
+    from viscy.console import failure_message, log_path, start_log
     from viscy.errors import ViscyError
 
+    start_log(name, is_verbose)
+    log = logging.getLogger("viscy")
     try:
         result = _load(verb.entry)(config)
     except (ViscyError, ConfigError) as exc:
-        print(f"viscy {name}: error: {exc}", file=sys.stderr)
+        log.exception("viscy %s failed", name)
+        print(f"viscy {name}: error: {exc}\n  (details: {log_path()})", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        log.warning("viscy %s interrupted", name)
+        print(f"viscy {name}: interrupted (details: {log_path()})", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        log.exception("viscy %s failed", name)
+        print(f"viscy {name}: error: {failure_message(exc)}\n  (traceback: {log_path()})", file=sys.stderr)
         return 1
     return int(result) if isinstance(result, int) else 0
 

@@ -164,22 +164,27 @@ class DataConfig(StrictModel):
 class ModelConfig(StrictModel):
     """A model: registry architecture or named preset, constructor kwargs and optional weights."""
 
-    name: str = Field(
-        "unext2",
+    name: str | None = Field(
+        None,
         description="Architecture (unet2d, unet25d, unet3d, unext2, fcmae) or preset (VSCyto2D, VSCyto3D, "
-        "VSNeuromast).",
+        "VSNeuromast). Default: the model card of `checkpoint` (a best_model.pt written by viscy train); "
+        "training without a checkpoint defaults to unext2.",
     )
     kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Constructor arguments (for a preset: overrides of its own)."
     )
-    checkpoint: Path | None = Field(None, description="Plain state dict or Lightning checkpoint to load.")
+    checkpoint: Path | None = Field(
+        None, description="best_model.pt from viscy train (self-describing), or a plain/Lightning state dict."
+    )
 
     @field_validator("name")
     @classmethod
-    def _known_name(cls, value: str) -> str:
+    def _known_name(cls, value: str | None) -> str | None:
         from viscy.models.presets import is_preset, list_presets
         from viscy.models.registry import list_models
 
+        if value is None:
+            return value
         if value.lower() not in list_models() and not is_preset(value):
             allowed = list_models() + list_presets()
             raise ValueError(f"unknown model {value!r}; allowed: {', '.join(allowed)}")
@@ -189,8 +194,17 @@ class ModelConfig(StrictModel):
 class ExportConfig(StrictModel):
     """``viscy export``: write a model to ONNX with metadata and check it against torch."""
 
-    model: ModelConfig = Field(default_factory=ModelConfig, description="The model to export.")
+    model: ModelConfig = Field(
+        default_factory=ModelConfig,
+        description="The model to export: --model.checkpoint runs/<run>/best_model.pt alone is enough.",
+    )
     output: Path = Field(..., description="Path of the .onnx file to write.")
+    overwrite: bool = Field(False, description="Replace an existing file that viscy exported (others are refused).")
+    source_channel: StrList | None = Field(None, description="Input channel names; default: the model card/preset.")
+    target_channel: StrList | None = Field(None, description="Output channel names; default: the model card/preset.")
+    normalization: list[NormalizationConfig] | None = Field(
+        None, description="Normalisation recorded in the file; default: the model card's/preset's."
+    )
     opset: int = Field(18, ge=18, description="ONNX opset (>= 18).")
     example_yx: tuple[int, int] = Field(
         (256, 256), description="YX size used for tracing and the parity check (rounded up to the model's multiple)."
@@ -235,6 +249,10 @@ class TrainerConfig(StrictModel):
     cpus_per_worker: float = Field(0.5, gt=0, description="CPUs reserved per worker (leave some for Ray Data).")
     gpus_per_worker: float = Field(1.0, gt=0, description="GPUs per worker when use_gpu is true.")
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the latest checkpoint (-1: inf).")
+    check_resources: bool = Field(
+        True, description="Fail at once if the cluster cannot host the worker group (false: an autoscaling cluster "
+        "will add the nodes)."
+    )
     num_to_keep: int = Field(2, ge=1, description="Best checkpoints kept (by validation loss).")
     storage_path: str = Field("runs", description="Directory or URI (s3://, gs://) holding runs.")
     run_name: str | None = Field(None, description="Run name (storage_path/run_name); default: model + time.")
@@ -262,6 +280,9 @@ class LoggingConfig(StrictModel):
     offline: bool = Field(True, description="W&B offline mode (sync later with `wandb sync`).")
 
 
+DEFAULT_TRAIN_MODEL = "unext2"
+
+
 class TrainConfig(StrictModel):
     """``viscy train``: data, model, trainer and logging sections."""
 
@@ -272,47 +293,29 @@ class TrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _model_matches_data(self) -> TrainConfig:
-        from viscy.models.presets import get_preset, is_preset
+        """The model's spec (built on the meta device, no weights) must fit the data section."""
+        from viscy.errors import ModelError
+        from viscy.models import model_spec, resolve_model_source, training_kwargs
 
-        data, kw = self.data, dict(self.model.kwargs)
-        name = self.model.name
-        problems = []
-        in_depth = kw.get("in_stack_depth")
-        out_ch = kw.get("out_channels")
-        in_ch = kw.get("in_channels")
-        if is_preset(name):
-            preset = get_preset(name)
-            in_depth = preset.kwargs.get("in_stack_depth", preset.in_depth) if in_depth is None else in_depth
-            out_ch = preset.kwargs.get("out_channels") if out_ch is None else out_ch
-            in_ch = preset.kwargs.get("in_channels") if in_ch is None else in_ch
-        elif name.lower() == "unet2d" and in_depth is None:
-            in_depth = 1
-        if in_depth is not None and in_depth != data.z_window_size:
-            problems.append(
-                f"model {name} takes {in_depth} Z slices but data.z_window_size is {data.z_window_size}; "
-                f"set --data.z_window_size {in_depth} (or model.kwargs.in_stack_depth)"
+        mc, data, fcmae = self.model, self.data, self.trainer.fcmae
+        try:
+            name, kwargs, _ = resolve_model_source(
+                mc.name or (None if mc.checkpoint else DEFAULT_TRAIN_MODEL), mc.kwargs, mc.checkpoint
             )
-        if in_ch is not None and in_ch != len(data.source_channel):
-            problems.append(
-                f"model {name} takes {in_ch} input channels but data.source_channel has "
-                f"{len(data.source_channel)}; set model.kwargs.in_channels {len(data.source_channel)}"
-            )
-        want_out = len(data.source_channel) if self.trainer.fcmae.pretraining else len(data.target_channel)
-        what = "data.source_channel (pre-training)" if self.trainer.fcmae.pretraining else "data.target_channel"
-        if out_ch is not None and out_ch != want_out:
-            problems.append(
-                f"model {name} predicts {out_ch} channels but {what} has {want_out}; "
-                f"set model.kwargs.out_channels {want_out}"
-            )
-        arch = get_preset(name).architecture if is_preset(name) else name.lower()
-        if self.trainer.fcmae.pretraining and arch != "fcmae":
-            problems.append(f"trainer.fcmae.pretraining needs model.name fcmae (or VSCyto2D), not {name}")
-        if arch in ("unet2d", "unet25d") and not data.target_2d:
-            problems.append(f"{arch} predicts one Z slice; set --data.target_2d true")
-        if arch in ("unext2", "unet3d", "fcmae") and data.z_window_size > 1 and data.target_2d:
-            problems.append(f"{arch} predicts the whole Z window; set --data.target_2d false")
+            spec = model_spec(name, training_kwargs(name, kwargs, fcmae.pretraining, fcmae.mask_ratio))
+        except ModelError as exc:
+            raise ValueError(f"model {mc.name or mc.checkpoint or DEFAULT_TRAIN_MODEL}: {exc}") from None
+        targets, key = (
+            (data.source_channel, "data.source_channel (pre-training reconstructs the sources)")
+            if fcmae.pretraining
+            else (data.target_channel, "data.target_channel")
+        )
+        target_depth = 1 if data.target_2d else data.z_window_size
+        problems = spec.check_data(
+            data.source_channel, targets, data.z_window_size, target_depth, data.yx_patch_size, key
+        )
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError(f"model {name} does not fit the data:\n    - " + "\n    - ".join(problems))
         return self
 
 
@@ -502,6 +505,8 @@ def format_validation_error(err: ValidationError, schema: type[BaseModel]) -> st
         elif kind == "literal_error":
             allowed = e.get("ctx", {}).get("expected", "")
             lines.append(f"invalid value {e.get('input')!r} for '{path}'; allowed values: {allowed}")
+        elif not path:  # a check across sections: its message names the keys
+            lines.append(e["msg"].removeprefix("Value error, "))
         else:
             lines.append(f"invalid value {e.get('input')!r} for '{path}': {e['msg']}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
@@ -546,12 +551,18 @@ def config_to_yaml(config: BaseModel) -> str:
     return yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False)
 
 
-def save_config(config: BaseModel, directory: str | Path, command: str | None = None) -> Path:
-    """Write the resolved config as ``viscy_config.yaml`` next to a command's outputs."""
+def save_config(
+    config: BaseModel, directory: str | Path, command: str | None = None, filename: str = CONFIG_FILENAME
+) -> Path:
+    """Write the resolved config (``viscy_config.yaml``) into a directory the command owns.
+
+    Commands that write a single file (``export``) pass ``filename`` so the config sits beside that file
+    without replacing another command's config in the same directory.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     header = f"# resolved config written by viscy {command or ''} at {_dt.datetime.now().isoformat()}\n"
-    out = directory / CONFIG_FILENAME
+    out = directory / filename
     out.write_text(header + config_to_yaml(config))
     return out
 

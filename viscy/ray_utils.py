@@ -10,11 +10,20 @@ from typing import Any
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Join the cluster at ``RAY_ADDRESS`` or start a local one, once per process.
 
-    The dashboard stays on: Ray Train/Tune need its state API to clean up placement groups.
+    A local cluster that viscy starts uses Ray's token authentication. When joining a cluster, the client
+    follows that cluster's mode: export ``RAY_AUTH_MODE=token`` for a token-protected cluster (Ray's default
+    since 2.59), leave it unset for one started with ``RAY_AUTH_MODE=disabled``.
+
+    The dashboard stays on: Ray Train/Tune need its state API to clean up placement groups. What workers
+    print goes to the log file (:mod:`viscy.console`), not the console.
     """
-    # Ray reads the auth mode when it is imported; clients of a token-protected cluster need "token".
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    joining = bool(os.environ.get("RAY_ADDRESS"))
+    if not joining:
+        # Ray reads the auth mode when it starts a cluster; only our own cluster gets token auth imposed.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
+
+    from viscy.console import quiet_loggers, route_worker_logs, verbose
 
     if ray.is_initialized():
         return
@@ -22,13 +31,17 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         "include_dashboard": True,
         "log_to_driver": True,
         "configure_logging": True,
-        "logging_level": "ERROR",
+        "logging_level": "INFO" if verbose() else "WARNING",
     }
-    if os.environ.get("RAY_ADDRESS"):
+    if joining:
         ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
     else:
         # address="local" always starts a private cluster, never joining one that `ray start` left running.
         ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", **kwargs)
+    import ray.data  # noqa: F401  (configures Ray Data's loggers, which quiet_loggers then routes)
+
+    quiet_loggers()
+    route_worker_logs()
 
 
 def as_completed(refs: list, desc: str, unit: str, progress: bool = True) -> Iterator[tuple[Any, Any]]:

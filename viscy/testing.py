@@ -33,3 +33,14 @@ def hook(point: str, **context: Any) -> None:
         module, _, name = target.partition(":")
         _loaded[target] = getattr(importlib.import_module(module), name or "hook")
     _loaded[target](point, **context)
+
+
+def forwarded() -> str | None:
+    """The hook setting of this process, to hand to Ray workers that did not inherit it (``adopt`` there)."""
+    return os.environ.get(HOOK_ENV)
+
+
+def adopt(target: str | None) -> None:
+    """Use the hook forwarded from the driver (no-op for None)."""
+    if target:
+        os.environ[HOOK_ENV] = target

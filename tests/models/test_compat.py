@@ -60,9 +60,10 @@ def test_presets_use_viscy_kwargs(name):
     assert preset.kwargs == kwargs
     assert preset.source_channels == ["Phase3D"]
     assert preset.target_channels == ["Nuclei", "Membrane"]
-    assert preset.normalization["Phase3D"] == {
+    assert preset.normalization == [{
+        "channels": ["Phase3D"],
         "level": "fov_statistics",
         "subtrahend": "median",
         "divisor": "iqr",
-    }
+    }]
     assert preset.in_depth == kwargs["in_stack_depth"]

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from viscy.errors import ModelError
-from viscy.models import create_model
+from viscy.models import ModelCard, create_model
 from viscy.models.export import (
     create_ort_session,
     export_onnx,
@@ -59,8 +59,8 @@ def test_metadata_describes_the_model(exported, name):
     meta = read_onnx_metadata(path)
     assert meta["model_name"] == f"tiny-{name}"
     assert meta["architecture"] == name
-    assert meta["source_channels"] == ["source_0"]
-    assert meta["target_channels"] == ["target_0", "target_1"]
+    # channel names are never invented: predict asks for them instead of looking for 'source_0'
+    assert "source_channels" not in meta and "target_channels" not in meta and "model_card" not in meta
     assert meta["opset"] >= 18
     assert spec_from_metadata(meta) == model.spec
     assert meta["kwargs"]["in_stack_depth"] == model.spec.in_depth
@@ -73,6 +73,8 @@ def test_preset_metadata_carries_channels_and_normalisation():
     assert meta["viscy.source_channels"] == '["Phase3D"]'
     assert meta["viscy.target_channels"] == '["Nuclei", "Membrane"]'
     assert '"subtrahend": "median"' in meta["viscy.normalization"]
+    card = ModelCard.from_dict(read_card_json(meta))
+    assert card.name == "VSCyto2D" and card.source_channels == ["Phase3D"] and card.spec == model.spec
     with pytest.raises(ModelError, match="channel names"):
         onnx_metadata(model, source_channels=["a", "b"])
 
@@ -108,7 +110,9 @@ def test_cli_export_from_yaml_with_checkpoint(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "parity max|diff|" in out and "unet2d.onnx" in out
     onnx_path = tmp_path / "out" / "unet2d.onnx"
-    assert (tmp_path / "out" / "viscy_config.yaml").is_file()
+    # the config sits beside the file it describes; it never replaces another command's viscy_config.yaml
+    assert (tmp_path / "out" / "unet2d.viscy_config.yaml").is_file()
+    assert not (tmp_path / "out" / "viscy_config.yaml").exists()
     meta = read_onnx_metadata(onnx_path)
     assert meta["architecture"] == "unet2d" and meta["kwargs"]["num_filters"] == 4
     # the exported weights are the checkpoint's
@@ -157,5 +161,71 @@ def test_vscyto3d_sized_export(tmp_path):
     path = export_onnx(model, tmp_path / "VSCyto3D.onnx", example_yx=(64, 64))
     meta = read_onnx_metadata(path)
     assert meta["model_name"] == "VSCyto3D" and meta["in_depth"] == 5 and meta["yx_multiple"] == 32
-    assert meta["normalization"]["Phase3D"]["divisor"] == "iqr"
+    assert meta["normalization"] == [
+        {"channels": ["Phase3D"], "level": "fov_statistics", "subtrahend": "median", "divisor": "iqr"}
+    ]
     assert parity(model, path, [(64, 64), (96, 128)]) <= 1e-4
+
+
+def read_card_json(meta: dict[str, str]) -> dict:
+    import json
+
+    return json.loads(meta["viscy.model_card"])
+
+
+def _card(model, name: str, kwargs: dict) -> ModelCard:
+    return ModelCard(
+        name=name, kwargs=kwargs, spec=model.spec, source_channels=["BF", "DPC"], target_channels=["DAPI", "GFP", "RFP"],
+        normalization=[{"channels": ["BF", "DPC"], "level": "fov_statistics", "subtrahend": "median", "divisor": "iqr"},
+                       {"channels": ["DAPI"], "level": "dataset_statistics", "subtrahend": "mean", "divisor": "std"}],
+        z_window_size=1, target_depth=1, training={"run_name": "r1", "epoch": 3},
+    )
+
+
+def test_export_of_a_self_describing_model_needs_only_the_checkpoint(tmp_path, capsys):
+    from viscy.cli import main
+    from viscy.models.checkpoint import read_model_card, save_model
+
+    kwargs = tiny_kwargs("unet2d")  # 2 inputs, 3 outputs
+    model = create_model("unet2d", **kwargs).eval()
+    best = save_model(model.state_dict(), _card(model, "unet2d", kwargs), tmp_path / "run" / "best_model.pt")
+    # readable by torch's safe loader, and the card survives
+    torch.load(best, weights_only=True)
+    assert read_model_card(best).target_channels == ["DAPI", "GFP", "RFP"]
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--model.checkpoint", str(best), "--output", str(out)]) == 0
+    assert "BF, DPC -> DAPI, GFP, RFP" in capsys.readouterr().out
+    meta = read_onnx_metadata(out)
+    assert meta["source_channels"] == ["BF", "DPC"] and meta["target_channels"] == ["DAPI", "GFP", "RFP"]
+    assert meta["normalization"][1] == {"channels": ["DAPI"], "level": "dataset_statistics", "subtrahend": "mean",
+                                        "divisor": "std"}
+    assert meta["model_card"]["training"]["run_name"] == "r1"
+    # command-line names override the card's
+    out2 = tmp_path / "renamed.onnx"
+    args = ["export", "--model.checkpoint", str(best), "--output", str(out2), "--target_channel", "a", "b", "c"]
+    assert main(args) == 0
+    assert read_onnx_metadata(out2)["target_channels"] == ["a", "b", "c"]
+
+
+def test_export_never_replaces_what_it_did_not_write(tmp_path, capsys):
+    from viscy.cli import main
+    from viscy.models.checkpoint import save_model
+
+    kwargs = tiny_kwargs("unet2d")
+    model = create_model("unet2d", **kwargs).eval()
+    best = save_model(model.state_dict(), _card(model, "unet2d", kwargs), tmp_path / "best_model.pt")
+    mine = tmp_path / "mine.onnx"
+    mine.write_bytes(b"a user's own file")
+    assert main(["export", "--model.checkpoint", str(best), "--output", str(mine), "--overwrite", "true"]) == 1
+    assert "not written by `viscy export`" in capsys.readouterr().err
+    assert mine.read_bytes() == b"a user's own file"
+    ours = tmp_path / "ours.onnx"
+    assert main(["export", "--model.checkpoint", str(best), "--output", str(ours)]) == 0
+    before = ours.stat().st_mtime_ns
+    assert main(["export", "--model.checkpoint", str(best), "--output", str(ours)]) == 1
+    assert "--overwrite true" in capsys.readouterr().err and ours.stat().st_mtime_ns == before
+    assert main(["export", "--model.checkpoint", str(best), "--output", str(ours), "--overwrite", "true"]) == 0
+    # a plain state dict does not say which model it is
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    assert main(["export", "--model.checkpoint", str(tmp_path / "plain.pt"), "--output", str(tmp_path / "p.onnx")]) == 1
+    assert "set model.name" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from viscy.errors import ModelError
+from viscy.models.card import ModelCard
 from viscy.models.presets import Preset, get_preset, is_preset, list_presets
 from viscy.models.registry import ModelSpec, get_model_class, list_models, model_kwargs, register_model
 
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 __all__ = [
+    "ModelCard",
     "ModelError",
     "ModelSpec",
     "Preset",
@@ -34,8 +36,11 @@ __all__ = [
     "list_presets",
     "load_checkpoint",
     "model_kwargs",
+    "model_spec",
     "register_model",
     "resolve_model",
+    "resolve_model_source",
+    "training_kwargs",
 ]
 
 
@@ -69,6 +74,58 @@ def create_model(name: str, checkpoint: str | Path | None = None, **kwargs: Any)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
     return model
+
+
+def model_spec(name: str, kwargs: dict[str, Any] | None = None) -> ModelSpec:
+    """The :class:`ModelSpec` of ``name`` built with ``kwargs``, without allocating weights.
+
+    The network is constructed on torch's ``meta`` device, so every constructor check runs (invalid kwargs
+    raise :class:`ModelError`) in well under a second even for large models.
+    """
+    import torch
+
+    with torch.device("meta"):
+        return get_spec(create_model(name, **dict(kwargs or {})))
+
+
+def resolve_model_source(
+    name: str | None, kwargs: dict[str, Any] | None, checkpoint: str | Path | None
+) -> tuple[str, dict[str, Any], ModelCard | None]:
+    """(name, kwargs, card) of a model given by name and/or a checkpoint that carries a model card.
+
+    A self-describing checkpoint (``viscy train``'s ``best_model.pt``) supplies the name and kwargs; explicit
+    ``kwargs`` override the card's. A plain state dict needs ``name``.
+    """
+    from viscy.models.checkpoint import read_model_card
+
+    card = read_model_card(checkpoint) if checkpoint is not None else None
+    kwargs = dict(kwargs or {})
+    if name is None:
+        if card is None:
+            where = f"checkpoint {checkpoint} holds weights only (no viscy model card)" if checkpoint else "no model"
+            raise ModelError(
+                f"{where}; set model.name (an architecture or preset: {', '.join(list_models() + list_presets())}) "
+                "and model.kwargs, or use a best_model.pt written by `viscy train`"
+            )
+        return card.name, {**card.kwargs, **kwargs}, card
+    if card is not None and card.name.lower() == name.lower():
+        kwargs = {**card.kwargs, **kwargs}
+    return name, kwargs, card
+
+
+def training_kwargs(name: str, kwargs: dict[str, Any], pretraining: bool, mask_ratio: float) -> dict[str, Any]:
+    """Constructor kwargs for training: models with a masked pre-training mode get it switched on or off."""
+    arch, _, _ = resolve_model(name, kwargs)
+    accepts = model_kwargs(arch)
+    kwargs = dict(kwargs)
+    if "pretraining" not in accepts:
+        if pretraining:
+            raise ModelError(f"{name} has no masked pre-training mode; trainer.fcmae.pretraining needs model fcmae")
+        return kwargs
+    kwargs["pretraining"] = pretraining
+    if pretraining:
+        kwargs["mask_ratio"] = mask_ratio
+    return kwargs
 
 
 def get_spec(model: nn.Module) -> ModelSpec:

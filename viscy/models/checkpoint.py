@@ -10,22 +10,46 @@ import torch
 from torch import Tensor, nn
 
 from viscy.errors import ModelError
+from viscy.models.card import CARD_KEY, ModelCard
 
 _PREFIXES = ("model.", "module.", "_orig_mod.")
+
+
+def _load(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"checkpoint {path} does not exist; check model.checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and weights-only errors all mean "unreadable"
+        raise ModelError(f"cannot read checkpoint {path}: {exc}") from exc
+
+
+def read_model_card(path: str | Path) -> ModelCard | None:
+    """The model card stored in a checkpoint by ``viscy train`` (None for weights-only checkpoints)."""
+    obj = _load(path)
+    if isinstance(obj, Mapping) and isinstance(obj.get(CARD_KEY), Mapping):
+        return ModelCard.from_dict(obj[CARD_KEY], source=f"model card of {path}")
+    return None
+
+
+def save_model(model_state: Mapping[str, Tensor], card: ModelCard, path: str | Path) -> Path:
+    """Write weights and their model card as one file (``{"state_dict", "viscy_model_card"}``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    torch.save({"state_dict": strip_prefixes(model_state), CARD_KEY: card.to_dict()}, tmp)
+    tmp.replace(path)
+    return path
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Read the tensors of a checkpoint (``torch.load(weights_only=True)``), stripping wrapper prefixes.
 
-    Accepts a plain state dict, ``{"state_dict": ...}`` (Lightning) or ``{"model": ...}``.
+    Accepts a plain state dict, ``{"state_dict": ...}`` (Lightning, or viscy's self-describing model) or
+    ``{"model": ...}``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"checkpoint {path} does not exist")
-    try:
-        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle, zip and weights-only errors all mean "unreadable"
-        raise ModelError(f"cannot read checkpoint {path}: {exc}") from exc
+    obj = _load(path)
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     elif isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):

@@ -12,6 +12,7 @@ import logging
 import time
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from viscy.errors import ModelError
-from viscy.models import create_model, get_spec, resolve_model
+from viscy.models import create_model, get_spec, resolve_model_source
+from viscy.models.card import ModelCard
 from viscy.models.presets import Preset
 from viscy.models.registry import ModelSpec
 
@@ -53,38 +55,59 @@ def onnx_metadata(
     name: str | None = None,
     source_channels: Sequence[str] | None = None,
     target_channels: Sequence[str] | None = None,
-    normalization: Mapping[str, Any] | None = None,
+    normalization: Sequence[Mapping[str, Any]] | None = None,
     kwargs: Mapping[str, Any] | None = None,
+    card: ModelCard | None = None,
 ) -> dict[str, str]:
-    """The metadata_props written into an exported file (all values are strings, JSON where structured)."""
+    """The metadata_props written into an exported file (all values are strings, JSON where structured).
+
+    Channel names and normalisation come from the explicit arguments, else the model card of the checkpoint,
+    else the preset. Unknown channel names are left out (never invented), so ``viscy predict`` asks for them
+    instead of looking for channels that do not exist. With channel names known, the full model card is
+    stored as ``viscy.model_card``.
+    """
     spec = get_spec(model)
     preset: Preset | None = getattr(model, "preset", None)
-    if preset is not None:
-        source_channels = source_channels or preset.source_channels
-        target_channels = target_channels or preset.target_channels
-        normalization = normalization if normalization is not None else preset.normalization
-        name = name or preset.name
-    source_channels = list(source_channels or [f"source_{i}" for i in range(spec.in_channels)])
-    target_channels = list(target_channels or [f"target_{i}" for i in range(spec.out_channels)])
-    if len(source_channels) != spec.in_channels or len(target_channels) != spec.out_channels:
-        raise ModelError(
-            f"channel names {source_channels} -> {target_channels} do not match the model's "
-            f"{spec.in_channels} -> {spec.out_channels} channels"
-        )
+    base_sources = card.source_channels if card else preset.source_channels if preset else None
+    base_targets = card.target_channels if card else preset.target_channels if preset else None
+    base_norm = card.normalization if card else preset.normalization if preset else None
+    sources = list(source_channels or base_sources or []) or None
+    targets = list(target_channels or base_targets or []) or None
+    norm = [dict(n) for n in (normalization if normalization is not None else base_norm or [])]
+    name = name or (card.name if card else preset.name if preset else spec.architecture)
+    kwargs = dict(kwargs if kwargs is not None else card.kwargs if card else {})
+    for what, names, n in (("source", sources, spec.in_channels), ("target", targets, spec.out_channels)):
+        if names is not None and len(names) != n:
+            raise ModelError(f"{len(names)} {what} channel names {names} for a model with {n} {what} channel(s)")
     meta = {
-        "model_name": name or spec.architecture,
+        "model_name": name,
         "architecture": spec.architecture,
-        "source_channels": json.dumps(source_channels),
-        "target_channels": json.dumps(target_channels),
         "in_channels": str(spec.in_channels),
         "out_channels": str(spec.out_channels),
         "in_depth": str(spec.in_depth),
         "out_depth": str(spec.out_depth),
         "yx_multiple": str(spec.yx_multiple),
-        "normalization": json.dumps(dict(normalization or {})),
-        "kwargs": json.dumps(dict(kwargs or {}), default=str),
+        "normalization": json.dumps(norm),
+        "kwargs": json.dumps(kwargs, default=str),
         "input_layout": "BCZYX",
     }
+    if sources is not None:
+        meta["source_channels"] = json.dumps(sources)
+    if targets is not None:
+        meta["target_channels"] = json.dumps(targets)
+    if sources is not None and targets is not None:
+        full = ModelCard(
+            name=name,
+            kwargs=kwargs,
+            spec=spec,
+            source_channels=sources,
+            target_channels=targets,
+            normalization=norm,
+            z_window_size=card.z_window_size if card else spec.in_depth,
+            target_depth=card.target_depth if card else spec.out_depth,
+            training=card.training if card else {},
+        )
+        meta["model_card"] = json.dumps(full.to_dict())
     return {META_PREFIX + k: v for k, v in meta.items()}
 
 
@@ -171,9 +194,11 @@ def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
     if not raw:
         raise ModelError(f"{path} carries no viscy metadata; export it with `viscy export`")
     out: dict[str, Any] = dict(raw)
-    for key in ("source_channels", "target_channels", "normalization", "kwargs"):
+    for key in ("source_channels", "target_channels", "normalization", "kwargs", "model_card"):
         if key in raw:
             out[key] = json.loads(raw[key])
+    if isinstance(out.get("normalization"), dict):  # files exported before normalisation groups: {channel: spec}
+        out["normalization"] = [{"channels": [ch], **spec} for ch, spec in out["normalization"].items()]
     for key in ("in_channels", "out_channels", "in_depth", "out_depth", "yx_multiple"):
         if key in raw:
             out[key] = int(raw[key])
@@ -254,39 +279,85 @@ def parity(
     return worst
 
 
-def run_export(config: ExportConfig) -> int:
-    """``viscy export``: build (and load) the model, export it with metadata, check parity, summarise."""
+def run_export(config: ExportConfig) -> ExportResult:
+    """``viscy export``: build (and load) the model, export it with metadata, check parity, summarise.
+
+    The model is given by a self-describing ``best_model.pt`` (``model.checkpoint`` alone), or by name, kwargs
+    and weights. An existing output is replaced only with ``overwrite: true`` and only if viscy exported it.
+    """
     from viscy.config import save_config
 
     t0 = time.perf_counter()
     mc = config.model
-    arch, kwargs, preset = resolve_model(mc.name, mc.kwargs)
-    model = create_model(mc.name, checkpoint=mc.checkpoint, **mc.kwargs).eval()
     output = Path(config.output)
     if output.suffix != ".onnx":
         output = output.with_suffix(".onnx")
-    meta = onnx_metadata(model, name=preset.name if preset else arch, kwargs=kwargs)
+    check_export_output(output, config.overwrite)
+    name, kwargs, card = resolve_model_source(mc.name, mc.kwargs, mc.checkpoint)
+    model = create_model(name, checkpoint=mc.checkpoint, **kwargs).eval()
+    norm = [n.model_dump(mode="json") for n in config.normalization] if config.normalization is not None else None
+    meta = onnx_metadata(
+        model, name=name, kwargs=kwargs, card=card, source_channels=config.source_channel,
+        target_channels=config.target_channel, normalization=norm,
+    )
     # Written under a temporary name and renamed only after the parity check passes, so a failed export
     # never leaves a file that looks usable.
     partial = output.with_name(output.stem + ".partial.onnx")
+    spec = get_spec(model)
     try:
         export_onnx(model, partial, example_yx=tuple(config.example_yx), opset=config.opset, metadata=meta)
-        spec = get_spec(model)
-        diff_txt = "parity not checked"
+        diff: float | None = None
         if config.check_parity:
             yx = spec.padded_yx(*config.example_yx)
             diff = parity(model, partial, [yx])
             if diff > PARITY_TOL:
                 raise ModelError(f"ONNX output differs from torch by {diff:.3g} at YX {yx}; export is not faithful")
-            diff_txt = f"parity max|diff|={diff:.2e} at {yx[0]}x{yx[1]}"
         partial.replace(output)
     finally:
         partial.unlink(missing_ok=True)
-    save_config(config, output.parent, "export")
+    config_path = save_config(config, output.parent, "export", filename=output.stem + ".viscy_config.yaml")
     size_mb = output.stat().st_size / 2**20
-    print(
-        f"exported {meta[META_PREFIX + 'model_name']} ({arch}, Z {spec.in_depth}->{spec.out_depth}, "
-        f"YX multiple {spec.yx_multiple}) to {output} ({size_mb:.1f} MiB, opset {config.opset}); "
-        f"{diff_txt}; {time.perf_counter() - t0:.1f} s"
+    parsed = read_onnx_metadata(output)
+    channels = (
+        f"{', '.join(parsed['source_channels'])} -> {', '.join(parsed['target_channels'])}"
+        if "source_channels" in parsed and "target_channels" in parsed
+        else "channel names unknown (pass --source_channel/--target_channel to name them)"
     )
-    return 0
+    print(
+        f"viscy export: {meta[META_PREFIX + 'model_name']} ({spec.architecture}, {channels}, Z {spec.in_depth}->"
+        f"{spec.out_depth}) -> {output} ({size_mb:.1f} MiB, opset {config.opset}"
+        + (f", parity max|diff| {diff:.1e}" if diff is not None else ", parity not checked")
+        + f", {time.perf_counter() - t0:.1f} s)"
+    )
+    return ExportResult(onnx=output, config=config_path, metadata=parsed, parity_max_abs_diff=diff)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What ``viscy export`` wrote."""
+
+    onnx: Path
+    config: Path
+    metadata: dict[str, Any]
+    parity_max_abs_diff: float | None
+
+
+def check_export_output(output: Path, overwrite: bool) -> None:
+    """Refuse to replace a file viscy did not export, or any existing file without ``overwrite``."""
+    if not output.exists():
+        return
+    if output.is_dir():
+        raise ModelError(f"output {output} is a directory; give a file path ending in .onnx")
+    try:
+        ours = bool(read_onnx_metadata(output))
+    except ModelError:
+        ours = False
+    if not ours:
+        raise ModelError(
+            f"output {output} exists and was not written by `viscy export`; it is left untouched. "
+            "Choose another --output"
+        )
+    if not overwrite:
+        raise ModelError(
+            f"output {output} already exists; pass --overwrite true to replace it, or choose another --output"
+        )

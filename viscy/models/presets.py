@@ -12,7 +12,7 @@ from typing import Any
 
 from viscy.errors import ModelError
 
-_PHASE_NORM = {"level": "fov_statistics", "subtrahend": "median", "divisor": "iqr"}
+_PHASE_NORM = [{"channels": ["Phase3D"], "level": "fov_statistics", "subtrahend": "median", "divisor": "iqr"}]
 # UNeXt2 settings shared by VisCy's 3D presets; each adds its depth and stem kernel.
 _UNEXT2_KWARGS = {
     "in_channels": 1,
@@ -35,7 +35,7 @@ class Preset:
     target_channels: list[str]
     in_depth: int
     out_depth: int
-    normalization: dict[str, dict[str, str]]
+    normalization: list[dict[str, Any]]  # NormalizationConfig dicts
     description: str = ""
     checkpoint_name: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -67,7 +67,7 @@ _PRESETS: dict[str, Preset] = {
             target_channels=["Nuclei", "Membrane"],
             in_depth=1,
             out_depth=1,
-            normalization={"Phase3D": dict(_PHASE_NORM)},
+            normalization=copy.deepcopy(_PHASE_NORM),
             description="2D virtual staining of nuclei and membrane from phase (FCMAE-pretrained UNeXt2_2D).",
             checkpoint_name="VSCyto2D/epoch=399-step=23200.ckpt",
         ),
@@ -79,7 +79,7 @@ _PRESETS: dict[str, Preset] = {
             target_channels=["Nuclei", "Membrane"],
             in_depth=5,
             out_depth=5,
-            normalization={"Phase3D": dict(_PHASE_NORM)},
+            normalization=copy.deepcopy(_PHASE_NORM),
             description="3D virtual staining of nuclei and membrane in cultured cells (UNeXt2, 5-slice window).",
             checkpoint_name="VSCyto3D/epoch=48-step=18130.ckpt",
         ),
@@ -91,7 +91,7 @@ _PRESETS: dict[str, Preset] = {
             target_channels=["Nuclei", "Membrane"],
             in_depth=21,
             out_depth=21,
-            normalization={"Phase3D": dict(_PHASE_NORM)},
+            normalization=copy.deepcopy(_PHASE_NORM),
             description="3D virtual staining of nuclei and membrane in zebrafish neuromasts (UNeXt2, 21 slices).",
             checkpoint_name="VSNeuromast/epoch=44-step=1215.ckpt",
         ),

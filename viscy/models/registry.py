@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -44,6 +44,50 @@ class ModelSpec:
             problems.append(f"YX {y}x{x} (must be multiples of {self.yx_multiple}; pad first)")
         if problems:
             raise ModelError(f"{self.architecture}: invalid input {tuple(shape)}: " + ", ".join(problems))
+
+    def check_data(
+        self,
+        source_channels: Sequence[str],
+        target_channels: Sequence[str],
+        z_window_size: int,
+        target_depth: int,
+        yx_patch_size: Sequence[int],
+        target_key: str = "data.target_channel",
+    ) -> list[str]:
+        """Problems (empty if none) feeding this model with the given data settings; each names keys and a fix."""
+        problems = []
+        n_src, n_tgt = len(source_channels), len(target_channels)
+        if self.in_channels != n_src:
+            problems.append(
+                f"the model takes {self.in_channels} input channel(s) but data.source_channel lists {n_src} "
+                f"({', '.join(source_channels)}); set --model.kwargs.in_channels {n_src} or list "
+                f"{self.in_channels} source channel(s)"
+            )
+        if self.out_channels != n_tgt:
+            problems.append(
+                f"the model predicts {self.out_channels} channel(s) but {target_key} lists {n_tgt} "
+                f"({', '.join(target_channels)}); set --model.kwargs.out_channels {n_tgt} or list "
+                f"{self.out_channels} target channel(s)"
+            )
+        if self.in_depth != z_window_size:
+            problems.append(
+                f"the model takes {self.in_depth} Z slice(s) but data.z_window_size is {z_window_size}; set "
+                f"--data.z_window_size {self.in_depth} or --model.kwargs.in_stack_depth {z_window_size}"
+            )
+        elif self.out_depth != target_depth:
+            fix = "--data.target_2d true" if self.out_depth == 1 else "--data.target_2d false"
+            problems.append(
+                f"the model predicts {self.out_depth} Z slice(s) but the target has {target_depth} (data.target_2d, "
+                f"data.z_window_size {z_window_size}); set {fix}"
+            )
+        y, x = (int(v) for v in yx_patch_size)
+        if y % self.yx_multiple or x % self.yx_multiple:
+            py, px = self.padded_yx(y, x)
+            problems.append(
+                f"data.yx_patch_size {y}x{x} is not a multiple of the model's YX multiple {self.yx_multiple}; "
+                f"set --data.yx_patch_size {py} {px}"
+            )
+        return problems
 
     def padded_yx(self, y: int, x: int) -> tuple[int, int]:
         """Smallest valid (Y, X) that is >= the given size."""

@@ -18,17 +18,23 @@ from viscy.models.registry import ModelSpec
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What the driver knows about a model before any actor loads it."""
+    """What the driver knows about a model before any actor loads it.
+
+    ``name``/``kwargs`` are the resolved constructor (torch models); channel names and normalisation come from
+    the model card (a ``best_model.pt`` from ``viscy train`` or an exported file), else the preset.
+    """
 
     kind: str  # "torch" or "onnx"
     spec: ModelSpec
     source_channels: list[str] | None = None
     target_channels: list[str] | None = None
-    normalization: dict[str, dict[str, str]] = field(default_factory=dict)
+    normalization: list[dict[str, Any]] | None = None
+    name: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 def describe_model(model: Any = None, onnx: Path | None = None) -> ModelInfo:
-    """Spec, default channels and normalisation of a ``ModelConfig`` or an exported ONNX file."""
+    """Spec, channels and normalisation of a ``ModelConfig`` or an exported ONNX file (no weights loaded)."""
     if onnx is not None:
         from viscy.models.export import read_onnx_metadata, spec_from_metadata
 
@@ -44,24 +50,24 @@ def describe_model(model: Any = None, onnx: Path | None = None) -> ModelInfo:
             spec,
             meta.get("source_channels"),
             meta.get("target_channels"),
-            dict(meta.get("normalization") or {}),
+            meta.get("normalization") or None,
+            meta.get("model_name"),
         )
     if model is None:
         raise ModelError("set exactly one of 'model' and 'onnx'")
-    from viscy.models import create_model, get_spec
+    from viscy.models import model_spec, resolve_model_source
+    from viscy.models.presets import get_preset, is_preset
 
-    if model.checkpoint is not None and not Path(model.checkpoint).is_file():
-        raise ModelError(f"checkpoint {model.checkpoint} does not exist; fix model.checkpoint")
-    net = create_model(model.name, **model.kwargs)
-    spec = get_spec(net)
-    preset = getattr(net, "preset", None)
-    return ModelInfo(
-        "torch",
-        spec,
-        list(preset.source_channels) if preset else None,
-        list(preset.target_channels) if preset else None,
-        dict(preset.normalization) if preset else {},
-    )
+    name, kwargs, card = resolve_model_source(model.name, model.kwargs, model.checkpoint)
+    if card is not None and card.name == name and kwargs == card.kwargs:
+        spec = card.spec
+    else:
+        spec = model_spec(name, kwargs)
+    preset = get_preset(name) if is_preset(name) else None
+    sources = card.source_channels if card else preset.source_channels if preset else None
+    targets = card.target_channels if card else preset.target_channels if preset else None
+    norm = card.normalization if card else preset.normalization if preset else None
+    return ModelInfo("torch", spec, sources, targets, norm, name, kwargs)
 
 
 class TorchBackend:
@@ -70,13 +76,14 @@ class TorchBackend:
     def __init__(self, model: Any, device: str = "cpu", threads: int | None = None) -> None:
         import torch
 
-        from viscy.models import create_model
+        from viscy.models import create_model, resolve_model_source
 
         if threads:
             torch.set_num_threads(threads)
         self.torch = torch
         self.device = torch.device(device)
-        self.net = create_model(model.name, checkpoint=model.checkpoint, **model.kwargs).eval().to(self.device)
+        name, kwargs, _ = resolve_model_source(model.name, model.kwargs, model.checkpoint)
+        self.net = create_model(name, checkpoint=model.checkpoint, **kwargs).eval().to(self.device)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         torch = self.torch

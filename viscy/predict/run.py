@@ -62,7 +62,7 @@ def resolve_normalization(config: PredictConfig, info: ModelInfo, sources: list[
     if config.normalization is not None:
         return list(config.normalization)
     if info.normalization:
-        return [NormalizationConfig(channels=[ch], **spec) for ch, spec in info.normalization.items()]
+        return [NormalizationConfig(**group) for group in info.normalization]
     return [NormalizationConfig(channels=list(sources))]
 
 
@@ -298,7 +298,7 @@ def predict_plates(config: PredictConfig) -> dict[str, Any]:
 
     # 2. create outputs, list the units of incomplete FOVs
     job = {
-        "model": config.model.name if config.model else str(config.onnx),
+        "model": info.name or (str(config.model.checkpoint) if config.model else str(config.onnx)),
         "targets": targets,
         "sources": sources,
         "denormalized": config.denormalize,

@@ -39,14 +39,9 @@ def build_model(
     name: str, kwargs: dict[str, Any], checkpoint: str | Path | None, trainer: TrainerConfig
 ) -> nn.Module:
     """Create the network; FCMAE gets its pre-training mode from ``trainer.fcmae`` and optional encoder weights."""
-    from viscy.models import create_model, resolve_model
+    from viscy.models import create_model, training_kwargs
 
-    kwargs = dict(kwargs)
-    arch, _, _ = resolve_model(name, kwargs)
-    if arch == "fcmae":
-        kwargs["pretraining"] = trainer.fcmae.pretraining
-        if trainer.fcmae.pretraining:
-            kwargs["mask_ratio"] = trainer.fcmae.mask_ratio
+    kwargs = training_kwargs(name, kwargs, trainer.fcmae.pretraining, trainer.fcmae.mask_ratio)
     model = create_model(name, checkpoint=checkpoint, **kwargs)
     if trainer.fcmae.encoder_checkpoint is not None:
         from viscy.models.fcmae import transfer_encoder_weights

@@ -7,18 +7,27 @@ Layout of a run (``<storage_path>/<run_name>/``): Ray's ``checkpoint_*/checkpoin
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
+import logging
 import os
-import signal
 import subprocess
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from viscy.config import ConfigError, TrainConfig, save_config
+from viscy.errors import ViscyError
+from viscy.models.card import ModelCard
 
 BEST_MODEL = "best_model.pt"
+RUN_INFO = "run_info.json"
+
+
+class TrainingError(ViscyError):
+    """Training failed inside the Ray workers; the message names the root cause."""
 
 
 def git_commit() -> str | None:
@@ -89,20 +98,25 @@ def upload_run_files(local: Path, storage: str, name: str, dirs: bool) -> None:
                                   destination_filesystem=fs)
 
 
-def _crash_callback(spec: str):
+def _epoch_callbacks():
     import lightning.pytorch as pl
 
-    marker, epoch = spec.rsplit(":", 1)
+    from viscy.console import emit_event
+    from viscy.testing import hook
 
-    class CrashOnce(pl.Callback):
-        """Kill this worker process (SIGKILL) once, at the start of an epoch, on rank 1 (fault-tolerance tests)."""
+    class EpochEvents(pl.Callback):
+        """Tell the driver's console about each epoch (rank 0), and run the test hook at each epoch start."""
 
         def on_train_epoch_start(self, trainer, pl_module) -> None:
-            if trainer.current_epoch == int(epoch) and trainer.global_rank == 1 and not os.path.exists(marker):
-                Path(marker).write_text("crashed")
-                os.kill(os.getpid(), signal.SIGKILL)
+            hook("train.epoch_start", epoch=trainer.current_epoch, rank=trainer.global_rank,
+                 run_dir=str(pl_module.figure_dir.parent) if pl_module.figure_dir else "")
 
-    return CrashOnce()
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            if trainer.global_rank == 0:
+                metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+                emit_event("train_epoch", epoch=trainer.current_epoch, max_epochs=trainer.max_epochs, metrics=metrics)
+
+    return EpochEvents()
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
@@ -111,15 +125,17 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     import ray.train
     from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, RayTrainReportCallback, prepare_trainer
 
+    from viscy.testing import adopt
     from viscy.train.datasource import RayShardIterable
     from viscy.train.module import ThroughputCallback, VSModule, resolve_precision
 
+    adopt(loop_config.get("test_hook"))
     config = TrainConfig.model_validate(loop_config["config"])
     tc, run_dir, name = config.trainer, Path(loop_config["run_dir"]), loop_config["run_name"]
     pl.seed_everything(tc.seed, workers=True, verbose=False)
     module = VSModule(
-        config.model.name,
-        config.model.kwargs,
+        loop_config["model_name"],
+        loop_config["model_kwargs"],
         config.data.source_channel,
         config.data.target_channel,
         tc.model_dump(mode="json"),
@@ -139,9 +155,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         from lightning.pytorch.loggers import TensorBoardLogger
 
         logger = TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="")
-    callbacks: list[pl.Callback] = [ThroughputCallback(), RayTrainReportCallback()]
-    if loop_config.get("crash_once"):
-        callbacks.append(_crash_callback(loop_config["crash_once"]))
+    # EpochEvents after ThroughputCallback, so the epoch's samples/s is in the event.
+    callbacks: list[pl.Callback] = [ThroughputCallback(), _epoch_callbacks(), RayTrainReportCallback()]
     steps = loop_config["steps"]
     trainer = pl.Trainer(
         max_epochs=tc.max_epochs,
@@ -173,11 +188,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         upload_run_files(run_dir, loop_config["storage"], name, dirs=True)
 
 
-def export_best(result: Any, score: str, out_dir: Path) -> tuple[Path, dict[str, Any]] | None:
-    """Write the best reported checkpoint's model weights as a plain state dict ``best_model.pt``."""
+def export_best(result: Any, score: str, out_dir: Path, card: ModelCard) -> tuple[Path, dict[str, Any]] | None:
+    """Write the best reported checkpoint's weights with their model card as ``best_model.pt``."""
     import torch
 
-    from viscy.models.checkpoint import strip_prefixes
+    from viscy.models.checkpoint import save_model
 
     candidates = [(c, m) for c, m in (result.best_checkpoints or []) if m and score in m]
     if not candidates:
@@ -186,21 +201,183 @@ def export_best(result: Any, score: str, out_dir: Path) -> tuple[Path, dict[str,
         candidates = [(result.checkpoint, result.metrics or {})]
     ckpt, metrics = min(candidates, key=lambda cm: cm[1].get(score, float("inf")))
     with ckpt.as_directory() as d:
-        state = torch.load(Path(d) / "checkpoint.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+        state = torch.load(Path(d) / "checkpoint.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / BEST_MODEL
-    torch.save(strip_prefixes(weights), path)
-    return path, dict(metrics)
+    metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    training = {**card.training, "epoch": int(metrics.get("epoch", -1)), "metrics": metrics}
+    card = dataclasses.replace(card, training=training)
+    return save_model(weights, card, out_dir / BEST_MODEL), metrics
 
 
-def run_train(config: TrainConfig, crash_once: str | None = None) -> dict[str, Any]:
-    """Train with Ray Train on the local Ray cluster (or ``RAY_ADDRESS``); export the best weights.
+@dataclass(frozen=True)
+class TrainResult:
+    """What ``viscy train`` produced.
 
-    Returns
-    -------
-    dict
-        ``run_dir``, ``best_model``, ``metrics`` (of the best checkpoint), ``epochs`` and ``result``.
+    Attributes
+    ----------
+    run_dir
+        Local directory of the run (figures, logs, ``best_model.pt``, ``viscy_config.yaml``).
+    best_model
+        Self-describing best weights (None if no checkpoint was reported).
+    metrics
+        Metrics of the best checkpoint (``val_loss``, ``val_pearson_<channel>``, ...).
+    epochs
+        Epochs completed.
+    card
+        The model card written with the weights.
+    storage
+        Where Ray Train keeps the run's checkpoints (a directory or URI).
+    result
+        Ray Train's ``Result``.
+    """
+
+    run_dir: Path
+    best_model: Path | None
+    metrics: dict[str, float]
+    epochs: int
+    card: ModelCard
+    storage: str
+    result: Any = None
+
+
+def model_card_for(config: TrainConfig, run_name: str | None = None) -> ModelCard:
+    """The model card of what ``config`` trains: resolved name and kwargs, spec, channels, normalisation."""
+    from viscy.config import DEFAULT_TRAIN_MODEL
+    from viscy.models import model_spec, resolve_model_source, training_kwargs
+
+    mc, data, fcmae = config.model, config.data, config.trainer.fcmae
+    name, kwargs, _ = resolve_model_source(
+        mc.name or (None if mc.checkpoint else DEFAULT_TRAIN_MODEL), mc.kwargs, mc.checkpoint
+    )
+    kwargs = training_kwargs(name, kwargs, fcmae.pretraining, fcmae.mask_ratio)
+    return ModelCard(
+        name=name,
+        kwargs=kwargs,
+        spec=model_spec(name, kwargs),
+        source_channels=list(data.source_channel),
+        target_channels=list(data.source_channel if fcmae.pretraining else data.target_channel),
+        normalization=[n.model_dump(mode="json") for n in data.normalization],
+        z_window_size=data.z_window_size,
+        target_depth=1 if data.target_2d else data.z_window_size,
+        training={"run_name": run_name, "git_commit": git_commit()},
+    )
+
+
+def check_run_dir(run_dir: Path, storage: str, name: str, resume: bool) -> None:
+    """Refuse to start a run where viscy would write into something it did not create, or replace a run."""
+    location = f"{storage.rstrip('/')}/{name}"
+    exists = run_exists(storage, name)
+    if resume and not exists:
+        raise ConfigError(f"trainer.resume: no run to continue at {location}; check run_name/storage_path")
+    if not resume and exists:
+        raise ConfigError(
+            f"run {location} already exists; pass --trainer.resume true to continue it or choose another "
+            "--trainer.run_name"
+        )
+    if not _is_uri(storage) and Path(storage).exists() and not Path(storage).is_dir():
+        raise ConfigError(f"trainer.storage_path {storage} is a file; point it at a directory (created if absent)")
+    if run_dir.is_file():
+        raise ConfigError(f"run directory {run_dir} is a file; choose another --trainer.run_name")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / RUN_INFO).exists():
+        raise ConfigError(
+            f"run directory {run_dir} exists and holds files viscy did not write; they are left untouched. "
+            "Choose another --trainer.run_name or --trainer.storage_path"
+        )
+
+
+def check_cluster_resources(tc: Any) -> None:
+    """Fail now, naming the request and the cluster, when Ray could never schedule the worker group.
+
+    Otherwise Ray would wait forever for resources that do not exist. Skipped with ``trainer.check_resources:
+    false`` (an autoscaling cluster that will add nodes).
+    """
+    import ray
+
+    if not tc.check_resources:
+        return
+    total = ray.cluster_resources()
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    cpus, gpus = float(total.get("CPU", 0)), float(total.get("GPU", 0))
+    cluster = f"the cluster has {cpus:g} CPU(s) and {gpus:g} GPU(s) on {len(nodes)} node(s)"
+    need_cpu = tc.num_workers * tc.cpus_per_worker
+    problems = []
+    if tc.use_gpu:
+        if tc.gpus_per_worker < 1 and tc.num_workers > 1:
+            problems.append(
+                f"trainer.gpus_per_worker {tc.gpus_per_worker:g}: NCCL ranks cannot share a GPU; set "
+                "--trainer.gpus_per_worker 1"
+            )
+        if tc.num_workers * tc.gpus_per_worker > gpus:
+            problems.append(
+                f"trainer.num_workers {tc.num_workers} x trainer.gpus_per_worker {tc.gpus_per_worker:g} = "
+                f"{tc.num_workers * tc.gpus_per_worker:g} GPU(s) requested but {cluster}; lower num_workers, or "
+                "set --trainer.use_gpu false"
+            )
+        elif not any(n.get("GPU", 0) >= tc.gpus_per_worker and n.get("CPU", 0) >= tc.cpus_per_worker for n in nodes):
+            problems.append(
+                f"no node has {tc.gpus_per_worker:g} GPU(s) and {tc.cpus_per_worker:g} CPU(s) for one worker; {cluster}"
+            )
+    if not any(n.get("CPU", 0) >= tc.cpus_per_worker for n in nodes):
+        problems.append(f"trainer.cpus_per_worker {tc.cpus_per_worker:g} is more than any node has; {cluster}")
+    elif cpus - need_cpu < 1:
+        problems.append(
+            f"trainer.num_workers {tc.num_workers} x trainer.cpus_per_worker {tc.cpus_per_worker:g} = {need_cpu:g} "
+            f"CPU(s) leaves {max(cpus - need_cpu, 0):g} for Ray Data's read tasks (each needs 1) and {cluster}; "
+            "lower --trainer.cpus_per_worker or --trainer.num_workers"
+        )
+    if problems:
+        raise ConfigError("the worker group can never be scheduled:\n  - " + "\n  - ".join(problems))
+
+
+class _EpochPrinter:
+    """Driver-side console of a training run: a progress bar over epochs and one line per epoch."""
+
+    def __init__(self, max_epochs: int, channels: list[str], score: str) -> None:
+        from tqdm.auto import tqdm
+
+        self.channels, self.score = channels, score
+        self.bar = tqdm(total=max_epochs, desc="train", unit="epoch", dynamic_ncols=True)
+        self.started: float | None = None
+        self.first_epoch: int | None = None
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        import time
+
+        m, epoch = event["metrics"], int(event["epoch"])
+        now = time.monotonic()
+        if self.first_epoch is None:
+            self.first_epoch, self.started = epoch, now
+            self.bar.n = epoch
+        done = epoch + 1 - self.first_epoch
+        eta = ""
+        if done > 1:
+            per = (now - self.started) / (done - 1)
+            eta = f"  ETA {_duration(per * (int(event['max_epochs']) - epoch - 1))}"
+        parts = [f"epoch {epoch + 1}/{event['max_epochs']}", f"train_loss {m.get('train_loss', float('nan')):.4f}"]
+        if "val_loss" in m:
+            parts.append(f"val_loss {m['val_loss']:.4f}")
+        pearson = [f"{c} {m[f'val_pearson_{c}']:.3f}" for c in self.channels if f"val_pearson_{c}" in m]
+        if pearson:
+            parts.append("val Pearson " + " ".join(pearson))
+        if "train_samples_per_s" in m:
+            parts.append(f"{m['train_samples_per_s']:.1f} samples/s")
+        self.bar.write("  ".join(parts) + eta)
+        self.bar.update(epoch + 1 - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def run_train(config: TrainConfig) -> TrainResult:
+    """Train with Ray Train on the local Ray cluster (or ``RAY_ADDRESS``); write the self-describing best model.
+
+    Everything that can be checked before Ray starts is checked first (model against data, run directory,
+    plates and channels); the worker-group request is checked against the cluster right after Ray is up.
     """
     import ray
     import ray.train
@@ -208,24 +385,21 @@ def run_train(config: TrainConfig, crash_once: str | None = None) -> dict[str, A
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from viscy.console import failure_message, log_path, on_event, place_log
     from viscy.ray_utils import ensure_ray
-    from viscy.train.datasource import build_datasets
+    from viscy.testing import forwarded
+    from viscy.train.datasource import build_datasets, list_fovs
 
     tc = config.trainer
     name, storage, run_dir = run_paths(config)
-    run_location = f"{storage.rstrip('/')}/{name}"
-    ray_dir_exists = run_exists(storage, name)
-    if tc.resume and not ray_dir_exists:
-        raise ConfigError(f"trainer.resume: no run to continue at {run_location}; check run_name/storage_path")
-    if not tc.resume and ray_dir_exists:
-        raise ConfigError(
-            f"run {run_location} already exists; pass --trainer.resume true to continue it "
-            "or choose another --trainer.run_name"
-        )
+    check_run_dir(run_dir, storage, name, tc.resume)
+    card = model_card_for(config, name)
+    list_fovs(config.data)  # plates, channels, windows and patch sizes, before Ray starts
     if tc.precision == "16-mixed" and not tc.use_gpu:
         warnings.warn("precision 16-mixed needs a GPU; workers will train in 32", stacklevel=2)
 
     ensure_ray()
+    check_cluster_resources(tc)
     # On small nodes the per-operator reservation keeps Ray Data to about one read task at a time.
     DataContext.get_current().op_resource_reservation_enabled = False
     DataContext.get_current().enable_progress_bars = False
@@ -234,23 +408,26 @@ def run_train(config: TrainConfig, crash_once: str | None = None) -> dict[str, A
         tc.val_steps, tc.seed,
     )
     run_dir.mkdir(parents=True, exist_ok=True)
+    info = {"git_commit": card.training.get("git_commit"), "run_name": name, "storage_path": storage,
+            "split": json.loads(split.to_json()), "steps_per_worker": steps, "model": card.describe(),
+            "started": _dt.datetime.now().isoformat()}
+    (run_dir / RUN_INFO).write_text(json.dumps(info, indent=2))
     save_config(config, run_dir, "train")
-    info = {"git_commit": git_commit(), "run_name": name, "storage_path": storage, "split": json.loads(split.to_json()),
-            "steps_per_worker": steps, "started": _dt.datetime.now().isoformat()}
-    (run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
+    logfile = place_log(run_dir)
     score = "val_loss" if val_ds is not None else "train_loss"
     datasets = {"train": train_ds} | ({"val": val_ds} if val_ds is not None else {})
     resources = {"CPU": tc.cpus_per_worker} | ({"GPU": tc.gpus_per_worker} if tc.use_gpu else {})
-    print(f"viscy train: run '{name}' -> {run_dir}")
-    print(f"  train FOVs {len(split.train)}, val FOVs {len(split.val)}; per worker and epoch: "
-          f"{steps['train_steps']} train / {steps['val_steps']} val batches of {config.data.batch_size}")
-    print(f"  checkpoints: {storage}/{name}/checkpoint_*   figures: {run_dir / 'figures'}   "
-          f"logs: {run_dir / ('wandb' if config.logging.wandb else 'tensorboard')}")
+    print(f"viscy train: {'resuming' if tc.resume else 'run'} '{name}' -> {run_dir}")
+    print(f"  model {card.describe()}")
+    print(f"  {len(split.train)} train / {len(split.val)} val FOVs; per worker and epoch {steps['train_steps']} "
+          f"train / {steps['val_steps']} val batches of {config.data.batch_size}; {tc.num_workers} worker(s) on "
+          f"{'GPU' if tc.use_gpu else 'CPU'}; log {logfile or log_path()}")
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
             "config": json.loads(config.model_dump_json()), "run_dir": str(run_dir), "run_name": name,
-            "steps": steps, "crash_once": crash_once, "storage": storage,
+            "steps": steps, "storage": storage, "model_name": card.name, "model_kwargs": card.kwargs,
+            "test_hook": forwarded(),
         },
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
@@ -265,24 +442,32 @@ def run_train(config: TrainConfig, crash_once: str | None = None) -> dict[str, A
             failure_config=FailureConfig(max_failures=tc.max_failures),
         ),
     )
-    result = trainer.fit()
-    if result.error is not None:
-        raise RuntimeError(f"training failed: {result.error}")
-    exported = export_best(result, score, run_dir)
-    summary: dict[str, Any] = {"run_dir": run_dir, "result": result, "best_model": None, "metrics": {}}
-    summary["epochs"] = (result.metrics or {}).get("epoch", -1) + 1
-    if exported is not None:
-        summary["best_model"], summary["metrics"] = exported
-        save_config(config, run_dir, "train")
+    channels = card.target_channels
+    printer = _EpochPrinter(tc.max_epochs, channels, score)
+    on_event("train_epoch", printer)
+    try:
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+    except Exception as exc:
+        logging.getLogger("viscy").exception("training failed")
+        raise TrainingError(
+            f"training failed in {failure_message(exc)}. Checkpoints so far are in {storage}/{name}; continue with "
+            f"--trainer.run_name {name} --trainer.resume true once fixed"
+        ) from exc
+    finally:
+        on_event("train_epoch", None)
+        printer.close()
+    exported = export_best(result, score, run_dir, card)
+    best, metrics = exported if exported is not None else (None, {})
+    epochs = int((result.metrics or {}).get("epoch", -1)) + 1
     upload_run_files(run_dir, storage, name, dirs=False)
-    m = summary["metrics"]
-    print(f"viscy train: finished {summary['epochs']} epochs; best {score} {m.get(score, float('nan')):.4f} "
-          f"(epoch {m.get('epoch', '?')})")
-    channels = config.data.source_channel if tc.fcmae.pretraining else config.data.target_channel
-    for ch in channels:
-        if f"val_pearson_{ch}" in m:
-            print(f"  validation Pearson {ch}: {m[f'val_pearson_{ch}']:.3f}")
-    print(f"  best weights: {summary['best_model']}   figures: {run_dir / 'figures'}")
-    if _is_uri(storage):
-        print(f"  copied to {run_location}")
+    summary = TrainResult(run_dir, best, metrics, epochs, card, storage, result)
+    print(f"viscy train: finished {epochs} epochs; best {score} {metrics.get(score, float('nan')):.4f} "
+          f"(epoch {int(metrics.get('epoch', -1)) + 1})"
+          + "".join(f", val Pearson {c} {metrics[f'val_pearson_{c}']:.3f}" for c in channels
+                    if f"val_pearson_{c}" in metrics))
+    print(f"  best model {best} (self-describing: viscy export / predict need nothing else)")
+    tracker = "wandb" if config.logging.wandb else "tensorboard"
+    print(f"  checkpoints {storage}/{name}/checkpoint_*  figures {run_dir / 'figures'}  {tracker} {run_dir / tracker}")
     return summary

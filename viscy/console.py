@@ -1,0 +1,196 @@
+"""A quiet console: progress and summaries on screen, Ray/Ray Data/Lightning internals in a log file.
+
+:func:`start_log` (called by the CLI for every verb) sends Python logging and third-party warnings to a log
+file; the console keeps viscy's own output and warnings. :func:`route_worker_logs` (called once Ray is up)
+sends what Ray workers print (Lightning tips, Ray Train controller messages, tracebacks) to the same file
+instead of the console. Workers talk to the driver's console through :func:`emit_event`: a tagged line that
+the driver turns into a progress bar or a one-line summary (see :func:`on_event`). With ``--verbose`` (or
+``VISCY_VERBOSE=1``) everything also goes to the console, as Ray prints it.
+
+A stage writes its log next to its output by calling :func:`place_log` once the output directory exists.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+EVENT_TAG = "@viscy-event "
+VERBOSE_ENV = "VISCY_VERBOSE"
+LOG_NAME = "viscy.log"
+
+_state: dict[str, Any] = {"path": None, "handler": None, "placed": False, "verb": "viscy"}
+_event_handlers: dict[str, Callable[[dict[str, Any]], None]] = {}
+_lock = threading.Lock()
+_VISCY_DIR = str(Path(__file__).resolve().parent)
+
+
+def verbose() -> bool:
+    """Whether internals are shown on the console (``--verbose`` / ``VISCY_VERBOSE=1``)."""
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0", "false")
+
+
+def log_path() -> Path | None:
+    """The current log file, if :func:`start_log` ran in this process."""
+    return _state["path"]
+
+
+def start_log(verb: str, is_verbose: bool = False) -> Path:
+    """Send logging and non-viscy warnings of this process to a fresh log file; return its path.
+
+    The file starts in the temporary directory; :func:`place_log` moves it next to the stage's output.
+    """
+    if is_verbose:
+        os.environ[VERBOSE_ENV] = "1"
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = Path(tempfile.gettempdir()) / f"viscy-{verb}-{stamp}-{os.getpid()}.log"
+    _state.update(verb=verb, placed=False)
+    _open(path)
+    logging.getLogger().setLevel(logging.INFO)
+    quiet_loggers()
+    warnings.showwarning = _show_warning
+    logging.getLogger("viscy").info("viscy %s started: %s", verb, " ".join(sys.argv))
+    return path
+
+
+_QUIET_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "lightning", "lightning.pytorch")
+
+
+def quiet_loggers() -> None:
+    """Route third-party loggers to the log file instead of the console (unless verbose).
+
+    Called again after Ray (and Ray Data) are imported, because they install their own console handlers.
+    """
+    if _state["path"] is None or verbose():
+        return
+    for name in _QUIET_LOGGERS:
+        lg = logging.getLogger(name)
+        for h in list(lg.handlers):
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                lg.removeHandler(h)
+        lg.propagate = True
+
+
+def _open(path: Path) -> None:
+    root = logging.getLogger()
+    old = _state["handler"]
+    if old is not None:
+        root.removeHandler(old)
+        old.close()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    _state.update(path=path, handler=handler)
+
+
+def place_log(directory: str | Path, name: str | None = None) -> Path | None:
+    """Move the log file into ``directory`` (once per process: the first stage to call it owns the log)."""
+    with _lock:
+        current = _state["path"]
+        if current is None or _state["placed"]:
+            return current
+        target = Path(directory) / (name or f"viscy_{_state['verb']}.log")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _state["handler"].flush()
+        if target.exists():  # a resumed run appends to its log
+            with open(target, "a", encoding="utf-8") as out, open(current, encoding="utf-8") as src:
+                shutil.copyfileobj(src, out)
+            current.unlink(missing_ok=True)
+        else:
+            shutil.move(str(current), str(target))
+        _open(target)
+        _state["placed"] = True
+        return target
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """viscy's own warnings go to the console (they name a fix); everyone else's to the log file."""
+    text = warnings.formatwarning(message, category, filename, lineno, line)
+    if str(filename).startswith(_VISCY_DIR) or verbose():
+        print(f"warning: {message}", file=sys.stderr)
+    logging.getLogger("py.warnings").warning(text.rstrip())
+
+
+# --------------------------------------------------------------------------------------- Ray workers
+def route_worker_logs() -> None:
+    """Send Ray workers' stdout/stderr to the log file (and, verbose, also to the console) and dispatch events."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:  # a Ray without the dispatcher keeps printing worker logs itself
+        return
+    if not verbose():
+        dispatcher.remove_handler("ray_print_logs")
+    dispatcher.remove_handler("viscy_worker_logs")
+    dispatcher.add_handler("viscy_worker_logs", _worker_lines)
+
+
+def _worker_lines(batch: dict[str, Any]) -> None:
+    log = logging.getLogger("ray.worker_output")
+    who = batch.get("actor_name") or batch.get("task_name") or "worker"
+    for line in batch.get("lines", []):
+        if line.startswith(EVENT_TAG):
+            try:
+                event = json.loads(line[len(EVENT_TAG) :])
+            except json.JSONDecodeError:
+                continue
+            handler = _event_handlers.get(event.get("kind", ""))
+            if handler is not None:
+                handler(event)
+            continue
+        log.info("(%s pid=%s) %s", who, batch.get("pid"), line)
+
+
+def emit_event(kind: str, **payload: Any) -> None:
+    """From a Ray worker: send a small JSON event to the driver's console (via Ray's log stream)."""
+    print(EVENT_TAG + json.dumps({"kind": kind, **payload}, default=str), flush=True)
+
+
+def on_event(kind: str, handler: Callable[[dict[str, Any]], None] | None) -> None:
+    """Register (or with None remove) the driver-side handler of worker events of ``kind``."""
+    if handler is None:
+        _event_handlers.pop(kind, None)
+    else:
+        _event_handlers[kind] = handler
+
+
+def failure_message(exc: BaseException) -> str:
+    """One line naming the root cause of an error raised in (or relayed from) Ray workers."""
+    causes: list[BaseException] = []
+    failures = getattr(exc, "worker_failures", None)
+    if failures:
+        rank, first = sorted(failures.items())[0]
+        where = f"worker rank {rank}: "
+        causes.append(first)
+    else:
+        where = ""
+        causes.append(exc)
+    root = causes[0]
+    seen = set()
+    while id(root) not in seen:
+        seen.add(id(root))
+        nxt = getattr(root, "cause", None) or root.__cause__
+        if nxt is None or not isinstance(nxt, BaseException):
+            break
+        root = nxt
+    text = str(root).strip()
+    # RayTaskError strings carry the remote traceback; its last line is the exception itself.
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if len(lines) > 1 and "Traceback" in text:
+        text = lines[-1].strip()
+    elif lines:
+        text = lines[0].strip()
+    name = type(root).__name__
+    if name.startswith("RayTaskError(") and name.endswith(")"):
+        name = name[len("RayTaskError(") : -1]
+    return f"{where}{text if text.startswith(name) else f'{name}: {text}'}"
