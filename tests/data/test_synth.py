@@ -82,7 +82,8 @@ def test_layout_shape_dtype(default_plate: tuple[Path, SynthConfig]) -> None:
     phase, nuc, mem = data[0, :, 0]
     assert abs(np.median(phase)) < 0.2 and np.ptp(phase) < 2
     assert np.median(nuc) > 50 and np.median(mem) > 50
-    assert not path.with_name(path.name + f".partial-{os.getpid()}").exists()
+    assert not path.with_name(path.name + ".viscy-partial").exists()
+    assert zarr.open_group(str(path), mode="r").attrs["viscy_synth"]["seed"] == config.seed
 
 
 def test_labels_metadata_and_nesting(default_plate: tuple[Path, SynthConfig]) -> None:

@@ -319,3 +319,25 @@ def test_append_overwrite_refuses_channels_viscy_did_not_write(assets, tmp_path)
     with pytest.raises(DataError, match="not adjacent"):
         run_predict(cfg.model_copy(update={"target_channel": ["Membrane", "Nuclei"]}))
     assert {p: p.read_bytes() for p in plate.rglob("*") if p.is_file()} == files
+
+
+def test_store_ownership_marker(tmp_path):
+    """What counts as a prediction store: the "store" flag, or (older stores) only prediction channels."""
+    import zarr
+    from conftest import write_iohub_plate
+
+    from viscy.predict.writer import is_prediction_store
+
+    plain = write_iohub_plate(tmp_path / "plain.zarr")
+    two, one = (1, 2, 1, 16, 16), (1, 1, 1, 16, 16)
+    legacy_input = write_iohub_plate(tmp_path / "input.zarr", two, channel_names=("Phase3D", "Nuclei_prediction"))
+    legacy_store = write_iohub_plate(tmp_path / "legacy.zarr", one, channel_names=("Nuclei_prediction",))
+    flagged = write_iohub_plate(tmp_path / "flagged.zarr", one, channel_names=("Phase3D",))
+    for path in (legacy_input, legacy_store):
+        zarr.open_group(str(path), mode="r+").attrs["viscy_prediction"] = {"fingerprint": "f", "targets": ["Nuclei"]}
+    zarr.open_group(str(flagged), mode="r+").attrs["viscy_prediction"] = {"fingerprint": "f", "store": True}
+    (tmp_path / "dir").mkdir()
+    verdicts = {p.name: is_prediction_store(p) for p in (plain, legacy_input, legacy_store, flagged, tmp_path / "dir")}
+    assert verdicts == {
+        "plain.zarr": False, "input.zarr": False, "legacy.zarr": True, "flagged.zarr": True, "dir": False
+    }

@@ -208,8 +208,6 @@ def _check_store(output: Path, fingerprint: str, overwrite: bool) -> str:
     partial, old = siblings(output)
     # a swap cut short leaves the old store at <output>.viscy-old: it still counts as the output
     current = output if output.exists() else old if old.exists() else None
-    if output.exists() and old.exists() and not is_prediction_store(old):
-        raise _refuse_foreign(old, "an old prediction store viscy predict set aside")
     if current is None:
         return "create"
     if not is_prediction_store(current):
@@ -222,6 +220,8 @@ def _check_store(output: Path, fingerprint: str, overwrite: bool) -> str:
             f"output {output} already exists (a different prediction job); choose another output, or set "
             "overwrite: true to replace it (a rerun of the same job resumes without overwrite)"
         )
+    if current == output and old.exists() and not is_prediction_store(old):  # the swap would delete it
+        raise _refuse_foreign(old, "an old prediction store viscy predict set aside")
     if not partial.exists():
         return "replace"
     if not is_prediction_store(partial):
