@@ -23,3 +23,25 @@ def crash_rank1_at_epoch2(point: str, **context) -> None:
     if context["epoch"] == 2 and context["rank"] == 1 and not marker.exists():
         marker.write_text("crashed")
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+class HookCrash(RuntimeError):
+    """Raised by the hooks below to cut a job short at a chosen point."""
+
+
+def crash_at_swap(point: str, **context) -> None:
+    """Raise between moving the old store aside and moving the new one in (``predict.swap``/``synth.swap``)."""
+    if point in ("predict.swap", "synth.swap"):
+        raise HookCrash(f"crash at {point}")
+
+
+def crash_synth_at_position2(point: str, **context) -> None:
+    """Raise once ``viscy synth`` wrote its third position."""
+    if point == "synth.position_done" and context["index"] == 2:
+        raise HookCrash("simulated crash")
+
+
+def kill_synth_at_position1(point: str, **context) -> None:
+    """SIGKILL the ``viscy synth`` process once it wrote its second position."""
+    if point == "synth.position_done" and context["index"] == 1:
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -9,6 +9,13 @@ Points
 ------
 ``predict.unit_done``
     After a prediction actor wrote one work unit (``fov``, ``t``, ``z0``).
+``predict.swap``
+    In the driver, between moving the old prediction store aside and moving its complete replacement into
+    place (``output``).
+``synth.position_done``
+    After ``viscy synth`` wrote one position of the plate under construction (``index``, ``path``).
+``synth.swap``
+    Between moving the old synthetic plate aside and moving the new one into place (``path``).
 ``train.epoch_start``
     At the start of every training epoch in every Ray Train worker (``epoch``, ``rank``, ``run_dir``).
 """

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 import zarr
 from iohub.ngff import open_ome_zarr
 from scipy import ndimage as ndi
@@ -78,7 +82,8 @@ def test_layout_shape_dtype(default_plate: tuple[Path, SynthConfig]) -> None:
     phase, nuc, mem = data[0, :, 0]
     assert abs(np.median(phase)) < 0.2 and np.ptp(phase) < 2
     assert np.median(nuc) > 50 and np.median(mem) > 50
-    assert not path.with_name(path.name + f".partial-{os.getpid()}").exists()
+    assert not path.with_name(path.name + ".viscy-partial").exists()
+    assert zarr.open_group(str(path), mode="r").attrs["viscy_synth"]["seed"] == config.seed
 
 
 def test_labels_metadata_and_nesting(default_plate: tuple[Path, SynthConfig]) -> None:
@@ -203,25 +208,105 @@ def test_existing_output_is_kept(tmp_path: Path) -> None:
 
 
 def test_interrupted_write_leaves_no_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from viscy_hooks import HookCrash
+
+    from viscy.testing import HOOK_ENV
+
     config = _small(tmp_path, cols=["1", "2", "3"])
-    real = synth.synthesize_position
-
-    def failing(cfg: SynthConfig, index: int):
-        if index == 2:
-            raise RuntimeError("simulated crash")
-        return real(cfg, index)
-
-    monkeypatch.setattr(synth, "synthesize_position", failing)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    monkeypatch.setenv(HOOK_ENV, "viscy_hooks:crash_synth_at_position2")
+    with pytest.raises(HookCrash, match="simulated crash"):
         write_synthetic_plate(config)
     assert list(tmp_path.iterdir()) == []
 
     # A failed overwrite keeps the previous plate.
-    monkeypatch.setattr(synth, "synthesize_position", real)
+    monkeypatch.delenv(HOOK_ENV)
     write_synthetic_plate(config)
-    monkeypatch.setattr(synth, "synthesize_position", failing)
-    with pytest.raises(RuntimeError):
+    monkeypatch.setenv(HOOK_ENV, "viscy_hooks:crash_synth_at_position2")
+    with pytest.raises(HookCrash):
         write_synthetic_plate(config.model_copy(update={"overwrite": True}))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plate.zarr"]
     with open_ome_zarr(config.output, mode="r") as plate:
         assert len(list(plate.positions())) == 3
+
+
+def test_overwrite_replaces_only_synth_plates(tmp_path: Path) -> None:
+    from conftest import write_iohub_plate
+
+    # a user's directory and a user's OME-Zarr plate: refused, byte for byte untouched
+    user_dir = tmp_path / "mine"
+    user_dir.mkdir()
+    (user_dir / "notes.txt").write_text("user data")
+    user_plate = write_iohub_plate(tmp_path / "user.zarr")
+    for path in (user_dir, user_plate):
+        before = {p: p.read_bytes() for p in path.rglob("*") if p.is_file()}
+        with pytest.raises(DataError, match=f"{path} exists and is not a plate viscy synth wrote"):
+            write_synthetic_plate(_small(tmp_path, path.name, overwrite=True))
+        assert {p: p.read_bytes() for p in path.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "user.zarr"]
+
+    # a plate viscy synth wrote carries its marker and is replaced
+    config = _small(tmp_path, "synth.zarr")
+    write_synthetic_plate(config)
+    assert zarr.open_group(str(config.output), mode="r").attrs["viscy_synth"]["seed"] == 0
+    write_synthetic_plate(config.model_copy(update={"seed": 7, "overwrite": True}))
+    assert zarr.open_group(str(config.output), mode="r").attrs["viscy_synth"]["seed"] == 7
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "synth.zarr", "user.zarr"]
+
+
+def test_interrupted_swap_restores_the_old_plate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from viscy_hooks import HookCrash
+
+    from viscy.testing import HOOK_ENV
+
+    config = _small(tmp_path)
+    write_synthetic_plate(config)
+    before = _read(config.output)
+    monkeypatch.setenv(HOOK_ENV, "viscy_hooks:crash_at_swap")
+    with pytest.raises(HookCrash):
+        write_synthetic_plate(config.model_copy(update={"seed": 3, "overwrite": True}))
+    # cut short between the two renames: the old plate waits whole beside the complete new one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plate.zarr.viscy-old", "plate.zarr.viscy-partial"]
+    monkeypatch.delenv(HOOK_ENV)
+    with pytest.raises(DataError, match="already exists"):
+        write_synthetic_plate(config)
+    assert all(np.array_equal(x, y) for x, y in zip(before, _read(tmp_path / "plate.zarr.viscy-old"), strict=True))
+    write_synthetic_plate(config.model_copy(update={"seed": 3, "overwrite": True}))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plate.zarr"]
+    assert zarr.open_group(str(config.output), mode="r").attrs["viscy_synth"]["seed"] == 3
+
+
+def _synth_cli(cfg: Path, hook: str | None) -> subprocess.CompletedProcess:
+    from viscy.testing import HOOK_ENV
+
+    env = {k: v for k, v in os.environ.items() if k != HOOK_ENV}
+    if hook:
+        env[HOOK_ENV] = hook
+    return subprocess.run(
+        [sys.executable, "-m", "viscy.cli", "synth", "--config", str(cfg)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_killed_overwrite_keeps_old_plate_and_rerun_completes(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    config = _small(work, cols=["1", "2", "3"])
+    write_synthetic_plate(config)
+    fovs = ["A/1/0", "A/2/0", "A/3/0"]
+    before = [_read(config.output, f) for f in fovs]
+    cfg = tmp_path / "synth.yaml"
+    cfg.write_text(yaml.safe_dump({**config.model_dump(mode="json"), "seed": 9, "overwrite": True}))
+
+    killed = _synth_cli(cfg, "viscy_hooks:kill_synth_at_position1")
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    assert sorted(p.name for p in work.iterdir()) == ["plate.zarr", "plate.zarr.viscy-partial"]
+    for fov, old in zip(fovs, before, strict=True):
+        assert all(np.array_equal(x, y) for x, y in zip(old, _read(config.output, fov), strict=True))
+
+    rerun = _synth_cli(cfg, None)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert sorted(p.name for p in work.iterdir()) == ["plate.zarr"]
+    assert zarr.open_group(str(config.output), mode="r").attrs["viscy_synth"]["seed"] == 9
+    assert (config.output / CONFIG_FILENAME).is_file()
+    ref = write_synthetic_plate(_small(tmp_path, "ref.zarr", cols=["1", "2", "3"], seed=9))
+    for fov in fovs:
+        assert all(np.array_equal(x, y) for x, y in zip(_read(ref, fov), _read(config.output, fov), strict=True))

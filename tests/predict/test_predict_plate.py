@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -90,6 +91,8 @@ def test_torch_new_store_opens_everywhere(assets):
     from viscy.predict.run import run_predict
 
     out = assets["root"] / "torch.zarr"
+    theirs = assets["root"] / "viscy_config.yaml"  # e.g. the demo's own config beside its outputs
+    theirs.write_text("# not predict's\n")
     assert run_predict(_torch_cfg(assets, output=out)) == 0
     with open_ome_zarr(assets["plate"], mode="r") as src, open_ome_zarr(out, mode="r") as dst:
         assert [n for n, _ in dst.positions()] == [n for n, _ in src.positions()]
@@ -103,7 +106,8 @@ def test_torch_new_store_opens_everywhere(assets):
     assert nodes and nodes[0].data[0].shape == (2, 2, 3, 60, 90)
     plate_nodes = list(Reader(parse_url(str(out)))())
     assert plate_nodes  # the plate itself parses as an HCS plate
-    assert (out.parent / "viscy_config.yaml").is_file()
+    assert load_config(PredictConfig, out / "viscy_config.yaml").output == out  # its config, inside its store
+    assert theirs.read_text() == "# not predict's\n"
 
 
 def test_onnx_matches_torch(assets):
@@ -127,6 +131,8 @@ def test_append_mode_and_denormalize(assets):
     assert run_predict(cfg) == 0
     p = Plate(plate)
     assert p.channel_names == ["Phase3D", "Nuclei", "Membrane", "Nuclei_prediction", "Membrane_prediction"]
+    assert load_config(PredictConfig, plate / "viscy_predict" / "viscy_config.yaml").denormalize is True
+    assert p.plate_attrs()["viscy_prediction"]["channels"] == ["Membrane_prediction", "Nuclei_prediction"]
     pred = _read(plate, "A/2/0", ["Nuclei_prediction", "Membrane_prediction"])
     # original channels untouched
     np.testing.assert_array_equal(_read(plate, "A/2/0", ["Phase3D"]), _read(assets["plate"], "A/2/0", ["Phase3D"]))
@@ -166,9 +172,16 @@ def test_bad_inputs_write_nothing(assets, tmp_path):
     existing.mkdir()
     (existing / "keep.txt").write_text("user data")
     before = sorted(p.stat().st_mtime_ns for p in existing.rglob("*"))
-    with pytest.raises(DataError, match="already exists"):
-        run_predict(_torch_cfg(assets, output=existing, tta="rot90"))
-    assert sorted(p.stat().st_mtime_ns for p in existing.rglob("*")) == before
+    for overwrite in (False, True):  # overwrite replaces only what viscy predict wrote
+        with pytest.raises(DataError, match=f"{existing} exists and is not a prediction store viscy predict wrote"):
+            run_predict(_torch_cfg(assets, output=existing, tta="rot90", overwrite=overwrite))
+        assert sorted(p.stat().st_mtime_ns for p in existing.rglob("*")) == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["exists.zarr"]
+    assert (existing / "keep.txt").read_text() == "user data"
+    # nor an input plate (it carries predict's marker once predictions were appended to it)
+    with pytest.raises(DataError, match="contains the input plate"):
+        run_predict(_torch_cfg(assets, output=assets["root"], overwrite=True))
+    assert (assets["plate"] / ".zattrs").is_file()
     from viscy.errors import ModelError
 
     with pytest.raises(ModelError, match="source_channel"):
@@ -205,3 +218,126 @@ def test_25d_unit_z_blocks_equal_whole_stack(assets, tmp_path):
     # batch composition differs (3 windows vs 2 + 1), so conv sums may differ in the last bits
     np.testing.assert_allclose(results[0], results[1], rtol=1e-4, atol=1e-5)
     assert np.abs(results[0][1]).max() > 0 and np.all(results[0][0] == 0)  # t=1 written, t=0 untouched
+
+
+def _two_plates(assets, root: Path) -> list[Path]:
+    plates = [root / "in" / "p1.zarr", root / "in" / "p2.zarr"]
+    for p in plates:
+        shutil.copytree(assets["plate"], p)
+    return plates
+
+
+def test_multi_plate_overwrite_refuses_unrelated_store(assets, tmp_path):
+    from viscy.errors import DataError
+    from viscy.predict.run import run_predict
+
+    plates = _two_plates(assets, tmp_path)
+    out = tmp_path / "out"
+    (out / "p2.zarr").mkdir(parents=True)
+    (out / "p2.zarr" / "keep.txt").write_text("user data")
+    cfg = _torch_cfg(assets, output=out, overwrite=True)
+    cfg.data_path = plates
+    with pytest.raises(DataError, match=f"{out / 'p2.zarr'} exists and is not a prediction store"):
+        run_predict(cfg)
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["p2.zarr", "p2.zarr/keep.txt"]
+    assert (out / "p2.zarr" / "keep.txt").read_text() == "user data"
+
+
+def test_replacement_is_atomic_per_store_and_resumes(assets, tmp_path, monkeypatch):
+    """Two plates into one directory; a replacement cut short between its two renames, then rerun."""
+    from viscy_hooks import HookCrash
+
+    from viscy.errors import DataError
+    from viscy.predict.run import predict_plates
+    from viscy.testing import HOOK_ENV
+
+    out = tmp_path / "out"
+    cfg = _torch_cfg(assets, output=out, positions=["A/1/0"])
+    cfg.data_path = _two_plates(assets, tmp_path)
+    assert predict_plates(cfg)["fovs"] == 2
+    stores = [out / "p1.zarr", out / "p2.zarr"]
+    old = [_read(s, "A/1/0") for s in stores]
+    old_fp = [json.loads((s / ".zattrs").read_text())["viscy_prediction"]["fingerprint"] for s in stores]
+
+    # the driver raises between moving p1.zarr aside and moving its replacement in (Ray workers never see the
+    # variable: they inherit the environment of the module's cluster)
+    new_cfg = cfg.model_copy(update={"denormalize": True, "overwrite": True})
+    monkeypatch.setenv(HOOK_ENV, "viscy_hooks:crash_at_swap")
+    with pytest.raises(HookCrash):
+        predict_plates(new_cfg)
+    monkeypatch.delenv(HOOK_ENV)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "p1.zarr.viscy-old", "p1.zarr.viscy-partial", "p2.zarr", "p2.zarr.viscy-partial"
+    ]
+    np.testing.assert_array_equal(_read(out / "p1.zarr.viscy-old", "A/1/0"), old[0])
+    np.testing.assert_array_equal(_read(stores[1], "A/1/0"), old[1])
+    # another job without overwrite: refused, and the set-aside store still counts as the output
+    with pytest.raises(DataError, match="different prediction job"):
+        predict_plates(cfg.model_copy(update={"tta": "flips"}))
+    np.testing.assert_array_equal(_read(out / "p1.zarr.viscy-old", "A/1/0"), old[0])
+
+    # the rerun finds both replacements complete: nothing to predict, it only swaps them in
+    stats = predict_plates(new_cfg)
+    assert stats["units"] == 0 and stats["skipped"] == 2
+    assert sorted(p.name for p in out.iterdir()) == ["p1.zarr", "p2.zarr"]
+    for store, before, fp in zip(stores, old, old_fp, strict=True):
+        state = json.loads((store / ".zattrs").read_text())["viscy_prediction"]
+        assert state["store"] is True and state["fingerprint"] != fp
+        assert json.loads((store / "A/1/0/.zattrs").read_text())["viscy_prediction"]["complete"] is True
+        assert not np.allclose(_read(store, "A/1/0"), before)
+        assert load_config(PredictConfig, store / "viscy_config.yaml").denormalize is True
+    assert not (out / "viscy_config.yaml").exists()
+
+
+def test_append_overwrite_refuses_channels_viscy_did_not_write(assets, tmp_path):
+    from iohub.ngff import open_ome_zarr
+
+    from viscy.errors import DataError
+    from viscy.predict.run import run_predict
+
+    plate = tmp_path / "user.zarr"
+    shutil.copytree(assets["plate"], plate)
+    with open_ome_zarr(plate, mode="r+") as store:  # the user's own channels that happen to use the names
+        for _, pos in store.positions():
+            for name in ("Nuclei_prediction", "Membrane_prediction"):
+                pos.append_channel(name, resize_arrays=True)
+            pos["0"][:, 3:] = 7.0
+    cfg = _torch_cfg(assets, overwrite=True)
+    cfg.data_path = [plate]
+    files = {p: p.read_bytes() for p in plate.rglob("*") if p.is_file()}
+    with pytest.raises(DataError, match=r"channel\(s\) \['Nuclei_prediction', 'Membrane_prediction'\] that viscy"):
+        run_predict(cfg)
+    assert {p: p.read_bytes() for p in plate.rglob("*") if p.is_file()} == files
+
+    # even channels viscy wrote are refused when writing them would spill onto a neighbour
+    import zarr
+
+    zarr.open_group(str(plate), mode="r+").attrs["viscy_prediction"] = {
+        "fingerprint": "x", "channels": ["Nuclei_prediction", "Membrane_prediction"]
+    }
+    files = {p: p.read_bytes() for p in plate.rglob("*") if p.is_file()}
+    with pytest.raises(DataError, match="not adjacent"):
+        run_predict(cfg.model_copy(update={"target_channel": ["Membrane", "Nuclei"]}))
+    assert {p: p.read_bytes() for p in plate.rglob("*") if p.is_file()} == files
+
+
+def test_store_ownership_marker(tmp_path):
+    """What counts as a prediction store: the "store" flag, or (older stores) only prediction channels."""
+    import zarr
+    from conftest import write_iohub_plate
+
+    from viscy.predict.writer import is_prediction_store
+
+    plain = write_iohub_plate(tmp_path / "plain.zarr")
+    two, one = (1, 2, 1, 16, 16), (1, 1, 1, 16, 16)
+    legacy_input = write_iohub_plate(tmp_path / "input.zarr", two, channel_names=("Phase3D", "Nuclei_prediction"))
+    legacy_store = write_iohub_plate(tmp_path / "legacy.zarr", one, channel_names=("Nuclei_prediction",))
+    flagged = write_iohub_plate(tmp_path / "flagged.zarr", one, channel_names=("Phase3D",))
+    for path in (legacy_input, legacy_store):
+        zarr.open_group(str(path), mode="r+").attrs["viscy_prediction"] = {"fingerprint": "f", "targets": ["Nuclei"]}
+    zarr.open_group(str(flagged), mode="r+").attrs["viscy_prediction"] = {"fingerprint": "f", "store": True}
+    (tmp_path / "dir").mkdir()
+    verdicts = {p.name: is_prediction_store(p) for p in (plain, legacy_input, legacy_store, flagged, tmp_path / "dir")}
+    assert verdicts == {
+        "plain.zarr": False, "input.zarr": False, "legacy.zarr": True, "flagged.zarr": True, "dir": False
+    }

@@ -39,8 +39,9 @@ def _cli(cfg: Path, env: dict[str, str]) -> subprocess.Popen:
     )
 
 
-@pytest.mark.slow
-def test_killed_job_resumes_identically(tmp_path, ray_local):
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, ray_local) -> dict:
+    """A preprocessed 4-FOV plate and a tiny checkpoint."""
     import torch
 
     from viscy.config import PreprocessConfig
@@ -48,38 +49,59 @@ def test_killed_job_resumes_identically(tmp_path, ray_local):
     from viscy.data.synth import write_synthetic_plate
     from viscy.models import create_model
     from viscy.models.checkpoint import save_lightning_checkpoint
-    from viscy.predict.run import run_predict
-    from viscy.testing import HOOK_ENV
 
-    plate = write_synthetic_plate(SynthConfig(output=tmp_path / "plate.zarr", cols=["1", "2"], yx=(64, 64)))
+    root = tmp_path_factory.mktemp("resume")
+    plate = write_synthetic_plate(SynthConfig(output=root / "plate.zarr", cols=["1", "2"], yx=(64, 64)))
     preprocess_plate(PreprocessConfig(data_path=plate), progress=False)
     torch.manual_seed(0)
-    ckpt = save_lightning_checkpoint(create_model("unet2d", **UNET_KW), tmp_path / "m.ckpt")
-    out = tmp_path / "out" / "pred.zarr"
-    tree = {
-        "data_path": [str(plate)], "output": str(out), "progress": False, "tile_yx": [32, 32],
-        "model": {"name": "unet2d", "kwargs": UNET_KW, "checkpoint": str(ckpt)},
-    }
-    cfg = tmp_path / "predict.yaml"
-    cfg.write_text(yaml.safe_dump(tree))
-    env = {**os.environ, "RAY_AUTH_MODE": "token", HOOK_ENV: "viscy_hooks:slow_predict_units"}
-    env.pop("RAY_ADDRESS", None)
+    ckpt = save_lightning_checkpoint(create_model("unet2d", **UNET_KW), root / "m.ckpt")
+    return {"plate": plate, "ckpt": ckpt}
 
-    proc = _cli(cfg, env)
+
+def _tree(job: dict, out: Path, **kw) -> dict:
+    return {
+        "data_path": [str(job["plate"])], "output": str(out), "progress": False, "tile_yx": [32, 32],
+        "model": {"name": "unet2d", "kwargs": UNET_KW, "checkpoint": str(job["ckpt"])}, **kw,
+    }
+
+
+def _kill_after_first_fov(cfg: Path, watched: Path, env: dict[str, str]) -> list[str]:
+    """Run ``viscy predict`` slowed down by the test hook; SIGKILL it once ``watched`` has a complete FOV."""
+    from viscy.testing import HOOK_ENV
+
+    proc = _cli(cfg, {**env, HOOK_ENV: "viscy_hooks:slow_predict_units"})
     deadline = time.time() + 400
     try:
-        while not _complete(out):
+        while not _complete(watched):
             assert proc.poll() is None, f"predict exited early:\n{proc.stdout.read()}"
             assert time.time() < deadline, "no FOV completed in time"
             time.sleep(0.2)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the process group this test started (driver + its local Ray)
         proc.wait()
-    done_before = _complete(out)
-    assert 1 <= len(done_before) < len(FOVS)
+    done = _complete(watched)
+    assert 1 <= len(done) < len(FOVS)
+    return done
 
-    env.pop(HOOK_ENV)
-    rerun = _cli(cfg, env)
+
+def _env() -> dict[str, str]:
+    from viscy.testing import HOOK_ENV
+
+    env = {k: v for k, v in os.environ.items() if k not in (HOOK_ENV, "RAY_ADDRESS")}
+    return {**env, "RAY_AUTH_MODE": "token"}
+
+
+@pytest.mark.slow
+def test_killed_job_resumes_identically(tmp_path, job):
+    from viscy.predict.run import run_predict
+
+    out = tmp_path / "out" / "pred.zarr"
+    tree = _tree(job, out)
+    cfg = tmp_path / "predict.yaml"
+    cfg.write_text(yaml.safe_dump(tree))
+    done_before = _kill_after_first_fov(cfg, out, _env())
+
+    rerun = _cli(cfg, _env())
     stdout, _ = rerun.communicate(timeout=400)
     assert rerun.returncode == 0, stdout
     assert f"{len(done_before)} FOV(s) already complete" in stdout
@@ -92,3 +114,36 @@ def test_killed_job_resumes_identically(tmp_path, ray_local):
     for fov in FOVS:
         resumed, uninterrupted = zarr.open_array(str(out / fov / "0"))[:], zarr.open_array(str(ref / fov / "0"))[:]
         np.testing.assert_array_equal(resumed, uninterrupted)
+
+
+@pytest.mark.slow
+def test_killed_replacement_keeps_old_store_and_rerun_completes(tmp_path, job):
+    """``overwrite: true`` killed mid-way: the old store is untouched; the rerun continues the replacement."""
+    import zarr
+
+    from viscy.predict.run import run_predict
+
+    out = tmp_path / "pred.zarr"
+    old_tree = _tree(job, out)
+    run_predict(PredictConfig(**{**old_tree, "model": ModelConfig(**old_tree["model"])}))
+    old_files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    old_fp = json.loads((out / ".zattrs").read_text())["viscy_prediction"]["fingerprint"]
+
+    cfg = tmp_path / "replace.yaml"
+    cfg.write_text(yaml.safe_dump(_tree(job, out, tile_yx=[64, 64], overwrite=True)))
+    partial = tmp_path / "pred.zarr.viscy-partial"
+    done_before = _kill_after_first_fov(cfg, partial, _env())
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == old_files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pred.zarr", "pred.zarr.viscy-partial", "replace.yaml"]
+
+    rerun = _cli(cfg, _env())
+    stdout, _ = rerun.communicate(timeout=400)
+    assert rerun.returncode == 0, stdout
+    assert f"{len(done_before)} FOV(s) already complete" in stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pred.zarr", "replace.yaml"]
+    assert _complete(out) == FOVS
+    state = json.loads((out / ".zattrs").read_text())["viscy_prediction"]
+    assert state["store"] is True and state["fingerprint"] != old_fp
+    assert yaml.safe_load((out / "viscy_config.yaml").read_text())["tile_yx"] == [64, 64]
+    for fov in FOVS:  # whole-FOV tiles: every position was predicted (not left at zero)
+        assert np.abs(zarr.open_array(str(out / fov / "0"))[:]).max() > 0

@@ -22,10 +22,14 @@ ramp and noise; in 3D the middle slice (``Z // 2``) is in focus and defocus blur
 fluorescence channels are per-cell-bright nuclear masks and cell borders, blurred by a PSF
 (more in Z), on a camera background with Poisson and read noise. The random generator of each
 position is seeded from ``(config.seed, position index)``, so equal configs give identical data.
+
+The plate's root ``.zattrs['viscy_synth']`` records the generating config (seed, layout, physics): it is
+the marker that lets ``overwrite`` replace a plate viscy synth wrote, and nothing else.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -41,11 +45,15 @@ from skimage.segmentation import find_boundaries
 
 from viscy.config import SynthConfig, save_config
 from viscy.errors import DataError
+from viscy.testing import hook
 
 CHANNEL_NAMES = ("Phase3D", "Nuclei", "Membrane")
 LABEL_NAMES = ("nuclei", "cells")
 YX_SCALE_UM = 0.325
 Z_SCALE_UM = 0.25
+ATTR = "viscy_synth"
+PARTIAL = ".viscy-partial"
+OLD = ".viscy-old"
 
 __all__ = [
     "CHANNEL_NAMES",
@@ -352,6 +360,7 @@ def _write_store(config: SynthConfig, path: Path, progress: bool = False) -> Non
 
         iterator = tqdm(names, desc="synth", unit="fov")
     with open_ome_zarr(path, layout="hcs", mode="w-", channel_names=list(CHANNEL_NAMES)) as plate:
+        plate.zattrs[ATTR] = config.model_dump(mode="json", exclude={"output", "overwrite"})
         for index, (row, col, fov) in enumerate(iterator):
             image, nuclei, cells = synthesize_position(config, index)
             pos = plate.create_position(row, col, fov)
@@ -360,42 +369,69 @@ def _write_store(config: SynthConfig, path: Path, progress: bool = False) -> Non
             )
             axes = [a.model_dump(exclude_none=True) for a in pos.axes]
             _write_labels(pos.zgroup, axes, scale, chunks, {"nuclei": nuclei, "cells": cells})
+            hook("synth.position_done", index=index, path=str(path))
+
+
+def is_synth_store(path: Path) -> bool:
+    """Whether ``path`` is a plate viscy synth wrote (its root ``.zattrs`` carries the ``viscy_synth`` marker)."""
+    try:
+        return ATTR in json.loads((Path(path) / ".zattrs").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def _refuse(path: Path, what: str) -> DataError:
+    return DataError(
+        f"{path} exists and is not {what} (its .zattrs has no '{ATTR}' marker); viscy never replaces or deletes "
+        "it, even with --overwrite true. Choose another output, or move it away yourself"
+    )
 
 
 def write_synthetic_plate(config: SynthConfig, progress: bool = False) -> Path:
     """Write the synthetic plate described by ``config``; return its path.
 
-    The store is built at ``<output>.partial-<pid>`` and renamed into place only when complete,
-    so an interrupted run never leaves a plate that looks finished.
+    The store is built at ``<output>.viscy-partial`` and swapped into place only when complete (the old plate
+    passing through ``<output>.viscy-old``), so an interrupted run never leaves a plate that looks finished
+    and never loses the previous one. ``overwrite`` replaces only a plate viscy synth wrote.
 
     Raises
     ------
     DataError
-        If ``config.output`` exists and ``config.overwrite`` is false.
+        If ``config.output`` exists and ``config.overwrite`` is false, or it (or a sibling in the way) is
+        not something viscy synth wrote; nothing is touched then.
     """
     out = Path(config.output)
-    if out.exists() and not config.overwrite:
-        raise DataError(
-            f"output {out} already exists; pass --overwrite true to replace it or choose another output"
-        )
+    partial, old = out.with_name(out.name + PARTIAL), out.with_name(out.name + OLD)
+    # a swap cut short leaves the previous plate at <output>.viscy-old: it still counts as the output
+    current = out if out.exists() else old if old.exists() else None
+    if current is not None:
+        if not config.overwrite:
+            raise DataError(
+                f"output {current} already exists; pass --overwrite true to replace it or choose another output"
+            )
+        if not is_synth_store(current):
+            raise _refuse(current, "a plate viscy synth wrote")
+    for leftover, what in ((old, "an old plate viscy synth set aside"), (partial, "a plate viscy synth started")):
+        if leftover.exists() and leftover != current and not is_synth_store(leftover):
+            raise _refuse(leftover, what)
+    if current == old:
+        os.replace(old, out)  # put the previous plate back before anything else
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f"{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
+    if partial.exists():
+        shutil.rmtree(partial)  # a killed run's, checked above
     try:
         _write_store(config, partial, progress=progress)
-        if out.exists():
-            old = out.with_name(f"{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(partial, out)
-            if old.is_dir():
-                shutil.rmtree(old)
-            else:
-                old.unlink()
-        else:
-            os.replace(partial, out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    if old.exists():
+        shutil.rmtree(old)  # superseded by ``out`` in a swap killed after it completed
+    if out.exists():
+        os.replace(out, old)
+    hook("synth.swap", path=str(out))
+    os.replace(partial, out)
+    if old.exists():
+        shutil.rmtree(old)
     return out
 
 

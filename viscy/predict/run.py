@@ -26,7 +26,16 @@ from viscy.data.plate import Plate
 from viscy.errors import DataError, ModelError, ShapeError
 from viscy.predict.backends import ModelInfo, describe_model, load_backend
 from viscy.predict.tiling import TilingOptions, predict_stack
-from viscy.predict.writer import OutputTarget, check_output, is_complete, mark_complete, prepare_output, write_block
+from viscy.predict.writer import (
+    RESUMING,
+    OutputTarget,
+    check_output,
+    finish_output,
+    is_complete,
+    mark_complete,
+    prepare_output,
+    write_block,
+)
 from viscy.testing import hook
 
 log = logging.getLogger(__name__)
@@ -286,12 +295,15 @@ def predict_plates(config: PredictConfig) -> dict[str, Any]:
         plate = Plate(path)
         fovs = plate.select(config.positions)
         output = _output_for(config, plate)
+        written = (output or plate.root).resolve()
+        if written in seen_outputs:
+            raise DataError(f"two input plates would write to {written}; list each plate once, with distinct names")
+        seen_outputs.add(written)
         if output is not None:
-            if output.resolve() in seen_outputs:
-                raise DataError(f"two input plates would write to {output}; give the plates distinct names")
-            seen_outputs.add(output.resolve())
-            if output.resolve() == plate.root.resolve():
+            if written == plate.root.resolve():
                 raise DataError(f"output {output} is the input plate; set output: null to append channels instead")
+            if plate.root.resolve().is_relative_to(written):
+                raise DataError(f"output {output} contains the input plate {plate.root}; choose another output")
         _validate_plate(plate, fovs, sources, targets, norms, config.denormalize, output is None)
         action = check_output(plate, fovs, output, targets, fp, config.overwrite)
         plans.append((plate, fovs, output, action))
@@ -313,10 +325,10 @@ def predict_plates(config: PredictConfig) -> dict[str, Any]:
     for plate, fovs, output, action in plans:
         target = prepare_output(plate, fovs, output, targets, fp, action, job)
         outputs[str(plate.path)] = target
-        save_config(config, (output or plate.root).parent, "predict")
+        save_config(config, target.config_dir, "predict")
         z_chunk = plate.info(fovs[0]).chunks[2] if target.append else 1
         for fov in fovs:
-            if action == "resume" and is_complete(target, fov, fp):
+            if action in RESUMING and is_complete(target, fov, fp):
                 skipped += 1
                 continue
             units.extend(_units(plate, fov, config.z_block, z_chunk))
@@ -332,6 +344,8 @@ def predict_plates(config: PredictConfig) -> dict[str, Any]:
                 megapixels += t_n * z_n * y * x / 1e6
     stats: dict[str, Any] = {"fovs": n_fovs, "skipped": skipped, "units": len(units), "megapixels": megapixels}
     if not units:
+        for target in outputs.values():
+            finish_output(target)  # a replacement completed by a killed job
         print(f"viscy predict: nothing to do ({skipped} FOV(s) already complete)")
         return {**stats, "seconds": time.perf_counter() - t_start, "unit_seconds": 0.0}
 
@@ -392,8 +406,10 @@ def predict_plates(config: PredictConfig) -> dict[str, Any]:
         bar.close()
     if done_fovs != n_fovs:
         raise ShapeError(f"only {done_fovs} of {n_fovs} FOVs finished; rerun to resume")
+    for target in outputs.values():
+        finish_output(target)
     elapsed = time.perf_counter() - t_start
-    where = ", ".join(str(t.root) for t in outputs.values())
+    where = ", ".join(str(t.path) for t in outputs.values())
     print(
         f"viscy predict: {n_fovs} FOV(s), {len(units)} unit(s), {megapixels:.1f} Mpx in {elapsed:.1f} s "
         f"({megapixels / max(elapsed, 1e-9):.2f} Mpx/s; {unit_seconds:.1f} s inside {config.num_actors} actor(s), "

@@ -10,12 +10,18 @@ Layout and safety rules:
   Each position's ``.zattrs['viscy_prediction'] = {"complete": true, ...}`` is written by the driver only
   after every task of that position has returned, i.e. after all its chunks are on disk.
 * A rerun with the same fingerprint skips complete positions and redoes the others from scratch; a
-  different fingerprint (or any existing output) is refused unless ``overwrite``.
+  different fingerprint is refused unless ``overwrite``.
+* ``overwrite`` replaces only what viscy predict wrote: a store whose root marker says ``"store": true``, or
+  appended channels listed in the input plate's marker (``"channels"``). Anything else is refused, untouched.
+* A store is replaced atomically: the new one is written at ``<output>.viscy-partial`` (a rerun of the same
+  job continues it) and swapped in only when complete, the old one passing through ``<output>.viscy-old``.
+  A run that finds ``<output>`` missing but ``<output>.viscy-old`` present (a swap cut short) puts it back.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +32,14 @@ import zarr
 
 from viscy.data.plate import IMAGE_KEY, Plate
 from viscy.errors import DataError
+from viscy.testing import hook
 
 ATTR = "viscy_prediction"
 SUFFIX = "_prediction"
+PARTIAL = ".viscy-partial"
+OLD = ".viscy-old"
+CONFIG_DIR = "viscy_predict"  # where append mode keeps its resolved config inside the input plate
+RESUMING = ("resume", "continue")  # actions that skip positions already complete
 
 
 def prediction_names(targets: list[str]) -> list[str]:
@@ -40,10 +51,21 @@ def prediction_names(targets: list[str]) -> list[str]:
 class OutputTarget:
     """Where one input plate's predictions go."""
 
-    root: Path  # store root (the input plate's root in append mode)
+    root: Path  # store root tasks write to (the input plate's root in append mode)
     kind: str  # "hcs" or "fov"
     channel_offset: int  # index of the first prediction channel in the output array
     append: bool
+    final: Path | None = None  # where ``root`` is swapped in once complete (a replacement); None: in place
+
+    @property
+    def path(self) -> Path:
+        """Where the predictions are once the job is done."""
+        return self.final or self.root
+
+    @property
+    def config_dir(self) -> Path:
+        """Where the job's resolved config goes: inside the store it writes."""
+        return self.root / CONFIG_DIR if self.append else self.root
 
     def array_path(self, fov: str) -> str:
         """Path of a position's image array."""
@@ -75,14 +97,57 @@ def is_complete(target: OutputTarget, fov: str, fingerprint: str) -> bool:
 def mark_complete(target: OutputTarget, fov: str, fingerprint: str, extra: dict[str, Any] | None = None) -> None:
     """Write the completion marker of a position (call only after all its data are written)."""
     group = zarr.open_group(target.group_path(fov), mode="r+")
-    group.attrs[ATTR] = {"complete": True, "fingerprint": fingerprint, **(extra or {})}
+    # a single-FOV store keeps its job record in the same attributes: add to it, never drop it
+    group.attrs[ATTR] = {**group.attrs.get(ATTR, {}), "complete": True, "fingerprint": fingerprint, **(extra or {})}
 
 
 def _clear_markers(target: OutputTarget, fovs: list[str]) -> None:
+    """Un-complete the positions about to be rewritten (and only those)."""
     for fov in fovs:
         group = zarr.open_group(target.group_path(fov), mode="r+")
-        if ATTR in group.attrs:
+        state = group.attrs.get(ATTR)
+        if state is None:
+            continue
+        if target.kind == "fov":  # the root: keep the ownership record, drop only the completion flag
+            group.attrs[ATTR] = {k: v for k, v in state.items() if k != "complete"}
+        else:
             del group.attrs[ATTR]
+
+
+def siblings(output: Path) -> tuple[Path, Path]:
+    """``(partial, old)``: where a replacement of ``output`` is built, and where the old store waits."""
+    return output.with_name(output.name + PARTIAL), output.with_name(output.name + OLD)
+
+
+def is_prediction_store(path: Path) -> bool:
+    """Whether ``path`` is a store viscy predict wrote (root marker), as opposed to anything a user owns."""
+    state = _read_attrs(path).get(ATTR)
+    if not isinstance(state, dict) or "fingerprint" not in state:
+        return False
+    if "store" in state:
+        return state["store"] is True
+    # written before the "store" flag: an input plate with appended predictions also has other channels
+    from viscy.data.plate import Plate
+
+    try:
+        names = Plate(path).channel_names
+    except DataError:
+        return False
+    return bool(names) and all(n.endswith(SUFFIX) for n in names)
+
+
+def _refuse_foreign(path: Path, what: str) -> DataError:
+    return DataError(
+        f"{path} exists and is not {what} (its .zattrs has no '{ATTR}' store marker); viscy never replaces or "
+        "deletes it, even with overwrite: true. Choose another output, or move it away yourself"
+    )
+
+
+def _owned_channels(state: dict[str, Any]) -> set[str]:
+    """Channels of an input plate that viscy predict appended (per the plate's marker)."""
+    if "fingerprint" not in state:
+        return set()
+    return set(state.get("channels") or prediction_names(state.get("targets") or []))
 
 
 def check_output(
@@ -93,35 +158,41 @@ def check_output(
     Returns
     -------
     str
-        ``"create"`` (new store), ``"resume"`` (same job found), ``"replace"`` (overwrite) or ``"append"``.
+        ``"create"`` (new store), ``"resume"`` (same job found), ``"replace"`` (overwrite: a new store, or
+        viscy's appended channels, from scratch), ``"continue"`` (a killed replacement of the same job) or
+        ``"append"``.
 
     Raises
     ------
     DataError
-        If predictions exist from another job (or an unrelated store exists) and ``overwrite`` is false.
+        If anything viscy did not write is in the way (even with ``overwrite``), or predictions exist from
+        another job and ``overwrite`` is false.
     """
     names = prediction_names(targets)
     if output is not None:
-        if not output.exists():
-            return "create"
-        state = _read_attrs(output).get(ATTR, {})
-        if not overwrite:
-            if state.get("fingerprint") == fingerprint:
-                return "resume"
-            why = "a different prediction job" if state else "an unrelated store"
-            raise DataError(
-                f"output {output} already exists ({why}); choose another output, or set overwrite: true "
-                "to replace it (a rerun of the same job resumes without overwrite)"
-            )
-        return "replace"
+        return _check_store(output, fingerprint, overwrite)
     existing = [n for n in names if n in plate.channel_names]
     if not existing:
         return "append"
     state = plate.plate_attrs().get(ATTR, {}) if plate.kind == "hcs" else plate.position_attrs(fovs[0]).get(ATTR, {})
+    foreign = [n for n in existing if n not in _owned_channels(state)]
+    if foreign:
+        raise DataError(
+            f"{plate.root} has channel(s) {foreign} that viscy predict did not write (the plate's .zattrs has no "
+            f"'{ATTR}' record of them); viscy never overwrites them, even with overwrite: true. Predict into a "
+            "new store with output, or choose other target_channel names"
+        )
     if len(existing) != len(names):
         raise DataError(
             f"{plate.root} holds only some prediction channels ({existing} of {names}); remove them or predict "
             "into a new store with output"
+        )
+    offset = plate.channel_names.index(names[0])
+    if plate.channel_names[offset : offset + len(names)] != names:
+        # tasks write one contiguous channel range: anything else would land on other channels
+        raise DataError(
+            f"{plate.root} has channels {plate.channel_names}; the prediction channels {names} are not adjacent "
+            "in this order, so writing them would touch other channels. Predict into a new store with output"
         )
     if overwrite:
         return "replace"
@@ -133,25 +204,65 @@ def check_output(
     )
 
 
+def _check_store(output: Path, fingerprint: str, overwrite: bool) -> str:
+    partial, old = siblings(output)
+    # a swap cut short leaves the old store at <output>.viscy-old: it still counts as the output
+    current = output if output.exists() else old if old.exists() else None
+    if current is None:
+        return "create"
+    if not is_prediction_store(current):
+        raise _refuse_foreign(current, "a prediction store viscy predict wrote")
+    state = _read_attrs(current)[ATTR]
+    if not overwrite:
+        if state.get("fingerprint") == fingerprint:
+            return "resume"
+        raise DataError(
+            f"output {output} already exists (a different prediction job); choose another output, or set "
+            "overwrite: true to replace it (a rerun of the same job resumes without overwrite)"
+        )
+    if current == output and old.exists() and not is_prediction_store(old):  # the swap would delete it
+        raise _refuse_foreign(old, "an old prediction store viscy predict set aside")
+    if not partial.exists():
+        return "replace"
+    if not is_prediction_store(partial):
+        raise _refuse_foreign(partial, "a replacement store viscy predict started")
+    # a killed replacement of the same job continues; one of another job starts over
+    return "continue" if _read_attrs(partial)[ATTR].get("fingerprint") == fingerprint else "replace"
+
+
 def prepare_output(
     plate: Plate, fovs: list[str], output: Path | None, targets: list[str], fingerprint: str, action: str,
     job: dict[str, Any],
 ) -> OutputTarget:
-    """Create (or reopen) the store and its arrays for ``fovs``; returns where tasks write."""
+    """Create (or reopen) the store and its arrays for ``fovs``; returns where tasks write.
+
+    Call only after :func:`check_output` accepted ``action`` for every plate: this is where writing starts.
+    A replacement (``"replace"``/``"continue"``) is built beside ``output``; :func:`finish_output` swaps it in.
+    """
     from iohub.ngff import open_ome_zarr
     from iohub.ngff.models import TransformationMeta
 
     names = prediction_names(targets)
     if output is None:
         return _prepare_append(plate, fovs, names, fingerprint, action, job)
-    if action == "replace":
-        shutil.rmtree(output)
+    output = Path(output)
+    partial, old = siblings(output)
+    if not output.exists() and old.exists():
+        os.replace(old, output)  # undo a swap cut short: the old store is whole
+    root = output
+    if action in ("replace", "continue"):
+        root = partial
+        if action == "replace" and partial.exists():
+            shutil.rmtree(partial)  # check_output verified it is a replacement viscy started
     layout = "fov" if plate.kind == "fov" else "hcs"
-    if action in ("create", "replace") or (action == "resume" and layout == "hcs"):
+    if action in ("create", "replace") or (action in RESUMING and layout == "hcs"):
         info = {f: plate.info(f) for f in fovs}
-        mode = "a" if action == "resume" else "w-"
-        with open_ome_zarr(output, layout=layout, mode=mode, channel_names=names) as store:
-            existing = {n for n, _ in store.positions()} if action == "resume" else set()
+        mode = "a" if action in RESUMING else "w-"
+        with open_ome_zarr(root, layout=layout, mode=mode, channel_names=names) as store:
+            if action not in RESUMING:
+                # the marker first, so that even a store killed while being created is recognisably viscy's
+                store.zattrs[ATTR] = {**job, "fingerprint": fingerprint, "store": True}
+            existing = {n for n, _ in store.positions()} if action in RESUMING else set()
             for fov in fovs:
                 if fov in existing:
                     continue
@@ -162,10 +273,31 @@ def prepare_output(
                     IMAGE_KEY, shape=(t, len(names), z, y, x), dtype=np.float32, chunks=(1, 1, 1, y, x),
                     transform=[TransformationMeta(type="scale", scale=list(info[fov].scale))],
                 )
-        if action != "resume":
-            zarr.open_group(str(output), mode="r+").attrs[ATTR] = {"fingerprint": fingerprint, **job}
-    target = OutputTarget(Path(output), layout, 0, False)
-    return target
+    return OutputTarget(root, layout, 0, False, output if root != output else None)
+
+
+def finish_output(target: OutputTarget) -> None:
+    """Swap a complete replacement into place (no-op for stores written in place).
+
+    ``output`` moves to ``<output>.viscy-old`` and the replacement to ``output`` before the old one is deleted,
+    so at every instant one whole store exists; a run killed in between finds and restores the old one.
+    """
+    if target.final is None or not target.root.exists():
+        return
+    _, old = siblings(target.final)
+    if old.exists():
+        if target.final.exists():
+            if not is_prediction_store(old):  # checked before writing; checked again before deleting
+                raise _refuse_foreign(old, "an old prediction store viscy predict set aside")
+            shutil.rmtree(old)  # left by a swap killed after it completed
+        else:
+            os.replace(old, target.final)
+    if target.final.exists():
+        os.replace(target.final, old)
+    hook("predict.swap", output=str(target.final))
+    os.replace(target.root, target.final)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 def _prepare_append(
@@ -180,7 +312,16 @@ def _prepare_append(
                 f"{plate.root}/{fov} is chunked over {chunks[0]} time points; appending predictions would make "
                 "tasks share chunks. Predict into a new store with output instead"
             )
-    offset = len(plate.channel_names)
+    target = OutputTarget(plate.root, plate.kind, len(plate.channel_names), True)
+    if action == "replace":
+        _clear_markers(target, fovs)
+    root = zarr.open_group(str(plate.root), mode="r+")
+    state = root.attrs.get(ATTR, {})
+    # a single-FOV store's root is also its position: a resumed job keeps its completion flag
+    kept = {"complete": state["complete"]} if action == "resume" and "complete" in state else {}
+    # the ownership record goes first: channels appended by a job killed right after still count as viscy's
+    owned = sorted(_owned_channels(state) | set(names))
+    root.attrs[ATTR] = {**kept, **job, "fingerprint": fingerprint, "channels": owned}
     if action == "append":
         # appending resizes every position of the plate, so the whole plate gains the channels
         with open_ome_zarr(plate.root, mode="r+") as store:
@@ -189,11 +330,7 @@ def _prepare_append(
                 for n in names:
                     pos.append_channel(n, resize_arrays=True)
     else:
-        offset = plate.channel_names.index(names[0])
-    target = OutputTarget(plate.root, plate.kind, offset, True)
-    if action == "replace":
-        _clear_markers(target, plate.positions)
-    zarr.open_group(str(plate.root), mode="r+").attrs[ATTR] = {"fingerprint": fingerprint, **job}
+        target = OutputTarget(plate.root, plate.kind, plate.channel_names.index(names[0]), True)
     return target
 
 
