@@ -39,6 +39,7 @@ from viscy.data.plate import LABELS_GROUP, Plate
 from viscy.errors import ChannelNotFoundError, DataError, ShapeError, ViscyError
 from viscy.evaluate.metrics import REGRESSION_METRICS, SEGMENTATION_METRICS, regression_metrics, segmentation_metrics
 from viscy.predict.writer import ATTR as PREDICTION_ATTR
+from viscy.predict.writer import SUFFIX as PREDICTION_SUFFIX
 
 SUMMARY_NAME = "summary.json"
 MARKER_NAME = "viscy_evaluation.json"
@@ -103,7 +104,8 @@ def example_name(position: str) -> str:
 def prediction_job(pred: Plate) -> dict[str, Any]:
     """The ``viscy predict`` job metadata of a prediction store (empty when none, e.g. another tool wrote it)."""
     job = pred.plate_attrs().get(PREDICTION_ATTR)
-    return dict(job) if isinstance(job, dict) and "targets" in job else {}
+    # A position's completion marker shares the attribute name but carries no "denormalized" key.
+    return dict(job) if isinstance(job, dict) and "targets" in job and "denormalized" in job else {}
 
 
 def infer_target_channels(pred: Plate, target: Plate, suffix: str) -> list[str]:
@@ -163,7 +165,8 @@ def resolve_units(config: EvaluateConfig, job: dict[str, Any], pred_root: Path) 
     out = []
     for ch in config.target_channel:
         known: str | None = None
-        if ch in job.get("targets", []):
+        # The job's metadata describes only the channels it wrote: <target>_prediction.
+        if ch in job.get("targets", []) and config.prediction_suffix == PREDICTION_SUFFIX:
             if job.get("denormalized") is True:
                 known = "raw"
             elif ch in job_norms:
