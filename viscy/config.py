@@ -373,7 +373,9 @@ class SegmentationConfig(StrictModel):
     method: Literal["classical", "cellpose"] = Field(
         "classical", description="'classical' (Gaussian + Otsu + watershed, no weights) or 'cellpose'."
     )
-    channel: str = Field("Nuclei", description="Target channel to segment (its prediction is segmented too).")
+    channel: str | None = Field(
+        None, description="Target channel to segment (its prediction is segmented too); None: the first target channel."
+    )
     model: str = Field("cpsam", description="Cellpose pretrained model name or path to a Cellpose 4 checkpoint.")
     diameter: float | None = Field(
         None, gt=0, description="Object diameter in pixels; None: Cellpose's default / 15 px for 'classical'."
@@ -392,9 +394,24 @@ class EvaluateConfig(StrictModel):
         None, description="Plate holding the predictions (same positions); None: predictions are in data_path."
     )
     positions: StrList = Field(["*"], description="FOV name patterns (fnmatch) to evaluate.")
-    target_channel: StrList = Field(["Nuclei", "Membrane"], min_length=1, description="Target channels.")
+    target_channel: StrList | None = Field(
+        None, min_length=1,
+        description="Target channels; None: every <target><prediction_suffix> channel of the prediction plate.",
+    )
     prediction_suffix: str = Field("_prediction", description="Prediction channel = target channel + suffix.")
-    source_channel: str | None = Field("Phase3D", description="Input channel shown in example panels; None: none.")
+    source_channel: str | None = Field(
+        None, description="Input channel shown in example panels; None: the prediction job's first source (if any)."
+    )
+    prediction_units: Literal["auto", "normalized", "raw"] = Field(
+        "auto",
+        description="Units of the predictions: auto reads the metadata `viscy predict` stores; set normalized or "
+        "raw for predictions written by other tools (normalized: the targets are normalised to match).",
+    )
+    target_normalization: list[NormalizationConfig] | None = Field(
+        None,
+        description="How targets are normalised when prediction_units is normalized and the predictions carry "
+        "no viscy metadata; None: fov_statistics median/iqr (VisCy's default).",
+    )
     z_slices: Literal["center", "all"] = Field("center", description="Score the centre Z slice or every slice.")
     segmentation: SegmentationConfig | None = Field(None, description="Segmentation metrics; null disables them.")
     output_dir: Path = Field(Path("evaluation"), description="Directory for tables, summary JSON and figures.")

@@ -22,10 +22,12 @@ def test_end_to_end_same_plate(ray_local, predicted_plate: Path, tmp_path: Path,
     config = EvaluateConfig(
         data_path=predicted_plate,
         output_dir=out,
+        prediction_units="raw",  # fake predictions appended without viscy metadata, in the targets' units
+        source_channel="Phase3D",
         segmentation=SegmentationConfig(method="classical", channel="Nuclei", use_ground_truth_labels="nuclei"),
     )
     summary = run_evaluate(config)
-    for name in ("metrics.csv", "metrics.parquet", "summary.json", "viscy_config.yaml",
+    for name in ("metrics.csv", "metrics.parquet", "summary.json", "viscy_config.yaml", "viscy_evaluation.json",
                  "figures/metric_distributions.png", "figures/example_A_1_0.png", "figures/example_A_1_1.png"):
         assert (out / name).is_file(), name
     assert not list(out.rglob("*.tmp"))
@@ -39,7 +41,9 @@ def test_end_to_end_same_plate(ray_local, predicted_plate: Path, tmp_path: Path,
     assert (nuclei["ap_50"] > 0.5).all()
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["complete"] and on_disk["n_rows"] == 4
-    assert set(on_disk["mean"]) == {"Nuclei", "Membrane"}
+    assert set(on_disk["mean"]) == {"Nuclei", "Membrane"}  # inferred from the *_prediction channels
+    assert on_disk["units"] == {"Nuclei": "raw intensity", "Membrane": "raw intensity"}
+    assert on_disk["units_from"]["Nuclei"] == "prediction_units (config)"
     assert set(REGRESSION_METRICS) <= set(on_disk["mean"]["Membrane"])
     assert summary["mean"]["Nuclei"]["ap_50_95"] == pytest.approx(nuclei["ap_50_95"].mean())
     printed = capsys.readouterr().out
@@ -62,8 +66,11 @@ def test_separate_prediction_plate_all_slices(ray_local, tmp_path: Path) -> None
     config = EvaluateConfig(
         data_path=target, prediction_path=tmp_path / "p.zarr", target_channel=["Nuclei"], z_slices="all",
         segmentation=SegmentationConfig(method="classical"), output_dir=tmp_path / "out", num_example_panels=1,
+        prediction_units="raw",
     )
-    run_evaluate(config)
+    summary = run_evaluate(config)
+    assert summary["segmentation"]["channel"] == "Nuclei"  # default: the first target channel
+    assert summary["source_channel"] is None  # no job metadata to infer it from, so no input panel
     table = pd.read_csv(tmp_path / "out" / "metrics.csv")
     assert sorted(table["z"]) == [0, 1, 2]
     assert table["ap_50"].notna().all()  # segmented target vs segmented prediction
@@ -73,7 +80,7 @@ def test_separate_prediction_plate_all_slices(ray_local, tmp_path: Path) -> None
 def test_missing_prediction_channel(tmp_path: Path) -> None:
     plate = synth_plate(tmp_path / "p.zarr", yx=(64, 64), fovs=1)
     config = EvaluateConfig(data_path=plate, output_dir=tmp_path / "out")
-    with pytest.raises(ChannelNotFoundError, match=r"Nuclei_prediction.*Phase3D, Nuclei, Membrane.*viscy predict"):
+    with pytest.raises(ChannelNotFoundError, match=r"no prediction channel.*Phase3D, Nuclei, Membrane.*viscy predict"):
         run_evaluate(config)
     assert not (tmp_path / "out" / "summary.json").exists()
 
@@ -81,7 +88,7 @@ def test_missing_prediction_channel(tmp_path: Path) -> None:
 def test_shape_mismatch(tmp_path: Path) -> None:
     target = synth_plate(tmp_path / "t.zarr", yx=(64, 64), fovs=1)
     pred = add_predictions(synth_plate(tmp_path / "p.zarr", yx=(96, 96), fovs=1))
-    config = EvaluateConfig(data_path=target, prediction_path=pred, output_dir=tmp_path / "out")
+    config = EvaluateConfig(data_path=target, prediction_path=pred, output_dir=tmp_path / "out", prediction_units="raw")
     with pytest.raises(ShapeError, match=r"does not match"):
         plan_evaluation(config)
 
@@ -89,7 +96,7 @@ def test_shape_mismatch(tmp_path: Path) -> None:
 def test_bad_segmentation_inputs(tmp_path: Path, predicted_plate: Path) -> None:
     seg = SegmentationConfig(method="classical", channel="Nuclei", use_ground_truth_labels="membranes")
     with pytest.raises(DataError, match=r"no label image 'membranes'.*nuclei, cells"):
-        plan_evaluation(EvaluateConfig(data_path=predicted_plate, segmentation=seg))
+        plan_evaluation(EvaluateConfig(data_path=predicted_plate, segmentation=seg, prediction_units="raw"))
     seg = SegmentationConfig(method="classical", channel="Phase3D")
     with pytest.raises(ViscyError, match="not a target channel"):
         plan_evaluation(EvaluateConfig(data_path=predicted_plate, segmentation=seg))

@@ -70,9 +70,17 @@ def plot_metric_distributions(table: pd.DataFrame, metrics: list[str], path: Pat
     return _save(fig, path)
 
 
-def _limits(*images: np.ndarray) -> tuple[float, float]:
-    vals = np.concatenate([np.asarray(i, dtype=np.float64).ravel() for i in images])
-    lo, hi = np.percentile(vals, [1, 99.5])
+def display_range(image: np.ndarray, percentiles: tuple[float, float] = (1, 99.5)) -> tuple[float, float]:
+    """Percentile display range (vmin, vmax) of ONE image.
+
+    Each panel gets its own range: input, target and prediction may be in different units (raw vs normalised),
+    and a shared range would show one of them as a flat square.
+    """
+    vals = np.asarray(image, dtype=np.float64).ravel()
+    vals = vals[np.isfinite(vals)]
+    if not len(vals):
+        return 0.0, 1.0
+    lo, hi = np.percentile(vals, percentiles)
     return float(lo), float(hi if hi > lo else lo + 1)
 
 
@@ -83,28 +91,32 @@ def _show_labels(ax: plt.Axes, labels: np.ndarray, title: str) -> None:
     ax.set_title(f"{title} ({len(np.unique(labels[labels > 0]))} objects)", fontsize=9)
 
 
-def plot_example_panel(panel: dict[str, Any], path: Path) -> Path:
-    """Input, target, prediction (same contrast) and, for the segmented channel, both mask images.
+def draw_example_panel(panel: dict[str, Any]) -> plt.Figure:
+    """Input, target, prediction (each with its own display range) and, for the segmented channel, both masks.
 
     ``panel`` holds ``title``, optional ``source`` (2D) and ``source_name``, and ``channels``: a list of dicts
-    with ``name``, ``target``, ``prediction``, ``metrics`` and optionally ``ref_masks``/``pred_masks``.
+    with ``name``, ``target``, ``prediction``, ``metrics``, optionally ``units`` (the units both are compared
+    in) and ``ref_masks``/``pred_masks``.
     """
     rows = panel["channels"]
     has_masks = any("pred_masks" in r for r in rows)
     ncol = 3 + 2 * has_masks
-    fig, axes = plt.subplots(len(rows), ncol, figsize=(2.8 * ncol, 2.9 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), ncol, figsize=(2.8 * ncol, 3.0 * len(rows)), squeeze=False)
     for ax_row, row in zip(axes, rows, strict=True):
         if panel.get("source") is not None:
             src = panel["source"]
-            ax_row[0].imshow(src, cmap="gray", vmin=_limits(src)[0], vmax=_limits(src)[1])
+            vmin, vmax = display_range(src)
+            ax_row[0].imshow(src, cmap="gray", vmin=vmin, vmax=vmax)
             ax_row[0].set_title(f"input: {panel.get('source_name', 'source')}", fontsize=9)
-        vmin, vmax = _limits(row["target"], row["prediction"])
+        units = f"\n{row['units']}" if row.get("units") else ""
+        vmin, vmax = display_range(row["target"])
         ax_row[1].imshow(row["target"], cmap="magma", vmin=vmin, vmax=vmax)
-        ax_row[1].set_title(f"target: {row['name']}", fontsize=9)
+        ax_row[1].set_title(f"target: {row['name']}{units}", fontsize=8)
+        vmin, vmax = display_range(row["prediction"])
         ax_row[2].imshow(row["prediction"], cmap="magma", vmin=vmin, vmax=vmax)
         m = row["metrics"]
         title = f"prediction  r={m.get('pearson', np.nan):.3f} SSIM={m.get('ssim', np.nan):.3f}"
-        ax_row[2].set_title(title, fontsize=9)
+        ax_row[2].set_title(title, fontsize=8)
         if "pred_masks" in row:
             _show_labels(ax_row[3], row["ref_masks"], row.get("ref_title", "target masks"))
             _show_labels(ax_row[4], row["pred_masks"], "predicted masks")
@@ -119,4 +131,9 @@ def plot_example_panel(panel: dict[str, Any], path: Path) -> Path:
                 ax.axis("off")
     fig.suptitle(panel["title"])
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
+
+
+def plot_example_panel(panel: dict[str, Any], path: Path) -> Path:
+    """Draw an example panel (see :func:`draw_example_panel`) and save it as a PNG."""
+    return _save(draw_example_panel(panel), path)
