@@ -58,7 +58,9 @@ SUBSTITUTIONS: list[Sub] = [
     Sub(r"--fovs_per_well 4\b", "--fovs_per_well 2", "2 FOVs per well (6 in all)"),
     Sub(r"--example_yx 256 256", "--example_yx 64 64", "parity check at 64²"),
     Sub(r"--tile_yx 1024 1024", "--tile_yx 64 64", "tiles smaller than the 96² FOV, so tiling still happens"),
-    Sub(r"--trainer\.num_workers 8\b", "--trainer.num_workers 2", "2 Ray Train workers on 2 cores"),
+    Sub(r"--trainer\.num_workers 8\b", "--trainer.num_workers 1", "1 Ray Train worker on 2 cores"),
+    Sub(r"--num_actors 2\b", "--num_actors 2 --num_cpus_per_actor 0.5",
+        "2 actors of 1 CPU would hold both cores and starve the read tasks feeding them"),
     # ---- paths
     Sub(r"(?<![\w/])configs/", "{repo}/configs/", "recipes come from the checkout (commands run in a scratch dir)"),
     Sub(r"demo_output/synthetic\.zarr", "plate.zarr", "the plate of the synth example stands in for the demo's"),
@@ -67,6 +69,9 @@ SUBSTITUTIONS: list[Sub] = [
     Sub(r"$", " --trainer.max_epochs 1 --trainer.train_steps_per_epoch 2 --trainer.val_steps 1 --data.batch_size 2"
         " --data.patches_per_stack 2 --trainer.reads_per_fov 1 --trainer.val_reads_per_fov 1",
         "1 epoch of 2 steps, 1 validation step", only=r"^viscy train "),
+    Sub(r"$", " --trainer.num_workers 1", "recipes ask for 2-4 workers of 0.5 CPU: on 2 cores 4 of them starve Ray "
+        "Data's read tasks (a resumed VSCyto3D run hung), and each worker costs minutes here",
+        only=r"^viscy train (?!.*--trainer\.num_workers)"),
     Sub(r"$", " --trainer.storage_path runs --trainer.run_name demo",
         "the demo recipe's run goes to runs/demo, where the export example reads best_model.pt",
         only=r"configs/demo\.yaml"),
@@ -235,3 +240,35 @@ def test_readme_command_runs(command: str, workspace: Path):
     new = substitute(command)
     out = _viscy(shlex.split(new)[1:], workspace)
     assert out.returncode == 0, f"{new}\nexit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
+    _check_outputs(shlex.split(new), out.stdout, workspace)
+
+
+def _last(tokens: list[str], key: str) -> str | None:
+    """The value of the last ``key`` in ``tokens`` (later overrides win, as in ``viscy``)."""
+    values = [tokens[i + 1] for i, t in enumerate(tokens[:-1]) if t == key]
+    return values[-1] if values else None
+
+
+def _check_outputs(tokens: list[str], stdout: str, work: Path) -> None:
+    """What each verb promises to leave behind is there."""
+    import json
+
+    verb = tokens[1]
+    output = _last(tokens, "--output")
+    if output not in (None, "null"):
+        assert (work / output).exists(), f"viscy {verb} wrote no {output}"
+    if verb == "preprocess":
+        attrs = json.loads((work / _last(tokens, "--data_path") / ".zattrs").read_text())
+        assert {"Phase3D", "Nuclei"} <= set(attrs["normalization"])
+    if verb == "train":
+        run = work / (_last(tokens, "--trainer.storage_path") or "runs") / _last(tokens, "--trainer.run_name")
+        assert (run / "best_model.pt").is_file() and (run / "viscy_config.yaml").is_file()
+        assert "validation Pearson" in stdout
+    if verb == "predict" and output in (None, "null"):
+        from viscy.data.plate import Plate
+
+        with Plate(work / _last(tokens, "--data_path")) as plate:
+            assert "Nuclei_prediction" in plate.channel_names  # appended to the input plate
+    if verb == "evaluate":
+        summary = work / (_last(tokens, "--output_dir") or "evaluation") / "summary.json"
+        assert summary.is_file(), f"viscy evaluate wrote no {summary}"
