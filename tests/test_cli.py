@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -47,3 +48,39 @@ def test_info_on_plate_and_missing_path(small_plate, capsys):
     assert "Phase3D" in out and "A/1/0" in out
     assert main(["info", "--data_path", str(small_plate.parent / "missing.zarr")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _viscy(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``viscy ARGS`` as a real process running this checkout's code."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-m", "viscy.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=300)
+
+
+def test_info_takes_one_position_pattern(small_plate):
+    out = _viscy("info", "--data_path", str(small_plate), "--positions", "A/*")
+    assert out.returncode == 0, out.stderr
+    assert "3 positions, 2 selected" in out.stdout and "positions A/1/0, A/1/1" in out.stdout
+    out = _viscy("info", "--data_path", str(small_plate), "--positions", "B/2/0")
+    assert out.returncode == 0, out.stderr
+    assert "1 selected" in out.stdout and "positions B/2/0" in out.stdout
+
+
+def test_synth_takes_numeric_well_columns(tmp_path):
+    out = _viscy("synth", "--output", "plate.zarr", "--cols", "1", "2", "3", "--fovs_per_well", "1", "--yx", "32", "32",
+                 cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    from viscy.data.plate import Plate
+
+    with Plate(tmp_path / "plate.zarr") as plate:
+        assert plate.positions == ["A/1/0", "A/2/0", "A/3/0"]
+    out = _viscy("synth", "--output", "one.zarr", "--cols", "1", "--fovs_per_well", "1", "--yx", "32", "32",
+                 cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert Plate(tmp_path / "one.zarr").positions == ["A/1/0"]
+    out = _viscy("synth", "--output", "bad.zarr", "--yx", "512", cwd=tmp_path)
+    assert out.returncode == 2 and "give 2 values, e.g. --yx 512 512" in out.stderr
+    assert not (tmp_path / "bad.zarr").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args, get_origin
 
 import pytest
 import yaml
@@ -12,6 +13,8 @@ from viscy.config import (
     ConfigError,
     DataConfig,
     PreprocessConfig,
+    SynthConfig,
+    TrainConfig,
     load_config,
     parse_overrides,
     save_config,
@@ -79,3 +82,114 @@ def test_saved_config_round_trips(tmp_path: Path):
     assert out.name == CONFIG_FILENAME
     again = load_config(DataConfig, out)
     assert again == data
+
+
+# ------------------------------------------------------------------------ command-line coercion, every verb
+def _cli(schema, *args: str):
+    """Validate ``args`` exactly as ``viscy VERB args`` does (YAML-typed tokens, then the schema)."""
+    return load_config(schema, None, parse_overrides(list(args)))
+
+
+def test_readme_synth_example_and_single_values():
+    cfg = _cli(SynthConfig, "--output", "plate.zarr", "--cols", "1", "2", "3", "--fovs_per_well", "4", "--z", "16",
+               "--yx", "512", "512", "--seed", "7")
+    assert cfg.cols == ["1", "2", "3"] and cfg.yx == (512, 512) and cfg.z == 16
+    assert _cli(SynthConfig, "--cols", "1").cols == ["1"]
+    assert _cli(SynthConfig, "--rows", "B", "--cols", "12").rows == ["B"]
+    assert _cli(SynthConfig, "--output", "2024").output == Path("2024")
+
+
+def test_numbers_and_single_values_for_train_predict_evaluate_info():
+    from viscy.config import EvaluateConfig, PredictConfig
+    from viscy.data.plate import InfoConfig
+
+    train = _cli(TrainConfig, "--data.data_path", "p.zarr", "--data.positions", "A/1/0", "--trainer.run_name", "2024",
+                 "--trainer.precision", "32", "--logging.group", "7", "--data.val_positions", "A/2/0")
+    assert train.data.data_path == [Path("p.zarr")] and train.data.positions == ["A/1/0"]
+    assert train.trainer.run_name == "2024" and train.trainer.precision == "32" and train.logging.group == "7"
+    assert train.data.val_positions == ["A/2/0"]
+    # A YAML date is a string to a string field, written back as typed.
+    dated = _cli(TrainConfig, "--data.data_path", "p", "--trainer.run_name", "2024-01-31")
+    assert dated.trainer.run_name == "2024-01-31"
+    # One section where a list of sections is expected.
+    one = _cli(TrainConfig, "--data.data_path", "p", "--data.normalization", "{channels: Phase3D, divisor: std}")
+    assert [(n.channels, n.divisor) for n in one.data.normalization] == [(["Phase3D"], "std")]
+
+    pred = _cli(PredictConfig, "--data_path", "p.zarr", "--onnx", "m.onnx", "--positions", "A/1/0",
+                "--source_channel", "Phase3D", "--target_channel", "1")
+    assert pred.positions == ["A/1/0"] and pred.source_channel == ["Phase3D"] and pred.target_channel == ["1"]
+    ev = _cli(EvaluateConfig, "--data_path", "p.zarr", "--positions", "A/2/*", "--target_channel", "Nuclei")
+    assert ev.positions == ["A/2/*"] and ev.target_channel == ["Nuclei"]
+    assert _cli(InfoConfig, "--data_path", "p.zarr", "--positions", "A/*").positions == ["A/*"]
+    assert _cli(PreprocessConfig, "--data_path", "p", "--channels", "Nuclei").channels == ["Nuclei"]
+
+
+def test_one_value_for_a_pair_names_the_fix():
+    with pytest.raises(ConfigError, match=r"invalid value 512 for 'yx': give 2 values, e.g. --yx 512 512"):
+        _cli(SynthConfig, "--yx", "512")
+    with pytest.raises(ConfigError, match=r"'data.yx_patch_size': give 2 values, e.g. --data.yx_patch_size 64 64"):
+        _cli(TrainConfig, "--data.data_path", "p", "--data.yx_patch_size", "64")
+    with pytest.raises(ConfigError, match="at most 2 items"):
+        _cli(SynthConfig, "--yx", "64", "64", "64")
+
+
+def test_numbers_still_rejected_where_they_cannot_mean_anything():
+    with pytest.raises(ConfigError, match=r"invalid value 64 for 'trainer.precision'; allowed values"):
+        _cli(TrainConfig, "--data.data_path", "p", "--trainer.precision", "64")
+    with pytest.raises(ConfigError, match="'fovs_per_well': Input should be a valid integer"):
+        _cli(SynthConfig, "--fovs_per_well", "A")
+    with pytest.raises(ConfigError, match="'cols.0': Input should be a valid string"):
+        _cli(SynthConfig, "--cols", "true")  # a boolean is not a well name
+
+
+def _string_keys(model, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted key, 'str' | 'path' | 'strs' | 'paths') of every string, path or list field of a schema."""
+    from viscy.config import _leaf_types, _submodel
+
+    out = []
+    for name, field in model.model_fields.items():
+        sub = _submodel(field.annotation)
+        if sub is not None:
+            out += _string_keys(sub, prefix + name + ".")
+            continue
+        for t in _leaf_types(field.annotation):
+            inner = _leaf_types(get_args(t)[0]) if get_origin(t) is list else None
+            kind = {str: "str", Path: "path"}.get(inner[0] if inner else t)
+            if kind:
+                out.append((prefix + name, kind + ("s" if inner else "")))
+                break
+    return out
+
+
+# Required keys of each verb (and what each needs to be valid besides the key under test).
+VERB_BASE = {
+    "demo": [], "synth": [], "preprocess": ["--data_path", "p.zarr"], "info": ["--data_path", "p.zarr"],
+    "train": ["--data.data_path", "p.zarr"], "export": ["--output", "m.onnx"],
+    "predict": ["--data_path", "p.zarr", "--onnx", "m.onnx"], "evaluate": ["--data_path", "p.zarr"],
+}
+
+
+@pytest.mark.parametrize("verb", list(VERB_BASE))
+def test_every_verb_coerces_numbers_and_single_values(verb):
+    """Every string, path and list key of every verb takes a number (``--key 7``) as its string."""
+    from viscy.cli import VERBS, _load
+
+    assert {v.name for v in VERBS} == set(VERB_BASE), "a new verb needs an entry in VERB_BASE"
+    schema = _load(next(v.schema for v in VERBS if v.name == verb))
+    keys = _string_keys(schema)
+    assert keys, f"{verb} has no string or list keys?"
+    checked = 0
+    for key, kind in keys:
+        try:
+            cfg = _cli(schema, *VERB_BASE[verb], f"--{key}", "7")
+        except ConfigError as exc:  # rejected for what 7 means (e.g. an unknown model), never for its type
+            assert "valid string" not in str(exc) and "valid list" not in str(exc) and "valid path" not in str(exc), (
+                key, str(exc))
+            continue
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value[0] if isinstance(value, list) else value, part)  # list of sections: the one
+        expected = {"str": "7", "path": Path("7"), "strs": ["7"], "paths": [Path("7")]}[kind]
+        assert value == expected, (key, value)
+        checked += 1
+    assert checked >= len(keys) // 2, f"{verb}: only {checked} of {len(keys)} keys could be checked"

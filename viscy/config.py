@@ -12,7 +12,8 @@ import datetime as _dt
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from types import UnionType
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -25,18 +26,73 @@ class ConfigError(ValueError):
 
 
 def _as_list(value: Any) -> Any:
-    """A single value given where a list is expected (``--positions A/1/0``) becomes a one-item list."""
-    return [value] if isinstance(value, (str, Path)) else value
+    """A single value given where a list is expected (``--positions A/1/0``, ``--cols 1``) becomes a one-item list."""
+    return value if value is None or isinstance(value, (list, tuple, set, frozenset)) else [value]
 
 
 StrList = Annotated[list[str], BeforeValidator(_as_list)]
 PathList = Annotated[list[Path], BeforeValidator(_as_list)]
 
 
-class StrictModel(BaseModel):
-    """Base of every config section: unknown keys are errors, assignments are validated."""
+def _leaf_types(annotation: Any) -> list[Any]:
+    """The members of ``X | None`` / ``Annotated[X, ...]`` (``None`` left out)."""
+    if get_origin(annotation) is Annotated:
+        return _leaf_types(get_args(annotation)[0])
+    if get_origin(annotation) in (Union, UnionType):
+        return [m for a in get_args(annotation) for m in _leaf_types(a)]
+    return [] if annotation is type(None) else [annotation]
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+def _coerce_scalar(value: Any, types: list[Any]) -> Any:
+    """A number (or YAML date) where the schema wants a string, a path or a string choice becomes that string."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, _dt.date)):
+        return value
+    text = value.isoformat() if isinstance(value, _dt.date) else str(value)
+    for t in types:
+        if t is str or (isinstance(t, type) and issubclass(t, Path)):
+            return text
+        if get_origin(t) is Literal and text in get_args(t):
+            return text
+    return value
+
+
+def _coerce_field(annotation: Any, value: Any) -> Any:
+    """Command-line friendly coercion of one field's input, decided by its annotation only."""
+    types = _leaf_types(annotation)
+    lists = [t for t in types if get_origin(t) is list]
+    if lists and value is not None and not isinstance(value, (list, tuple, set, frozenset, dict)):
+        value = [value]
+    elif lists and isinstance(value, dict) and any(_submodel(get_args(t)[0]) for t in lists):
+        value = [value]  # one section where a list of sections is expected (e.g. one normalization group)
+    if lists and isinstance(value, (list, tuple)):
+        item_types = [i for t in lists for i in _leaf_types(get_args(t)[0])]
+        return [_coerce_scalar(v, item_types) for v in value]
+    return _coerce_scalar(value, types)
+
+
+class StrictModel(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated.
+
+    Values typed on the command line are parsed as YAML without knowing the schema, so every section
+    coerces them generically: a number (or date) where a string, path or string choice is expected
+    becomes that string (``--cols 1 2 3``, ``--trainer.run_name 2024``, ``--trainer.precision 32``), and a
+    single value where a list is expected becomes a one-item list (``--cols 1``, ``--positions A/1/0``).
+    Tuples of fixed length (``yx``) are not filled from one value: ``--yx 512`` is an error naming the
+    number of values to give, because a silent square guess would hide a missing value.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _coerce_command_line_values(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for name, field in cls.model_fields.items():
+            if name in out:
+                out[name] = _coerce_field(field.annotation, out[name])
+        return out
 
 
 # --------------------------------------------------------------------------------------------- synth
@@ -506,6 +562,22 @@ def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _tuple_length(schema: type[BaseModel], loc: tuple[Any, ...]) -> int | None:
+    """Number of items of the fixed-length tuple field at ``loc`` (``None`` if it is not one)."""
+    model: type[BaseModel] | None = schema
+    annotation: Any = None
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if model is None or part not in model.model_fields:
+            return None
+        annotation = model.model_fields[part].annotation
+        model = _submodel(annotation)
+    tuples = [t for t in _leaf_types(annotation) if get_origin(t) is tuple]
+    args = get_args(tuples[0]) if tuples else ()
+    return len(args) if args and Ellipsis not in args else None
+
+
 def format_validation_error(err: ValidationError, schema: type[BaseModel]) -> str:
     """One line per problem: full key path, what is wrong, and how to fix it."""
     lines = []
@@ -519,6 +591,10 @@ def format_validation_error(err: ValidationError, schema: type[BaseModel]) -> st
             lines.append(f"unknown key '{path}'; allowed keys here: {', '.join(sorted(siblings))}")
         elif kind == "missing":
             lines.append(f"missing required key '{path}'; set it in the YAML or with --{path} VALUE")
+        elif kind == "tuple_type" and _tuple_length(schema, e["loc"]):
+            n = _tuple_length(schema, e["loc"])
+            example = " ".join([str(e.get("input"))] * n)
+            lines.append(f"invalid value {e.get('input')!r} for '{path}': give {n} values, e.g. --{path} {example}")
         elif kind == "literal_error":
             allowed = e.get("ctx", {}).get("expected", "")
             lines.append(f"invalid value {e.get('input')!r} for '{path}'; allowed values: {allowed}")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
+import numcodecs
 import numpy as np
 import pytest
 import zarr
@@ -162,3 +164,86 @@ def test_corrupt_chunk_is_named(small_plate):
         assert "re-copy" in str(err.value)
         # Other chunks still read.
         assert plate.read("A/1/0", 0, [0], slice(0, 1)).shape == (1, 1, 64, 64)
+
+
+def _rewrite_with_compressor(path: Path, position: str, compressor) -> None:
+    """Rewrite one position's image with another numcodecs compressor (same data, same chunks)."""
+    grp = zarr.open_group(str(path / position), mode="r+")
+    data = grp["0"][:]
+    del grp["0"]
+    new = grp.create_dataset("0", shape=data.shape, dtype=data.dtype, chunks=(1, 1, 1) + data.shape[3:],
+                             compressor=compressor, dimension_separator="/")
+    new[:] = data
+
+
+COMPRESSORS = {
+    "blosc": "default",  # iohub's default (Blosc zstd), as every plate viscy writes
+    "zlib": numcodecs.Zlib(),
+    "gzip": numcodecs.GZip(),
+    "zstd": numcodecs.Zstd(),
+    "lz4": numcodecs.LZ4(),
+    "uncompressed": None,
+}
+
+
+# Every compressor with every damage, except an empty GZip chunk: numcodecs decodes it to nothing and zarr
+# 2.18 raises nothing (it hands back whatever the output buffer held), so no reader can flag it.
+DAMAGES = [(c, d) for c in COMPRESSORS for d in ("garbage", "truncated", "empty") if (c, d) != ("gzip", "empty")]
+
+
+@pytest.mark.parametrize(("compressor", "damage"), DAMAGES)
+def test_corrupt_or_truncated_chunk_of_every_compressor(tmp_path, compressor, damage):
+    path = write_iohub_plate(tmp_path / "c.zarr", positions=(("A", "1", "0"),))
+    if COMPRESSORS[compressor] != "default":
+        _rewrite_with_compressor(path, "A/1/0", COMPRESSORS[compressor])
+    chunk = path / "A/1/0/0/0/1/2/0/0"
+    raw = chunk.read_bytes()
+    chunk.write_bytes({"garbage": b"\x00garbage" * 4, "truncated": raw[: len(raw) // 2], "empty": b""}[damage])
+    with Plate(path) as plate:
+        with pytest.raises(CorruptDataError, match=r"A/1/0/0 at t=0, c=\[1\].*re-copy"):
+            plate.read("A/1/0", 0, [1], slice(2, 3))
+        assert plate.read("A/1/0", 0, [1], slice(0, 2)).shape == (1, 2, 64, 64)  # the other chunks read
+
+
+@pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="needs Linux procfs")
+def test_chunk_the_store_cannot_read_is_corrupt_data(small_plate):
+    # Reading /proc/self/mem from offset 0 fails with EIO for every user (root included): a real I/O error.
+    chunk = small_plate / "A/1/0/0/0/0/0/0/0"
+    chunk.unlink()
+    chunk.symlink_to("/proc/self/mem")
+    with Plate(small_plate) as plate, pytest.raises(CorruptDataError, match="OSError"):
+        plate.read("A/1/0", 0, [0], slice(0, 1))
+
+
+def test_bad_selection_is_a_bug_not_corrupt_data(small_plate):
+    """Selections a caller got wrong raise as they are: a bug must not become a silently skipped FOV."""
+    with Plate(small_plate) as plate:
+        with pytest.raises(IndexError, match="channel index 3 out of range for 3 channels"):
+            plate.read("A/1/0", 0, [3])
+        with pytest.raises(IndexError, match="channel index -1"):
+            plate.read("A/1/0", 0, [-1])  # would silently read nothing as the slice -1:0
+        with pytest.raises(TypeError, match="channel_indices"):
+            plate.read("A/1/0", 0, ["Nuclei"])
+        with pytest.raises(ValueError, match="slice step cannot be zero") as err:
+            plate.read("A/1/0", 0, [0], y=slice(0, 8, 0))
+        assert not isinstance(err.value, CorruptDataError)
+        with pytest.raises(IndexError, match="out of bounds"):
+            plate.read("A/1/0", 5, [0])  # t beyond the time points
+        with pytest.raises(IndexError):
+            plate.read("A/1/0", 0, [0], y=slice(None, None, -1))
+        # The same plate still reads: nothing above was data corruption.
+        assert plate.read("A/1/0", 0, [2, 0]).shape == (2, 3, 64, 64)
+
+
+def test_unreadable_scale_warns_and_falls_back_to_unit_scale(small_plate):
+    attrs_path = small_plate / "A/1/1/.zattrs"
+    attrs = json.loads(attrs_path.read_text())
+    attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"] = [{"type": "scale", "scale": [1.0, 0.5]}]
+    attrs_path.write_text(json.dumps(attrs))
+    with Plate(small_plate) as plate:
+        with pytest.warns(UserWarning, match=r"position A/1/1 of .*small.zarr: cannot read the pixel scale.*broadcast"):
+            info = plate.info("A/1/1")
+        assert info.scale == (1.0,) * 5
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert plate.info("A/1/0").scale == (1.0,) * 5  # a readable (identity) scale: no warning

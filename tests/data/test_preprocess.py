@@ -93,12 +93,17 @@ def test_bad_channel_and_patterns(small_plate, ray_local):
 
 
 def test_corrupt_fov_is_skipped_and_reported(tmp_path, ray_local):
-    path = write_iohub_plate(tmp_path / "c.zarr")
+    path = write_iohub_plate(tmp_path / "c.zarr", positions=(("A", "1", "0"), ("A", "1", "1"), ("B", "2", "0"),
+                                                             ("B", "2", "1")))
     (path / "A/1/1/0/0/0/0/0/0").write_bytes(b"corrupt")
+    truncated = path / "B/2/1/0/0/2/1/0/0"  # a real Blosc chunk cut in half, as an interrupted copy leaves it
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
     summary = preprocess_plate(PreprocessConfig(data_path=path), progress=False)
     assert summary["fovs"] == ["A/1/0", "B/2/0"]
-    assert "A/1/1" in summary["skipped"] and "re-copy" in summary["skipped"]["A/1/1"]
-    assert "normalization" not in _attrs(path / "A/1/1")
+    assert set(summary["skipped"]) == {"A/1/1", "B/2/1"}
+    for fov in ("A/1/1", "B/2/1"):
+        assert "blosc decompression" in summary["skipped"][fov] and "re-copy" in summary["skipped"][fov]
+        assert "normalization" not in _attrs(path / fov)
 
 
 def test_sparse_grid_warns_with_a_better_spacing(tmp_path, ray_local):

@@ -10,6 +10,9 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
+import os
+import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,7 @@ import numpy as np
 from numcodecs import blosc
 from pydantic import Field
 
-from viscy.config import StrictModel
+from viscy.config import StrictModel, StrList
 from viscy.errors import ChannelNotFoundError, CorruptDataError, DataError, ShapeError
 
 IMAGE_KEY = "0"
@@ -32,6 +35,29 @@ SUPPORTED_DTYPES = tuple(
 # Blosc's internal thread pool is not fork/actor safe ("Mutex corrupt" aborts in Ray workers); zarr's
 # documented remedy is to let Blosc decode in the calling thread.
 blosc.use_threads = False
+
+# What zarr 2.18 / numcodecs 0.15 raise for a chunk that is corrupt, truncated or unreadable, measured per
+# compressor: Blosc (iohub's default), Zstd and LZ4 RuntimeError; LZ4 and uncompressed chunks of the wrong
+# size ValueError; Zlib zlib.error; GZip gzip.BadGzipFile (an OSError) or EOFError; the store OSError.
+_DECODE_ERRORS = (RuntimeError, ValueError, EOFError, OSError, zlib.error)
+# ValueError and RuntimeError are also what a bad selection raises, so an error counts as corrupt data only
+# when it was raised while zarr fetched or decoded chunks, i.e. below one of these functions of zarr.core.
+_CHUNK_FUNCTIONS = frozenset({"_chunk_getitems", "_chunk_getitem", "_process_chunk", "_decode_chunk"})
+_ZARR_CORE = os.path.join("zarr", "core.py")
+
+
+def _is_chunk_error(exc: BaseException) -> bool:
+    """Whether ``exc`` comes from fetching or decoding a chunk (corrupt data), not from the selection."""
+    if not isinstance(exc, _DECODE_ERRORS):
+        return False
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name in _CHUNK_FUNCTIONS and code.co_filename.endswith(_ZARR_CORE):
+            return True
+        tb = tb.tb_next
+    return False
+
 
 # iohub warns loudly (and harmlessly) about stores other writers made; errors below are clearer.
 logging.getLogger("iohub").setLevel(logging.ERROR)
@@ -217,7 +243,13 @@ class Plate:
         pos = self.position_node(name)
         try:
             scale = tuple(float(s) for s in pos.scale)
-        except Exception:
+        except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
+            warnings.warn(
+                f"position {name} of {self.root}: cannot read the pixel scale from its coordinateTransformations "
+                f"({type(exc).__name__}: {exc}); using unit scale (1, 1, 1, 1, 1). Fix the position's "
+                "multiscales metadata (e.g. rewrite it with iohub) to keep physical units",
+                stacklevel=2,
+            )
             scale = (1.0,) * 5
         return FovInfo(name, tuple(arr.shape), np.dtype(arr.dtype), tuple(arr.chunks), scale)
 
@@ -275,7 +307,9 @@ class Plate:
             If a chunk cannot be decoded; names the position, region and fix.
         """
         arr = self.image(name) if array == IMAGE_KEY else self.position_node(name).zgroup[array]
-        sel_c = slice(None) if channels is None else list(channels)
+        if channels is not None:
+            channels = self._check_channels(arr.shape[1], channels)
+        sel_c = slice(None) if channels is None else channels
         try:
             if isinstance(sel_c, list) and sel_c == list(range(sel_c[0], sel_c[-1] + 1)):
                 data = arr[t, sel_c[0] : sel_c[-1] + 1, z, y, x]
@@ -283,13 +317,28 @@ class Plate:
                 data = np.stack([arr[t, c, z, y, x] for c in sel_c])
             else:
                 data = arr[t, :, z, y, x]
-        except (RuntimeError, ValueError, OSError, TypeError) as exc:
+        except _DECODE_ERRORS as exc:
+            if not _is_chunk_error(exc):
+                raise  # a bad selection is a bug of the caller, not corrupt data
             raise CorruptDataError(
                 f"cannot decode data of {self.root}/{name}/{array} at t={t}, c={channels}, z={z}, y={y}, x={x}: "
-                f"{exc}. The chunk is corrupt or truncated: re-copy the position from its source, or exclude "
-                f"it with the positions key"
+                f"{type(exc).__name__}: {exc}. The chunk is corrupt or truncated: re-copy the position from its "
+                "source, or exclude it with the positions key"
             ) from None
         return np.asarray(data)
+
+    @staticmethod
+    def _check_channels(n_channels: int, channels: list[int]) -> list[int]:
+        """Channel indices as a list of ints in ``[0, n_channels)``; raises ``IndexError``/``TypeError`` otherwise."""
+        channels = list(channels)
+        if not channels:
+            raise IndexError("channels is empty; pass at least one channel index (or None for all channels)")
+        for c in channels:
+            if isinstance(c, bool) or not isinstance(c, (int, np.integer)):
+                raise TypeError(f"channel {c!r} is not an index; map names to indices with Plate.channel_indices")
+            if not 0 <= c < n_channels:
+                raise IndexError(f"channel index {c} out of range for {n_channels} channels (0..{n_channels - 1})")
+        return [int(c) for c in channels]
 
     # ------------------------------------------------------------------ stored metadata
     def plate_attrs(self) -> dict[str, Any]:
@@ -338,7 +387,7 @@ class InfoConfig(StrictModel):
     """Summarise a plate."""
 
     data_path: Path = Field(description="OME-Zarr plate, FOV inside a plate, or FOV store.")
-    positions: list[str] = Field(["*"], description="FOV name patterns to list.")
+    positions: StrList = Field(["*"], description="FOV name patterns to list.")
 
 
 def summarize_plate(path: str | Path, patterns: list[str] | None = None) -> str:
