@@ -17,7 +17,7 @@ import numpy as np
 from viscy.config import AugmentationConfig, NormalizationConfig, PreprocessConfig, SynthConfig
 from viscy.data.patches import PatchSampler, PatchSpec
 from viscy.data.plate import Plate
-from viscy.data.preprocess import preprocess_plate
+from viscy.data.preprocess import run_preprocess
 from viscy.data.synth import write_synthetic_plate
 
 
@@ -66,7 +66,7 @@ def main() -> None:
         print(
             f"plate: 4 FOVs x (1, 3, {args.z}, {args.yx}, {args.yx}) float32 in {time.perf_counter() - t0:.1f} s"
         )
-        preprocess_plate(PreprocessConfig(data_path=path), progress=False)
+        run_preprocess(PreprocessConfig(data_path=path), progress=False)
         ray.shutdown()
         names = Plate(path).positions
         spec = PatchSpec(("Phase3D",), ("Nuclei", "Membrane"), z_window=5, yx_patch=(256, 256), target_2d=False)

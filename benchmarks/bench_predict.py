@@ -66,12 +66,12 @@ def throughput(args: argparse.Namespace) -> list[dict]:
     import torch
 
     from viscy.config import ModelConfig, PredictConfig, PreprocessConfig, SynthConfig
-    from viscy.data.preprocess import preprocess_plate
+    from viscy.data.preprocess import run_preprocess
     from viscy.data.synth import write_synthetic_plate
     from viscy.models import create_model
     from viscy.models.checkpoint import save_lightning_checkpoint
     from viscy.models.export import export_onnx, onnx_metadata
-    from viscy.predict.run import predict_plates
+    from viscy.predict.run import run_predict
     from viscy.ray_utils import ensure_ray
 
     ensure_ray()
@@ -80,7 +80,7 @@ def throughput(args: argparse.Namespace) -> list[dict]:
     if not plate.exists():
         write_synthetic_plate(SynthConfig(output=plate, cols=["1"], fovs_per_well=args.fovs, t=1, z=1,
                                           yx=(args.yx, args.yx)))
-        preprocess_plate(PreprocessConfig(data_path=plate), progress=False)
+        run_preprocess(PreprocessConfig(data_path=plate), progress=False)
     torch.manual_seed(0)
     model = create_model("unet2d", **UNET_KW).eval()
     ckpt = save_lightning_checkpoint(model, work / "bench.ckpt")
@@ -97,11 +97,11 @@ def throughput(args: argparse.Namespace) -> list[dict]:
                 "onnx": onnx}
             cfg = PredictConfig(data_path=[plate], output=out, overwrite=True, progress=False, num_actors=actors,
                                 tile_yx=(256, 256), **kw)
-            st = predict_plates(cfg)
-            rows.append({"backend": backend, "actors": actors, "mpx": mpx, "seconds": st["seconds"],
-                         "mpx_per_s": mpx / st["seconds"], "unit_seconds": st["unit_seconds"],
+            st = run_predict(cfg)
+            rows.append({"backend": backend, "actors": actors, "mpx": mpx, "seconds": st.seconds,
+                         "mpx_per_s": mpx / st.seconds, "unit_seconds": st.unit_seconds,
                          # summed in-actor time: read + predict + write, without actor start-up
-                         "mpx_per_actor_s": mpx / max(st["unit_seconds"], 1e-9)})
+                         "mpx_per_actor_s": mpx / max(st.unit_seconds, 1e-9)})
     return rows
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 
 from viscy.config import DataConfig, PreprocessConfig, SynthConfig
-from viscy.data.preprocess import preprocess_plate
+from viscy.data.preprocess import run_preprocess
 from viscy.data.synth import write_synthetic_plate
 
 
@@ -76,7 +76,7 @@ def stream_plate(n_fovs: int, yx: int, z: int, tmp: Path, object_store_mb: int) 
         include_dashboard=False,
         logging_level="ERROR",
     )
-    preprocess_plate(PreprocessConfig(data_path=path), progress=False)
+    run_preprocess(PreprocessConfig(data_path=path), progress=False)
     DataContext.get_current().op_resource_reservation_enabled = False
     DataContext.get_current().enable_progress_bars = False
     data = DataConfig(

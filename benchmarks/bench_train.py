@@ -23,7 +23,7 @@ import torch
 
 from viscy.config import DataConfig, PreprocessConfig, SynthConfig, TrainConfig
 from viscy.data.plate import Plate
-from viscy.data.preprocess import preprocess_plate
+from viscy.data.preprocess import run_preprocess
 from viscy.data.synth import write_synthetic_plate
 from viscy.ray_utils import ensure_ray
 from viscy.train.datasource import patch_dataset, plan_reads, read_patches
@@ -119,7 +119,7 @@ def bench_train(root: Path, steps: int, workers: list[int], batch: int) -> None:
     plate = root / "bench3d.zarr"
     if not plate.exists():
         write_synthetic_plate(SynthConfig(output=plate, z=5, yx=(256, 256), cols=["1"], fovs_per_well=2))
-        preprocess_plate(PreprocessConfig(data_path=plate), progress=False)
+        run_preprocess(PreprocessConfig(data_path=plate), progress=False)
     print(f"\ntraining: UNeXt2 (VSCyto3D preset), input (B,1,5,256,256), batch {batch}/worker, {steps} steps, CPU")
     for n in workers:
         cfg = TrainConfig.model_validate({
@@ -153,7 +153,7 @@ def main() -> None:
         root = Path(tmp)
         if not args.skip_stream:
             plate = write_synthetic_plate(SynthConfig(output=root / "bench2d.zarr", cols=["1", "2"]))
-            preprocess_plate(PreprocessConfig(data_path=plate), progress=False)
+            run_preprocess(PreprocessConfig(data_path=plate), progress=False)
             bench_stream(plate, args.patches, args.patch, args.batch, args.patches_per_read)
         if not args.skip_train:
             bench_train(root, args.train_steps, args.workers, args.train_batch)

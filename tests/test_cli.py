@@ -84,3 +84,31 @@ def test_synth_takes_numeric_well_columns(tmp_path):
     out = _viscy("synth", "--output", "bad.zarr", "--yx", "512", cwd=tmp_path)
     assert out.returncode == 2 and "give 2 values, e.g. --yx 512 512" in out.stderr
     assert not (tmp_path / "bad.zarr").exists()
+
+
+def test_preprocess_console_is_quiet_and_names_its_log(small_plate):
+    out = _viscy("preprocess", "--data_path", str(small_plate), "--grid_spacing", "1")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    # a summary line and one per channel; Ray's start-up and worker chatter live in the log file
+    assert lines[0].startswith("viscy preprocess: 3 FOV(s)") and len(lines) == 4, out.stdout
+    noise = [ln for ln in out.stderr.splitlines() if "preprocess FOVs" not in ln and ln.strip()]
+    assert not noise, out.stderr
+    log = small_plate / "viscy_preprocess" / "viscy_preprocess.log"
+    assert "viscy preprocess started" in log.read_text()
+    assert (small_plate / "viscy_preprocess" / "viscy_config.yaml").exists()
+
+
+def test_stage_error_is_one_line_with_the_log_path(small_plate):
+    out = _viscy("preprocess", "--data_path", str(small_plate), "--channels", "DAPI")
+    assert out.returncode == 1
+    first, second = out.stderr.strip().splitlines()[-2:]
+    assert first.startswith("viscy preprocess: error:") and "DAPI" in first
+    log = Path(second.strip().removeprefix("(details: ").removesuffix(")"))
+    assert "Traceback" in log.read_text()
+
+
+def test_pipeline_verbs_run_the_python_api():
+    entries = {v.name: v.entry for v in VERBS}
+    for verb in ("synth", "preprocess", "train", "export", "predict", "evaluate"):
+        assert entries[verb] == f"viscy.api:{verb}"

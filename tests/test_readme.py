@@ -11,7 +11,7 @@ How it works
    only)`` is ``re.sub(pattern, replacement, command)`` applied to commands matching ``only`` (all if empty), on
    the command as ``shlex.join`` writes it (``--positions 'A/*'``). ``{repo}`` in a replacement is this checkout's
    root. Entries only shrink sizes (``--yx 512 512`` -> ``--yx 96 96``), point placeholder paths at what the test
-   made (``model.onnx`` -> the ONNX an earlier example wrote, ``VSCyto3D.ckpt`` -> a tiny VisCy-format checkpoint
+   made (``VSCyto3D.ckpt`` -> a tiny VisCy-format checkpoint
    from ``PROVIDED_FILES``), or append shrinking overrides (``pattern="$"``: 1 epoch, 2 steps, a tiny UNeXt2
    backbone); later overrides win, so the command as written, shrunk, is what runs.
    To cover a new README example, add the entries it needs here (``test_substituted_commands`` prints every
@@ -21,6 +21,7 @@ How it works
    train, export, predict, evaluate; README order within a stage), because later examples read what earlier
    ones wrote. A command that fails today for a reason outside this test is listed in ``KNOWN_FAILURES`` and
    marked ``xfail(strict=False)``; remove its entry once it is fixed.
+5. The README's ```` ```python ```` blocks run last, in the same directory, rewritten by ``PY_SUBSTITUTIONS``.
 """
 
 from __future__ import annotations
@@ -64,7 +65,6 @@ SUBSTITUTIONS: list[Sub] = [
     # ---- paths
     Sub(r"(?<![\w/])configs/", "{repo}/configs/", "recipes come from the checkout (commands run in a scratch dir)"),
     Sub(r"demo_output/synthetic\.zarr", "plate.zarr", "the plate of the synth example stands in for the demo's"),
-    Sub(r"(?<![\w/.])model\.onnx\b", "unet2d.onnx", "the ONNX the export example wrote from the demo run"),
     # ---- appended shrinking overrides (later keys win)
     Sub(r"$", " --trainer.max_epochs 1 --trainer.train_steps_per_epoch 2 --trainer.val_steps 1 --data.batch_size 2"
         " --data.patches_per_stack 2 --trainer.reads_per_fov 1 --trainer.val_reads_per_fov 1",
@@ -72,9 +72,6 @@ SUBSTITUTIONS: list[Sub] = [
     Sub(r"$", " --trainer.num_workers 1", "recipes ask for 2-4 workers of 0.5 CPU: on 2 cores 4 of them starve Ray "
         "Data's read tasks (a resumed VSCyto3D run hung), and each worker costs minutes here",
         only=r"^viscy train (?!.*--trainer\.num_workers)"),
-    Sub(r"$", " --trainer.storage_path runs --trainer.run_name demo",
-        "the demo recipe's run goes to runs/demo, where the export example reads best_model.pt",
-        only=r"configs/demo\.yaml"),
     Sub(r"$", " --data.data_path plate.zarr --trainer.storage_path runs --data.yx_patch_size 64 64"
         f" --trainer.use_gpu false --trainer.cpus_per_worker 0.5 {TINY_UNEXT2}",
         "/PLACEHOLDER/ paths of the recipe -> the synth plate and ./runs; 64² patches; CPU workers; tiny backbone",
@@ -114,16 +111,18 @@ NOT_RUN: dict[str, str] = {
 }
 
 # Commands that fail today for reasons outside this test (regex on the README command -> reason).
-KNOWN_FAILURES: dict[str, str] = {
-    r"^viscy export --model\.name unet2d .*runs/demo/best_model\.pt": "README: the kwargs "
-    "'{in_channels: 1, out_channels: 2}' build unet2d with its defaults (num_blocks 4, num_filters 32) but "
-    "configs/demo.yaml trains num_blocks 3, num_filters 16, so the strict checkpoint load fails; and the ONNX "
-    "gets no channel names (source_0/target_0) without a preset",
-    r"^viscy predict .*--onnx model\.onnx": "depends on the unet2d export above; an ONNX exported from an "
-    "architecture (not a preset) names its channels source_0/target_0, which the plate does not have",
-    r"^viscy evaluate .*--prediction_path predictions\.zarr": "depends on predictions.zarr of the ONNX predict "
-    "example above",
-}
+KNOWN_FAILURES: dict[str, str] = {}
+
+# Rewrites of the README's ```python blocks (same rules as SUBSTITUTIONS).
+PY_SUBSTITUTIONS: list[Sub] = [
+    Sub(r'"configs/', '"{repo}/configs/', "recipes come from the checkout"),
+    Sub(r"demo_output/synthetic\.zarr", "plate.zarr", "the plate of the synth example stands in for the demo's"),
+    Sub(r'data=\{"data_path": \[plate\]\}', 'data={"data_path": [plate], "batch_size": 2, "patches_per_stack": 2}',
+        "small batches"),
+    Sub(r'trainer=\{"run_name": "notebook"\}', 'trainer={"run_name": "notebook", "max_epochs": 1, '
+        '"train_steps_per_epoch": 2, "val_steps": 1, "num_workers": 1, "reads_per_fov": 1, "val_reads_per_fov": 1}',
+        "1 epoch of 2 steps on 1 worker"),
+]
 
 STAGES = ["synth", "preprocess", "info", "train", "export", "predict", "evaluate", "demo"]
 
@@ -263,7 +262,7 @@ def _check_outputs(tokens: list[str], stdout: str, work: Path) -> None:
     if verb == "train":
         run = work / (_last(tokens, "--trainer.storage_path") or "runs") / _last(tokens, "--trainer.run_name")
         assert (run / "best_model.pt").is_file() and (run / "viscy_config.yaml").is_file()
-        assert "validation Pearson" in stdout
+        assert "val Pearson" in stdout
     if verb == "predict" and output in (None, "null"):
         from viscy.data.plate import Plate
 
@@ -272,3 +271,36 @@ def _check_outputs(tokens: list[str], stdout: str, work: Path) -> None:
     if verb == "evaluate":
         summary = work / (_last(tokens, "--output_dir") or "evaluation") / "summary.json"
         assert summary.is_file(), f"viscy evaluate wrote no {summary}"
+
+
+def readme_python(text: str | None = None) -> list[str]:
+    """The README's ```python blocks."""
+    text = README.read_text() if text is None else text
+    return re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+
+
+def test_python_substitutions_apply():
+    blocks = readme_python()
+    assert blocks, "the README lost its Python API example"
+    for block in blocks:
+        new = block
+        for sub in PY_SUBSTITUTIONS:
+            assert re.search(sub.pattern, new), f"PY_SUBSTITUTIONS entry {sub.pattern!r} matches nothing"
+            new = re.sub(sub.pattern, sub.replacement.replace("{repo}", str(REPO)), new)
+
+
+@pytest.mark.slow
+def test_readme_python_runs(workspace: Path):
+    """The notebook-style example, after the shell examples (it uses their preprocessed plate)."""
+    for block in readme_python():
+        code = block
+        for sub in PY_SUBSTITUTIONS:
+            code = re.sub(sub.pattern, sub.replacement.replace("{repo}", str(REPO)), code)
+        env = dict(os.environ, RAY_AUTH_MODE="token", WANDB_MODE="offline")
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+        env.pop("RAY_ADDRESS", None)
+        out = subprocess.run([sys.executable, "-c", code], cwd=workspace, env=env, capture_output=True, text=True,
+                             timeout=900)
+        assert out.returncode == 0, f"{code}\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
+        assert "raw intensity" in out.stdout  # the example prints the units evaluation compared in
+        assert (workspace / "notebook_eval" / "summary.json").is_file()

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 
-
 def slow_predict_units(point: str, **context) -> None:
     """Sleep 4 s after every prediction unit, so a test can kill the job between FOVs."""
     if point == "predict.unit_done":

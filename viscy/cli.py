@@ -22,7 +22,7 @@ class Verb:
     name: str
     summary: str
     schema: str  # "module:Class" of the pydantic config
-    entry: str  # "module:function" taking the validated config
+    entry: str  # "module:function" taking the validated config (viscy.api for the pipeline stages)
     details: str = ""
 
 
@@ -38,7 +38,7 @@ VERBS: list[Verb] = [
         "synth",
         "Write a synthetic HCS OME-Zarr plate with phase, fluorescence and ground-truth labels.",
         "viscy.config:SynthConfig",
-        "viscy.data.synth:run_synth",
+        "viscy.api:synth",
         "Cells are a tessellation with membranes on their borders and ellipsoidal nuclei; phase is the\n"
         "blurred optical path length with noise, an illumination gradient and defocus away from focus.",
     ),
@@ -46,7 +46,7 @@ VERBS: list[Verb] = [
         "preprocess",
         "Compute normalisation statistics (and foreground masks) into the plate's zattrs with Ray.",
         "viscy.config:PreprocessConfig",
-        "viscy.data.preprocess:run_preprocess",
+        "viscy.api:preprocess",
         "One Ray task per FOV (local Ray, or the cluster at RAY_ADDRESS). Writes VisCy's layout:\n"
         "plate and FOV .zattrs['normalization'][channel] = {dataset_statistics, fov_statistics, ...}.",
     ),
@@ -60,10 +60,11 @@ VERBS: list[Verb] = [
         "train",
         "Train a model with Ray Train (local Ray or RAY_ADDRESS).",
         "viscy.config:TrainConfig",
-        "viscy.train.trainer:run_train",
+        "viscy.api:train",
         "TorchTrainer with Lightning DDP in each worker (gloo on CPU, NCCL on GPU), fed by a Ray Data patch\n"
         "source (train/val split by FOV). Results go to trainer.storage_path/trainer.run_name: Ray checkpoints,\n"
-        "figures/, tensorboard/ or wandb/, viscy_config.yaml and best_model.pt (plain state dict).\n"
+        "figures/, tensorboard/ or wandb/, viscy_config.yaml, viscy_train.log and best_model.pt: the best weights\n"
+        "with their model card (architecture, channels, normalisation), all that export and predict need.\n"
         "Resume an interrupted run: viscy train --config x.yaml --trainer.run_name NAME --trainer.resume true\n"
         "Examples: configs/demo.yaml (CPU, minutes), configs/vscyto2d_finetune.yaml, configs/vscyto3d.yaml.",
     ),
@@ -71,7 +72,7 @@ VERBS: list[Verb] = [
         "export",
         "Export a model (preset or checkpoint) to ONNX with metadata and a parity check.",
         "viscy.config:ExportConfig",
-        "viscy.models.export:run_export",
+        "viscy.api:export",
         "Dynamo exporter, opset >= 18, input 'input' (B, C, Z, Y, X) with dynamic batch, Y and X; the file's\n"
         "metadata_props carry channel names, depths, YX multiple and normalisation (read_onnx_metadata).",
     ),
@@ -79,7 +80,7 @@ VERBS: list[Verb] = [
         "predict",
         "Predict whole plates with a checkpoint or ONNX model on Ray Data; resumable.",
         "viscy.config:PredictConfig",
-        "viscy.predict.run:run_predict",
+        "viscy.api:predict",
         "An actor pool (one model per actor) reads, predicts tile by tile (overlap + Gaussian blending, Z\n"
         "sliding windows, optional TTA) and writes '<target>_prediction' channels into a new store (output)\n"
         "or the input plate (output: null). FOVs are marked complete last; a rerun resumes the same job.",
@@ -88,7 +89,7 @@ VERBS: list[Verb] = [
         "evaluate",
         "Score predictions: regression metrics and segmentation metrics (Cellpose or classical).",
         "viscy.config:EvaluateConfig",
-        "viscy.evaluate.run:run_evaluate",
+        "viscy.api:evaluate",
         "One Ray task per FOV and time point compares <target> with <target><prediction_suffix>: Pearson,\n"
         "SSIM, MS-SSIM, PSNR, MAE, MSE, NRMSE and, with a segmentation section, AP@[0.5:0.95], F1@0.5,\n"
         "Dice and Jaccard. Writes metrics.csv/.parquet, summary.json and PNG figures to output_dir.",
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     start_log(name, is_verbose)
     log = logging.getLogger("viscy")
     try:
-        result = _load(verb.entry)(config)
+        _load(verb.entry)(config)
     except (ViscyError, ConfigError) as exc:
         log.exception("viscy %s failed", name)
         print(f"viscy {name}: error: {exc}\n  (details: {log_path()})", file=sys.stderr)
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         log.exception("viscy %s failed", name)
         print(f"viscy {name}: error: {failure_message(exc)}\n  (traceback: {log_path()})", file=sys.stderr)
         return 1
-    return int(result) if isinstance(result, int) else 0
+    return 0
 
 
 if __name__ == "__main__":

@@ -189,8 +189,10 @@ class DataConfig(StrictModel):
     )
     patches_per_stack: int = Field(8, ge=1, description="Patches cut from each region read (VisCy idea).")
     reads_per_task: int = Field(
-        8, ge=1, description="Most region reads per Ray Data read task (amortises Ray's per-task cost; "
-        "never fewer tasks than cluster CPUs)."
+        8,
+        ge=1,
+        description="Most region reads per Ray Data read task (amortises Ray's per-task cost; "
+        "never fewer tasks than cluster CPUs).",
     )
     fg_mask_min_fraction: float = Field(
         0.0, ge=0, le=1, description="Reject patches whose foreground fraction is below this (needs fg_mask)."
@@ -207,6 +209,15 @@ class DataConfig(StrictModel):
         if min(v) < 8:
             raise ValueError("yx_patch_size must be at least 8 x 8")
         return v
+
+    def model_shape(self, pretraining: bool = False) -> dict[str, int]:
+        """Channels and depths a model trained on this data takes and returns (pre-training: the sources)."""
+        return {
+            "in_channels": len(self.source_channel),
+            "out_channels": len(self.source_channel if pretraining else self.target_channel),
+            "in_depth": self.z_window_size,
+            "out_depth": 1 if self.target_2d else self.z_window_size,
+        }
 
     @model_validator(mode="after")
     def _channels_disjoint(self) -> DataConfig:
@@ -306,8 +317,9 @@ class TrainerConfig(StrictModel):
     gpus_per_worker: float = Field(1.0, gt=0, description="GPUs per worker when use_gpu is true.")
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the latest checkpoint (-1: inf).")
     check_resources: bool = Field(
-        True, description="Fail at once if the cluster cannot host the worker group (false: an autoscaling cluster "
-        "will add the nodes)."
+        True,
+        description="Fail at once if the cluster cannot host the worker group (false: an autoscaling cluster "
+        "will add the nodes).",
     )
     num_to_keep: int = Field(2, ge=1, description="Best checkpoints kept (by validation loss).")
     storage_path: str = Field("runs", description="Directory or URI (s3://, gs://) holding runs.")
@@ -358,7 +370,9 @@ class TrainConfig(StrictModel):
             name, kwargs, _ = resolve_model_source(
                 mc.name or (None if mc.checkpoint else DEFAULT_TRAIN_MODEL), mc.kwargs, mc.checkpoint
             )
-            spec = model_spec(name, training_kwargs(name, kwargs, fcmae.pretraining, fcmae.mask_ratio))
+            shape = data.model_shape(fcmae.pretraining)
+            kwargs = training_kwargs(name, kwargs, fcmae.pretraining, fcmae.mask_ratio, shape)
+            spec = model_spec(name, kwargs)
         except ModelError as exc:
             raise ValueError(f"model {mc.name or mc.checkpoint or DEFAULT_TRAIN_MODEL}: {exc}") from None
         targets, key = (
@@ -366,7 +380,7 @@ class TrainConfig(StrictModel):
             if fcmae.pretraining
             else (data.target_channel, "data.target_channel")
         )
-        target_depth = 1 if data.target_2d else data.z_window_size
+        target_depth = data.model_shape(fcmae.pretraining)["out_depth"]
         problems = spec.check_data(
             data.source_channel, targets, data.z_window_size, target_depth, data.yx_patch_size, key
         )
@@ -451,7 +465,8 @@ class EvaluateConfig(StrictModel):
     )
     positions: StrList = Field(["*"], description="FOV name patterns (fnmatch) to evaluate.")
     target_channel: StrList | None = Field(
-        None, min_length=1,
+        None,
+        min_length=1,
         description="Target channels; None: every <target><prediction_suffix> channel of the prediction plate.",
     )
     prediction_suffix: str = Field("_prediction", description="Prediction channel = target channel + suffix.")

@@ -21,13 +21,13 @@ from viscy.errors import DataError, ShapeError
 @pytest.fixture(scope="module")
 def synth_plate(tmp_path_factory, ray_local):
     from viscy.config import ForegroundMaskConfig
-    from viscy.data.preprocess import preprocess_plate
+    from viscy.data.preprocess import run_preprocess
     from viscy.data.synth import write_synthetic_plate
 
     path = write_synthetic_plate(
         SynthConfig(output=tmp_path_factory.mktemp("p") / "p.zarr", cols=["1"], fovs_per_well=2, z=7, yx=(128, 160))
     )
-    preprocess_plate(PreprocessConfig(data_path=path, fg_mask=ForegroundMaskConfig(channel="Nuclei")), progress=False)
+    run_preprocess(PreprocessConfig(data_path=path, fg_mask=ForegroundMaskConfig(channel="Nuclei")), progress=False)
     return path
 
 

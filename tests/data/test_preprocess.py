@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import write_iohub_plate
 from viscy.config import ForegroundMaskConfig, PreprocessConfig
 from viscy.data.plate import Plate
-from viscy.data.preprocess import STAT_KEYS, compute_statistics, preprocess_plate
+from viscy.data.preprocess import STAT_KEYS, compute_statistics, run_preprocess
 from viscy.errors import ChannelNotFoundError, DataError
 
 VISCY_KEYS = {"mean", "std", "median", "iqr", "p1", "p5", "p95", "p99"}
@@ -24,7 +24,9 @@ def _attrs(path: Path) -> dict:
 
 def _pixels(plate: Path) -> dict[str, bytes]:
     return {
-        str(p.relative_to(plate)): p.read_bytes() for p in sorted(plate.rglob("*")) if p.is_file() and p.name[0] != "."
+        str(p.relative_to(plate)): p.read_bytes()
+        for p in sorted(plate.rglob("*"))
+        if p.is_file() and p.name[0] != "." and "viscy_preprocess" not in p.parts  # its config and log
     }
 
 
@@ -40,8 +42,8 @@ def test_statistics_values():
 def test_writes_viscy_layout_and_is_idempotent(small_plate, ray_local):
     before = _pixels(small_plate)
     cfg = PreprocessConfig(data_path=small_plate, grid_spacing=4)
-    summary = preprocess_plate(cfg, progress=False)
-    assert summary["fovs"] == ["A/1/0", "A/1/1", "B/2/0"] and not summary["skipped"]
+    summary = run_preprocess(cfg, progress=False)
+    assert summary.fovs == ["A/1/0", "A/1/1", "B/2/0"] and not summary.skipped
 
     plate_norm = _attrs(small_plate)["normalization"]
     assert set(plate_norm) == {"Phase3D", "Nuclei", "Membrane"}
@@ -61,7 +63,7 @@ def test_writes_viscy_layout_and_is_idempotent(small_plate, ray_local):
     # The channel scales of the fixture (Nuclei ~ 100, Membrane ~ 200) come through.
     assert plate_norm["Membrane"]["dataset_statistics"]["median"] == pytest.approx(200, abs=5)
 
-    preprocess_plate(cfg, progress=False)
+    run_preprocess(cfg, progress=False)
     assert _attrs(small_plate)["normalization"] == plate_norm  # idempotent
     assert _pixels(small_plate) == before  # never modifies pixel data
 
@@ -72,7 +74,7 @@ def test_fg_mask_and_otsu_threshold(tmp_path, ray_local):
 
     path = write_synthetic_plate(SynthConfig(output=tmp_path / "s.zarr", cols=["1"], fovs_per_well=1, z=2))
     cfg = PreprocessConfig(data_path=path, fg_mask=ForegroundMaskConfig(channel="Nuclei"))
-    preprocess_plate(cfg, progress=False)
+    run_preprocess(cfg, progress=False)
     with Plate(path) as plate:
         mask = plate.read("A/1/0", 0, [0], array="fg_mask")
         nuclei = plate.read("A/1/0", 0, [1])[0]
@@ -86,9 +88,9 @@ def test_fg_mask_and_otsu_threshold(tmp_path, ray_local):
 
 def test_bad_channel_and_patterns(small_plate, ray_local):
     with pytest.raises(ChannelNotFoundError, match="available channels"):
-        preprocess_plate(PreprocessConfig(data_path=small_plate, channels=["DAPI"]), progress=False)
+        run_preprocess(PreprocessConfig(data_path=small_plate, channels=["DAPI"]), progress=False)
     with pytest.raises(DataError, match="no position"):
-        preprocess_plate(PreprocessConfig(data_path=small_plate, positions=["Z/*"]), progress=False)
+        run_preprocess(PreprocessConfig(data_path=small_plate, positions=["Z/*"]), progress=False)
     assert "normalization" not in _attrs(small_plate)
 
 
@@ -98,11 +100,11 @@ def test_corrupt_fov_is_skipped_and_reported(tmp_path, ray_local):
     (path / "A/1/1/0/0/0/0/0/0").write_bytes(b"corrupt")
     truncated = path / "B/2/1/0/0/2/1/0/0"  # a real Blosc chunk cut in half, as an interrupted copy leaves it
     truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
-    summary = preprocess_plate(PreprocessConfig(data_path=path), progress=False)
-    assert summary["fovs"] == ["A/1/0", "B/2/0"]
-    assert set(summary["skipped"]) == {"A/1/1", "B/2/1"}
+    summary = run_preprocess(PreprocessConfig(data_path=path), progress=False)
+    assert summary.fovs == ["A/1/0", "B/2/0"]
+    assert set(summary.skipped) == {"A/1/1", "B/2/1"}
     for fov in ("A/1/1", "B/2/1"):
-        assert "blosc decompression" in summary["skipped"][fov] and "re-copy" in summary["skipped"][fov]
+        assert "blosc decompression" in summary.skipped[fov] and "re-copy" in summary.skipped[fov]
         assert "normalization" not in _attrs(path / fov)
 
 
@@ -112,11 +114,11 @@ def test_sparse_grid_warns_with_a_better_spacing(tmp_path, ray_local):
 
     path = write_synthetic_plate(SynthConfig(output=tmp_path / "s.zarr", yx=(256, 256), cols=["1"]))
     with pytest.warns(UserWarning, match=r"grid_spacing 32 samples only 64 pixels .* use --grid_spacing 4"):
-        preprocess_plate(PreprocessConfig(data_path=path, channels=["Nuclei"]), progress=False)
+        run_preprocess(PreprocessConfig(data_path=path, channels=["Nuclei"]), progress=False)
     coarse = Plate(path).position_attrs("A/1/0")["normalization"]["Nuclei"]["fov_statistics"]["std"]
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        preprocess_plate(PreprocessConfig(data_path=path, channels=["Nuclei"], grid_spacing=4), progress=False)
+        run_preprocess(PreprocessConfig(data_path=path, channels=["Nuclei"], grid_spacing=4), progress=False)
     fine = Plate(path).position_attrs("A/1/0")["normalization"]["Nuclei"]["fov_statistics"]["std"]
     true = Plate(path).read("A/1/0", 0, Plate(path).channel_indices(["Nuclei"]), slice(None)).std()
     assert abs(fine - true) / true < 0.05  # the 4-pixel grid is close to every pixel; 32 need not be

@@ -230,7 +230,7 @@ def test_interrupted_write_leaves_no_store(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_overwrite_replaces_only_synth_plates(tmp_path: Path) -> None:
-    from conftest import write_iohub_plate
+    from tests.conftest import write_iohub_plate
 
     # a user's directory and a user's OME-Zarr plate: refused, byte for byte untouched
     user_dir = tmp_path / "mine"

@@ -26,7 +26,7 @@ def test_end_to_end_same_plate(ray_local, predicted_plate: Path, tmp_path: Path,
         source_channel="Phase3D",
         segmentation=SegmentationConfig(method="classical", channel="Nuclei", use_ground_truth_labels="nuclei"),
     )
-    summary = run_evaluate(config)
+    summary = run_evaluate(config).summary
     for name in ("metrics.csv", "metrics.parquet", "summary.json", "viscy_config.yaml", "viscy_evaluation.json",
                  "figures/metric_distributions.png", "figures/example_A_1_0.png", "figures/example_A_1_1.png"):
         assert (out / name).is_file(), name
@@ -68,7 +68,7 @@ def test_separate_prediction_plate_all_slices(ray_local, tmp_path: Path) -> None
         segmentation=SegmentationConfig(method="classical"), output_dir=tmp_path / "out", num_example_panels=1,
         prediction_units="raw",
     )
-    summary = run_evaluate(config)
+    summary = run_evaluate(config).summary
     assert summary["segmentation"]["channel"] == "Nuclei"  # default: the first target channel
     assert summary["source_channel"] is None  # no job metadata to infer it from, so no input panel
     table = pd.read_csv(tmp_path / "out" / "metrics.csv")

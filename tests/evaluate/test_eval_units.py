@@ -1,7 +1,7 @@
 """``viscy evaluate`` compares like with like on a plate unlike the synthetic one.
 
 The plate is uint16, non-square (96 x 160), T=2, channels BF/DAPI/GFP, tiled chunks (48 x 64); statistics
-come from the real ``preprocess_plate`` and predictions from the real ``predict_plates`` (a tiny unet2d), so
+come from the real ``run_preprocess`` and predictions from the real ``run_predict`` (a tiny unet2d), so
 the prediction-job metadata evaluate reads is the one ``viscy predict`` writes.
 """
 
@@ -80,21 +80,21 @@ def assets(tmp_path_factory, ray_local) -> dict[str, Path]:
     import zarr
 
     from viscy.config import PredictConfig, PreprocessConfig
-    from viscy.data.preprocess import preprocess_plate
+    from viscy.data.preprocess import run_preprocess
     from viscy.models import create_model
     from viscy.models.checkpoint import save_lightning_checkpoint
-    from viscy.predict.run import predict_plates
+    from viscy.predict.run import run_predict
 
     root = tmp_path_factory.mktemp("units")
     plate = write_uint16_plate(root / "plate.zarr")
-    preprocess_plate(PreprocessConfig(data_path=plate, grid_spacing=1), progress=False)
+    run_preprocess(PreprocessConfig(data_path=plate, grid_spacing=1), progress=False)
     torch.manual_seed(0)
     ckpt = save_lightning_checkpoint(create_model("unet2d", **UNET_KW).eval(), root / "unet2d.ckpt")
     model = ModelConfig(name="unet2d", kwargs=UNET_KW, checkpoint=ckpt)
     common = {"data_path": [plate], "model": model, "source_channel": ["BF"], "target_channel": TARGETS,
               "normalization": NORMS, "progress": False}
-    predict_plates(PredictConfig(output=root / "pred.zarr", **common))
-    predict_plates(PredictConfig(output=root / "pred_denorm.zarr", denormalize=True, **common))
+    run_predict(PredictConfig(output=root / "pred.zarr", **common))
+    run_predict(PredictConfig(output=root / "pred_denorm.zarr", denormalize=True, **common))
     # A prediction that resembles its target: the job's own store (metadata and markers untouched), with the
     # prediction channels replaced by the normalised target plus noise.
     good = root / "good.zarr"
@@ -123,7 +123,8 @@ def _copy_without_job_metadata(src: Path, dst: Path) -> Path:
 def test_normalized_predictions_scored_in_normalized_units(assets, tmp_path: Path) -> None:
     out = tmp_path / "eval"
     # No channel keys: targets come from the *_prediction channels, the input panel from the job's sources.
-    summary = run_evaluate(EvaluateConfig(data_path=assets["plate"], prediction_path=assets["good"], output_dir=out))
+    config = EvaluateConfig(data_path=assets["plate"], prediction_path=assets["good"], output_dir=out)
+    summary = run_evaluate(config).summary
     assert summary["channels"] == TARGETS and summary["source_channel"] == "BF"
     assert summary["units"] == {ch: "normalized (fov_statistics mean/std)" for ch in TARGETS}
     assert set(summary["units_from"].values()) == {"prediction job metadata"}
@@ -162,7 +163,7 @@ def test_denormalized_predictions_scored_raw(assets, tmp_path: Path) -> None:
     out = tmp_path / "eval"
     config = EvaluateConfig(data_path=assets["plate"], prediction_path=assets["denorm"], output_dir=out,
                             segmentation=SegmentationConfig(method="classical"), num_example_panels=1)
-    summary = run_evaluate(config)
+    summary = run_evaluate(config).summary
     assert summary["units"] == {ch: "raw intensity" for ch in TARGETS}
     assert summary["prediction_job"]["units"] == "raw intensity (denormalized)"
     assert summary["segmentation"]["channel"] == "DAPI"  # default: the first target channel

@@ -175,10 +175,18 @@ def read_card_json(meta: dict[str, str]) -> dict:
 
 def _card(model, name: str, kwargs: dict) -> ModelCard:
     return ModelCard(
-        name=name, kwargs=kwargs, spec=model.spec, source_channels=["BF", "DPC"], target_channels=["DAPI", "GFP", "RFP"],
-        normalization=[{"channels": ["BF", "DPC"], "level": "fov_statistics", "subtrahend": "median", "divisor": "iqr"},
-                       {"channels": ["DAPI"], "level": "dataset_statistics", "subtrahend": "mean", "divisor": "std"}],
-        z_window_size=1, target_depth=1, training={"run_name": "r1", "epoch": 3},
+        name=name,
+        kwargs=kwargs,
+        spec=model.spec,
+        source_channels=["BF", "DPC"],
+        target_channels=["DAPI", "GFP", "RFP"],
+        normalization=[
+            {"channels": ["BF", "DPC"], "level": "fov_statistics", "subtrahend": "median", "divisor": "iqr"},
+            {"channels": ["DAPI"], "level": "dataset_statistics", "subtrahend": "mean", "divisor": "std"},
+        ],
+        z_window_size=1,
+        target_depth=1,
+        training={"run_name": "r1", "epoch": 3},
     )
 
 
@@ -197,8 +205,12 @@ def test_export_of_a_self_describing_model_needs_only_the_checkpoint(tmp_path, c
     assert "BF, DPC -> DAPI, GFP, RFP" in capsys.readouterr().out
     meta = read_onnx_metadata(out)
     assert meta["source_channels"] == ["BF", "DPC"] and meta["target_channels"] == ["DAPI", "GFP", "RFP"]
-    assert meta["normalization"][1] == {"channels": ["DAPI"], "level": "dataset_statistics", "subtrahend": "mean",
-                                        "divisor": "std"}
+    assert meta["normalization"][1] == {
+        "channels": ["DAPI"],
+        "level": "dataset_statistics",
+        "subtrahend": "mean",
+        "divisor": "std",
+    }
     assert meta["model_card"]["training"]["run_name"] == "r1"
     # command-line names override the card's
     out2 = tmp_path / "renamed.onnx"

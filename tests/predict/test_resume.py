@@ -45,14 +45,14 @@ def job(tmp_path_factory, ray_local) -> dict:
     import torch
 
     from viscy.config import PreprocessConfig
-    from viscy.data.preprocess import preprocess_plate
+    from viscy.data.preprocess import run_preprocess
     from viscy.data.synth import write_synthetic_plate
     from viscy.models import create_model
     from viscy.models.checkpoint import save_lightning_checkpoint
 
     root = tmp_path_factory.mktemp("resume")
     plate = write_synthetic_plate(SynthConfig(output=root / "plate.zarr", cols=["1", "2"], yx=(64, 64)))
-    preprocess_plate(PreprocessConfig(data_path=plate), progress=False)
+    run_preprocess(PreprocessConfig(data_path=plate), progress=False)
     torch.manual_seed(0)
     ckpt = save_lightning_checkpoint(create_model("unet2d", **UNET_KW), root / "m.ckpt")
     return {"plate": plate, "ckpt": ckpt}

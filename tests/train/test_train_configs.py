@@ -50,7 +50,7 @@ def test_recipes():
         ({"model": {"name": "VSCyto3D"}}, "--data.z_window_size 5"),
         ({"model": {"name": "VSCyto3D"}, "data": {"z_window_size": 5}}, "--data.target_2d false"),
         ({"model": {"name": "unet2d", "kwargs": {"out_channels": 3}}}, "out_channels 2"),
-        ({"model": {"name": "unet2d"}, "trainer": {"fcmae": {"pretraining": True}}}, "needs model.name fcmae"),
+        ({"model": {"name": "unet2d"}, "trainer": {"fcmae": {"pretraining": True}}}, "needs model fcmae"),
     ],
 )
 def test_inconsistent_model_and_data(tree, fix):

@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import write_iohub_plate
 from viscy.config import DataConfig, PreprocessConfig
-from viscy.data.preprocess import preprocess_plate
+from viscy.data.preprocess import run_preprocess
 from viscy.errors import DataError
 from viscy.train.datasource import build_datasets, list_fovs, patch_dataset, patch_datasource, plan_reads, split_fovs
 
@@ -19,7 +19,7 @@ POSITIONS = tuple(("A", str(c), str(f)) for c in (1, 2) for f in range(3))
 @pytest.fixture(scope="module")
 def plate(tmp_path_factory, ray_local):
     path = write_iohub_plate(tmp_path_factory.mktemp("ds") / "p.zarr", shape=(1, 3, 3, 48, 48), positions=POSITIONS)
-    preprocess_plate(PreprocessConfig(data_path=path), progress=False)
+    run_preprocess(PreprocessConfig(data_path=path), progress=False)
     return path
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,16 +10,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ray_head import ray_head
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict[str, str]:
@@ -32,44 +25,9 @@ def _env() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    """A head node of our own (``ray start --block``), stopped by signalling only the processes it started."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    port, dash = _free_port(), _free_port()
-    # Other Ray clusters on this host hold the default side ports (e.g. the job agent's 52365): pick free ones.
-    side = [f"--{name}={_free_port()}" for name in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-        "ray-client-server-port", "runtime-env-agent-port", "node-manager-port", "object-manager-port")]
-    log = open(tmp_path_factory.mktemp("head") / "head.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats", *side],
-        env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    address = f"http://127.0.0.1:{dash}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        ok = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=_env(),
-                            capture_output=True, timeout=60).returncode == 0
-        if ok:
-            break
-        assert proc.poll() is None, "ray start --head exited early"
-        time.sleep(3)
-    else:
-        pytest.fail("the Ray head did not come up within 180 s")
-    yield address
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # our own session: leftovers of this head only
-    except ProcessLookupError:
-        pass
-    log.close()
+    """A head node of our own with token auth (Ray's default since 2.59)."""
+    with ray_head(tmp_path_factory.mktemp("head"), _env()) as started:
+        yield started.dashboard
 
 
 def test_job_submit_viscy_train(head, tmp_path):
@@ -99,5 +57,5 @@ def test_job_submit_viscy_train(head, tmp_path):
         time.sleep(3)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "succeeded" in out.stdout.lower()
-    assert "validation Pearson Nuclei" in out.stdout
+    assert "val Pearson Nuclei" in out.stdout
     assert (tmp_path / "runs" / "job" / "best_model.pt").is_file()

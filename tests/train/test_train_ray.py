@@ -7,10 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from viscy import api
 from viscy.config import ConfigError, PreprocessConfig, SynthConfig, TrainConfig, load_config
-from viscy.data.preprocess import preprocess_plate
+from viscy.data.plate import Plate
+from viscy.data.preprocess import run_preprocess
 from viscy.data.synth import write_synthetic_plate
-from viscy.models import create_model, load_checkpoint
+from viscy.errors import ModelError
+from viscy.models import create_model, load_checkpoint, read_model_card
+from viscy.models.export import read_onnx_metadata
 from viscy.train.trainer import BEST_MODEL, run_train
 
 pytestmark = pytest.mark.slow
@@ -21,7 +25,7 @@ UNET = {"in_channels": 1, "out_channels": 2, "num_blocks": 2, "num_filters": 4}
 def plate(tmp_path_factory, ray_local) -> Path:
     path = tmp_path_factory.mktemp("train") / "synth.zarr"
     write_synthetic_plate(SynthConfig(output=path, yx=(64, 64), cell_diameter=12))
-    preprocess_plate(PreprocessConfig(data_path=path), progress=False)
+    run_preprocess(PreprocessConfig(data_path=path), progress=False)
     return path
 
 
@@ -41,21 +45,28 @@ def _checkpoints(run_dir: Path) -> list[Path]:
 
 
 def test_train_resume_and_refuse_overwrite(plate, tmp_path):
-    summary = run_train(_config(plate, tmp_path, "run"))
+    trained = run_train(_config(plate, tmp_path, "run"))
     run_dir = tmp_path / "run"
-    assert summary["run_dir"] == run_dir and summary["epochs"] == 2
+    assert trained.run_dir == run_dir and trained.epochs == 2
     assert len(_checkpoints(run_dir)) == 2
-    m = summary["metrics"]
+    m = trained.metrics
     assert {"val_loss", "train_loss", "val_pearson_Nuclei", "val_ssim_Membrane", "val_psnr_Nuclei",
             "val_mae_Membrane", "train_samples_per_s"} <= set(m)
     best = run_dir / BEST_MODEL
-    assert summary["best_model"] == best
+    assert trained.best_model == best
     load_checkpoint(create_model("unet2d", **UNET), best)
+    card = read_model_card(best)  # the weights describe themselves: export and predict need nothing else
+    assert card == trained.card and card.name == "unet2d" and card.kwargs == UNET
+    assert card.source_channels == ["Phase3D"] and card.target_channels == ["Nuclei", "Membrane"]
+    assert card.spec.in_channels == 1 and card.normalization[0]["channels"] == ["Phase3D"]
+    assert card.training["run_name"] == "run" and "val_loss" in card.training["metrics"]
     assert load_config(TrainConfig, run_dir / "viscy_config.yaml").trainer.run_name == "run"
     info = json.loads((run_dir / "run_info.json").read_text())
     assert "git_commit" in info and set(info["split"]) == {"train", "val"}
     assert sorted(p.name for p in (run_dir / "figures").glob("*.png")) == ["epoch_0000.png", "epoch_0001.png"]
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+    _export_and_predict_need_only_the_best_model(plate, best, tmp_path)
 
     with pytest.raises(ConfigError, match="resume"):
         run_train(_config(plate, tmp_path, "run"))
@@ -63,18 +74,34 @@ def test_train_resume_and_refuse_overwrite(plate, tmp_path):
         run_train(_config(plate, tmp_path, "other", resume=True))
 
     resumed = run_train(_config(plate, tmp_path, "run", epochs=3, resume=True))
-    assert resumed["epochs"] == 3
-    assert resumed["result"].metrics["step"] == 3 * 2  # 2 steps per epoch, none repeated
+    assert resumed.epochs == 3
+    assert resumed.result.metrics["step"] == 3 * 2  # 2 steps per epoch, none repeated
     assert len(_checkpoints(run_dir)) == 2  # num_to_keep
 
 
-def test_worker_kill_is_retried_from_checkpoint(plate, tmp_path):
-    marker = tmp_path / "killed"
+def _export_and_predict_need_only_the_best_model(plate: Path, best: Path, tmp_path: Path) -> None:
+    """What training knew (channels, normalisation, depth) reaches export and predict without being retyped."""
+    exported = api.export(model={"checkpoint": best}, output=tmp_path / "model.onnx", example_yx=(64, 64))
+    meta = read_onnx_metadata(exported.onnx)
+    assert meta["source_channels"] == ["Phase3D"] and meta["target_channels"] == ["Nuclei", "Membrane"]
+    assert meta["normalization"][0]["channels"] == ["Phase3D"]
+    with pytest.raises(ModelError, match="--overwrite"):
+        api.export(model={"checkpoint": best}, output=exported.onnx)
+    for kind, model in (("onnx", {"onnx": exported.onnx}), ("torch", {"model": {"checkpoint": best}})):
+        out = tmp_path / f"pred_{kind}.zarr"
+        predicted = api.predict(data_path=[plate], positions=["A/1/0"], output=out, num_actors=1, **model)
+        assert predicted.channels == ["Nuclei_prediction", "Membrane_prediction"] and predicted.fovs == 1
+        with Plate(next(iter(predicted.outputs.values()))) as store:
+            assert store.channel_names[-2:] == predicted.channels
+
+
+def test_worker_kill_is_retried_from_checkpoint(plate, tmp_path, monkeypatch):
+    monkeypatch.setenv("VISCY_TEST_HOOK", "viscy_hooks:crash_rank1_at_epoch2")
     cfg = _config(plate, tmp_path, "faulty", epochs=3, max_failures=1)
     cfg.logging.wandb = True
-    summary = run_train(cfg, crash_once=f"{marker}:2")
-    assert marker.exists()
-    assert summary["epochs"] == 3 and summary["result"].metrics["step"] == 3 * 2
+    trained = run_train(cfg)
+    assert (tmp_path / "killed").exists()
+    assert trained.epochs == 3 and trained.result.metrics["step"] == 3 * 2
     assert list((tmp_path / "faulty" / "wandb").glob("offline-run-*"))
 
 
@@ -85,9 +112,9 @@ def test_uri_storage_keeps_checkpoints_and_run_files_there(plate, tmp_path, monk
     uri = store.as_uri()  # file:///...: resolved by pyarrow like s3:// or gs://
     with pytest.raises(ConfigError, match="no run to continue"):
         run_train(_config(plate, uri, "remote", epochs=1, resume=True))
-    summary = run_train(_config(plate, uri, "remote", epochs=1))
+    trained = run_train(_config(plate, uri, "remote", epochs=1))
     remote = store / "remote"
-    assert summary["run_dir"] == cwd / "viscy_runs" / "remote"
+    assert trained.run_dir == cwd / "viscy_runs" / "remote"
     assert len(_checkpoints(remote)) == 1
     load_checkpoint(create_model("unet2d", **UNET), remote / BEST_MODEL)
     assert (remote / "viscy_config.yaml").exists() and (remote / "run_info.json").exists()

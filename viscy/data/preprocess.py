@@ -162,8 +162,37 @@ def _warn_sparse_grid(yx: tuple[int, int], grid: int) -> None:
         )
 
 
-def preprocess_plate(config: PreprocessConfig, progress: bool = True) -> dict[str, Any]:
-    """Compute and write normalisation statistics for a plate; returns a summary.
+@dataclass(frozen=True)
+class PreprocessResult:
+    """What ``viscy preprocess`` wrote.
+
+    Attributes
+    ----------
+    plate
+        The plate whose zattrs received the statistics.
+    channels
+        Channels with statistics.
+    fovs
+        FOVs with statistics; ``skipped`` maps the others to why (e.g. a corrupt chunk).
+    dataset_statistics
+        Per channel: mean, std, median, iqr, percentiles.
+    seconds
+        Wall time.
+    config
+        The resolved config saved beside the plate (``<plate>/viscy_preprocess/viscy_config.yaml``).
+    """
+
+    plate: Path
+    channels: list[str]
+    fovs: list[str]
+    skipped: dict[str, str]
+    dataset_statistics: dict[str, dict[str, float]]
+    seconds: float
+    config: Path
+
+
+def run_preprocess(config: PreprocessConfig, progress: bool = True) -> PreprocessResult:
+    """Compute and write normalisation statistics for a plate; save the config beside it; print a summary.
 
     Raises
     ------
@@ -233,25 +262,23 @@ def preprocess_plate(config: PreprocessConfig, progress: bool = True) -> dict[st
     # The plate-level entry is written last: its presence means every FOV entry is complete.
     if plate.kind == "hcs":
         _write_attrs(plate.root, "normalization", plate_norm)
-    return {
-        "plate": str(plate.root),
-        "channels": channels,
-        "fovs": [r.name for r in ok],
-        "skipped": skipped,
-        "dataset_statistics": dataset_stats,
-        "seconds": time.perf_counter() - started,
-    }
-
-
-def run_preprocess(config: PreprocessConfig) -> dict[str, Any]:
-    """CLI entry of ``viscy preprocess``."""
     from viscy.config import save_config
+    from viscy.console import place_log
 
-    summary = preprocess_plate(config)
-    save_config(config, Path(summary["plate"]) / "viscy_preprocess", "preprocess")
-    print(f"preprocessed {len(summary['fovs'])} FOVs of {summary['plate']} in {summary['seconds']:.1f} s")
-    for ch, s in summary["dataset_statistics"].items():
-        print(f"  {ch:<12} median {s['median']:.4g}  iqr {s['iqr']:.4g}  mean {s['mean']:.4g}  std {s['std']:.4g}")
-    for name, why in summary["skipped"].items():
+    config_dir = plate.root / "viscy_preprocess"
+    result = PreprocessResult(
+        plate=plate.root,
+        channels=list(channels),
+        fovs=[r.name for r in ok],
+        skipped=skipped,
+        dataset_statistics=dataset_stats,
+        seconds=time.perf_counter() - started,
+        config=save_config(config, config_dir, "preprocess"),
+    )
+    place_log(config_dir)
+    print(f"viscy preprocess: {len(result.fovs)} FOV(s) of {plate.root} in {result.seconds:.1f} s")
+    for ch, st in dataset_stats.items():
+        print(f"  {ch:<12} median {st['median']:.4g}  iqr {st['iqr']:.4g}  mean {st['mean']:.4g}  std {st['std']:.4g}")
+    for name, why in skipped.items():
         print(f"  skipped {name}: {why}")
-    return summary
+    return result

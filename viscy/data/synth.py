@@ -44,6 +44,7 @@ from scipy import ndimage as ndi
 from skimage.segmentation import find_boundaries
 
 from viscy.config import SynthConfig, save_config
+from viscy.data.replace import siblings, swap_in
 from viscy.errors import DataError
 from viscy.testing import hook
 
@@ -52,8 +53,6 @@ LABEL_NAMES = ("nuclei", "cells")
 YX_SCALE_UM = 0.325
 Z_SCALE_UM = 0.25
 ATTR = "viscy_synth"
-PARTIAL = ".viscy-partial"
-OLD = ".viscy-old"
 
 __all__ = [
     "CHANNEL_NAMES",
@@ -401,7 +400,7 @@ def write_synthetic_plate(config: SynthConfig, progress: bool = False) -> Path:
         not something viscy synth wrote; nothing is touched then.
     """
     out = Path(config.output)
-    partial, old = out.with_name(out.name + PARTIAL), out.with_name(out.name + OLD)
+    partial, old = siblings(out)
     # a swap cut short leaves the previous plate at <output>.viscy-old: it still counts as the output
     current = out if out.exists() else old if old.exists() else None
     if current is not None:
@@ -424,14 +423,7 @@ def write_synthetic_plate(config: SynthConfig, progress: bool = False) -> Path:
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    if old.exists():
-        shutil.rmtree(old)  # superseded by ``out`` in a swap killed after it completed
-    if out.exists():
-        os.replace(out, old)
-    hook("synth.swap", path=str(out))
-    os.replace(partial, out)
-    if old.exists():
-        shutil.rmtree(old)
+    swap_in(partial, out, is_synth_store, "synth.swap")
     return out
 
 

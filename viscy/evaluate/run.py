@@ -42,6 +42,7 @@ from viscy.predict.writer import ATTR as PREDICTION_ATTR
 from viscy.predict.writer import SUFFIX as PREDICTION_SUFFIX
 
 SUMMARY_NAME = "summary.json"
+LOG_NAME = "viscy_evaluate.log"
 MARKER_NAME = "viscy_evaluation.json"
 TABLE_NAME = "metrics"
 FIGURES_DIR = "figures"
@@ -93,7 +94,7 @@ class EvalPlan:
         """Every file (relative to ``output_dir``) this evaluation writes, marker excluded."""
         figures = [f"{FIGURES_DIR}/metric_distributions.png"]
         figures += [f"{FIGURES_DIR}/{example_name(p)}" for p in self.panel_positions]
-        return [CONFIG_FILENAME, f"{TABLE_NAME}.csv", f"{TABLE_NAME}.parquet", *figures, SUMMARY_NAME]
+        return [CONFIG_FILENAME, LOG_NAME, f"{TABLE_NAME}.csv", f"{TABLE_NAME}.parquet", *figures, SUMMARY_NAME]
 
 
 def example_name(position: str) -> str:
@@ -612,14 +613,35 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
-def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
-    """Validate inputs, score every FOV/time point with Ray, write tables, figures and the summary.
+@dataclass(frozen=True)
+class EvaluateResult:
+    """What ``viscy evaluate`` wrote.
 
-    Returns
-    -------
-    dict
-        The summary written to ``summary.json``.
+    Attributes
+    ----------
+    output_dir
+        Where ``metrics.csv``/``.parquet``, ``figures/`` and ``summary.json`` are.
+    metrics
+        One row per position / t / channel / z (the table in ``metrics.csv``).
+    mean
+        Channel -> metric -> mean over finite values.
+    units
+        Channel -> the units target and prediction were compared in.
+    summary
+        Everything in ``summary.json``.
     """
+
+    output_dir: Path
+    metrics: pd.DataFrame
+    mean: dict[str, dict[str, float | None]]
+    units: dict[str, str]
+    summary: dict[str, Any]
+
+
+def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
+    """Validate inputs, score every FOV/time point with Ray, write tables, figures and the summary."""
+    from viscy.console import place_log
+
     start = time.time()
     plan = plan_evaluation(config)
     out = Path(config.output_dir)
@@ -627,6 +649,7 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
     previous = check_output_dir(out, planned)
     prepare_output_dir(out, previous, planned)
     save_config(plan.config, out, "evaluate")
+    place_log(out, LOG_NAME)
     rows, panels = _run_tasks(plan)
     table = pd.DataFrame(rows)
     table = table.sort_values(list(ID_COLUMNS), kind="stable", key=_channel_order(plan.config)).reset_index(drop=True)
@@ -635,7 +658,7 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
     print(f"evaluation of {summary['n_positions']} positions ({summary['n_rows']} rows) written to {out}")
     print(f"compared in units: {units}")
     print(format_summary(summary["mean"]))
-    return summary
+    return EvaluateResult(out, table, summary["mean"], summary["units"], summary)
 
 
 def _channel_order(config: EvaluateConfig):

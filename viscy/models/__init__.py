@@ -37,6 +37,7 @@ __all__ = [
     "load_checkpoint",
     "model_kwargs",
     "model_spec",
+    "read_model_card",
     "register_model",
     "resolve_model",
     "resolve_model_source",
@@ -113,11 +114,22 @@ def resolve_model_source(
     return name, kwargs, card
 
 
-def training_kwargs(name: str, kwargs: dict[str, Any], pretraining: bool, mask_ratio: float) -> dict[str, Any]:
-    """Constructor kwargs for training: models with a masked pre-training mode get it switched on or off."""
-    arch, _, _ = resolve_model(name, kwargs)
+def training_kwargs(
+    name: str, kwargs: dict[str, Any], pretraining: bool, mask_ratio: float, data_shape: dict[str, int] | None = None
+) -> dict[str, Any]:
+    """Constructor kwargs for training.
+
+    An architecture (not a preset, whose kwargs are complete) gets the data arguments the config leaves out
+    from ``data_shape`` (``in_channels``, ``out_channels``, ``in_depth``, ``out_depth``; see
+    :func:`~viscy.models.registry.fit_to_data`). Models with a masked pre-training mode get it switched on or off.
+    """
+    from viscy.models.registry import fit_to_data
+
+    arch, _, preset = resolve_model(name, kwargs)
     accepts = model_kwargs(arch)
     kwargs = dict(kwargs)
+    if data_shape is not None and preset is None:
+        kwargs = fit_to_data(arch, kwargs, **data_shape)
     if "pretraining" not in accepts:
         if pretraining:
             raise ModelError(f"{name} has no masked pre-training mode; trainer.fcmae.pretraining needs model fcmae")
@@ -141,3 +153,10 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     from viscy.models.checkpoint import load_checkpoint as _load
 
     return _load(model, path)
+
+
+def read_model_card(path: str | Path) -> ModelCard | None:
+    """The model card stored with a checkpoint by ``viscy train`` (None for plain weights)."""
+    from viscy.models.checkpoint import read_model_card as _read
+
+    return _read(path)

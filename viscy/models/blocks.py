@@ -7,6 +7,7 @@ Module and parameter names follow VisCy's so that its published state dicts load
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from monai.networks.blocks import Convolution, UpSample
@@ -15,6 +16,15 @@ from timm.models.convnext import ConvNeXtStage, _init_weights
 from torch import Tensor, nn
 
 from viscy.errors import ModelError
+
+
+def stem_for_window(kwargs: dict[str, Any], default_kernel: Sequence[int] = (5, 4, 4)) -> dict[str, Any]:
+    """``kwargs`` with a stem that fits ``in_stack_depth``: unless given, a window that the default stem depth
+    does not divide is folded whole (depth 1 -> ``(1, 4, 4)``, 21 -> ``(21, 4, 4)``)."""
+    depth = int(kwargs.get("in_stack_depth", 5))
+    if "stem_kernel_size" in kwargs or depth % default_kernel[0] == 0:
+        return kwargs
+    return {**kwargs, "stem_kernel_size": [depth, *default_kernel[1:]]}
 
 
 def fold_depth(x: Tensor) -> Tensor:

@@ -297,8 +297,13 @@ def run_export(config: ExportConfig) -> ExportResult:
     model = create_model(name, checkpoint=mc.checkpoint, **kwargs).eval()
     norm = [n.model_dump(mode="json") for n in config.normalization] if config.normalization is not None else None
     meta = onnx_metadata(
-        model, name=name, kwargs=kwargs, card=card, source_channels=config.source_channel,
-        target_channels=config.target_channel, normalization=norm,
+        model,
+        name=name,
+        kwargs=kwargs,
+        card=card,
+        source_channels=config.source_channel,
+        target_channels=config.target_channel,
+        normalization=norm,
     )
     # Written under a temporary name and renamed only after the parity check passes, so a failed export
     # never leaves a file that looks usable.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,7 @@ from timm.models.convnext import _init_weights
 from torch import Tensor, nn
 
 from viscy.errors import ModelError
-from viscy.models.blocks import PixelToVoxelShuffleHead, UNeXt2Decoder, fold_depth
+from viscy.models.blocks import PixelToVoxelShuffleHead, UNeXt2Decoder, fold_depth, stem_for_window
 from viscy.models.registry import ModelSpec
 
 
@@ -180,6 +181,11 @@ class FullyConvolutionalMAE(nn.Module):
     mask_ratio
         Fraction of patches masked during pre-training (VisCy's ``fit_mask_ratio``).
     """
+
+    @staticmethod
+    def fit_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Complete kwargs filled from the data: a stem that fits the Z window (see ``stem_for_window``)."""
+        return stem_for_window(kwargs)
 
     def __init__(
         self,

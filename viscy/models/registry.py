@@ -183,6 +183,27 @@ def model_kwargs(name: str) -> dict[str, Any]:
     return {p.name: p.default for p in sig.parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
+# Constructor arguments that describe the data rather than the network, and the ModelSpec field each sets.
+DATA_KWARGS = {"in_channels": "in_channels", "out_channels": "out_channels", "in_stack_depth": "in_depth",
+               "out_stack_depth": "out_depth"}
+
+
+def fit_to_data(name: str, kwargs: dict[str, Any], **shape: int) -> dict[str, Any]:
+    """``kwargs`` of architecture ``name`` with the data arguments it leaves out taken from the data.
+
+    ``shape`` holds ``in_channels``, ``out_channels``, ``in_depth`` and ``out_depth``. Given arguments are kept
+    (a mismatch is then reported by :meth:`ModelSpec.check_data`); an architecture may complete others that
+    depend on them (its ``fit_kwargs``, e.g. UNeXt2's stem for the Z window).
+    """
+    accepts = model_kwargs(name)
+    out = dict(kwargs)
+    for key, field in DATA_KWARGS.items():
+        if key in accepts and key not in out:
+            out[key] = int(shape[field])
+    fit = getattr(get_model_class(name), "fit_kwargs", None)
+    return fit(out) if fit is not None else out
+
+
 def create_architecture(name: str, **kwargs: Any):
     """Build registered architecture ``name``; unknown kwargs raise :class:`ModelError`."""
     cls = get_model_class(name)

@@ -9,7 +9,7 @@ import timm
 from torch import Tensor, nn
 
 from viscy.errors import ModelError
-from viscy.models.blocks import DepthToChannelStem, PixelToVoxelHead, UNeXt2Decoder
+from viscy.models.blocks import DepthToChannelStem, PixelToVoxelHead, UNeXt2Decoder, stem_for_window
 from viscy.models.registry import ModelSpec
 
 
@@ -46,6 +46,11 @@ class UNeXt2(nn.Module):
     drop_path_rate
         Stochastic depth of the encoder.
     """
+
+    @staticmethod
+    def fit_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Complete kwargs filled from the data: a stem that fits the Z window (see ``stem_for_window``)."""
+        return stem_for_window(kwargs)
 
     def __init__(
         self,

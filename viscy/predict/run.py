@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections import defaultdict
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from viscy.predict.writer import (
     finish_output,
     is_complete,
     mark_complete,
+    prediction_names,
     prepare_output,
     write_block,
 )
@@ -273,14 +274,38 @@ def _use_gpu(setting: Any) -> bool:
     return bool(has_gpu) if setting == "auto" else bool(setting)
 
 
-def run_predict(config: PredictConfig) -> int:
-    """``viscy predict``: predict every selected FOV of every plate; returns 0. See the module docstring."""
-    predict_plates(config)
-    return 0
+@dataclass(frozen=True)
+class PredictResult:
+    """What ``viscy predict`` wrote.
+
+    Attributes
+    ----------
+    outputs
+        Input plate -> the store holding its predictions (the input plate itself in append mode).
+    channels
+        Prediction channel names (``<target>_prediction``), in raw target units if ``denormalized``.
+    denormalized
+        Whether predictions were mapped back to raw intensities.
+    fovs, skipped, units
+        FOVs predicted now, FOVs already complete (resumed job), work units run.
+    megapixels, seconds, unit_seconds
+        Pixels predicted, wall time, and time spent inside the actors.
+    """
+
+    outputs: dict[str, Path]
+    channels: list[str]
+    denormalized: bool
+    fovs: int
+    skipped: int
+    units: int
+    megapixels: float
+    seconds: float
+    unit_seconds: float
 
 
-def predict_plates(config: PredictConfig) -> dict[str, Any]:
-    """Predict every selected FOV of every plate; returns run statistics (FOVs, Mpx, wall and unit seconds)."""
+def run_predict(config: PredictConfig) -> PredictResult:
+    """Predict every selected FOV of every plate (resuming a killed job); see the module docstring."""
+    from viscy.console import place_log
     t_start = time.perf_counter()
     info = describe_model(config.model, config.onnx)
     sources, targets = resolve_channels(config, info)
@@ -326,6 +351,7 @@ def predict_plates(config: PredictConfig) -> dict[str, Any]:
         target = prepare_output(plate, fovs, output, targets, fp, action, job)
         outputs[str(plate.path)] = target
         save_config(config, target.config_dir, "predict")
+        place_log(target.config_dir, "viscy_predict.log")
         z_chunk = plate.info(fovs[0]).chunks[2] if target.append else 1
         for fov in fovs:
             if action in RESUMING and is_complete(target, fov, fp):
@@ -342,12 +368,24 @@ def predict_plates(config: PredictConfig) -> dict[str, Any]:
             if (str(plate.path), fov) in remaining:
                 t_n, _, z_n, y, x = plate.info(fov).shape
                 megapixels += t_n * z_n * y * x / 1e6
-    stats: dict[str, Any] = {"fovs": n_fovs, "skipped": skipped, "units": len(units), "megapixels": megapixels}
+    def result(seconds: float, unit_seconds: float) -> PredictResult:
+        return PredictResult(
+            outputs={p: t.path for p, t in outputs.items()},
+            channels=prediction_names(targets),
+            denormalized=config.denormalize,
+            fovs=n_fovs,
+            skipped=skipped,
+            units=len(units),
+            megapixels=megapixels,
+            seconds=seconds,
+            unit_seconds=unit_seconds,
+        )
+
     if not units:
         for target in outputs.values():
             finish_output(target)  # a replacement completed by a killed job
         print(f"viscy predict: nothing to do ({skipped} FOV(s) already complete)")
-        return {**stats, "seconds": time.perf_counter() - t_start, "unit_seconds": 0.0}
+        return result(time.perf_counter() - t_start, 0.0)
 
     # 3. stream units through the actor pool
     from viscy.ray_utils import ensure_ray
@@ -416,4 +454,4 @@ def predict_plates(config: PredictConfig) -> dict[str, Any]:
         f"{'GPU' if gpu else 'CPU'}); {skipped} FOV(s) already complete; channels "
         f"{[t + '_prediction' for t in targets]} in {where}"
     )
-    return {**stats, "seconds": elapsed, "unit_seconds": unit_seconds}
+    return result(elapsed, unit_seconds)

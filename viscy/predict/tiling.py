@@ -176,8 +176,9 @@ def predict_yx(windows: np.ndarray, predict_fn: PredictFn, opts: TilingOptions) 
     step = max(1, opts.batch_size)
     for s in range(0, len(items), step):
         chunk = items[s : s + step]
-        crops = np.stack([padded[i, :, :, tiles[t][0] : tiles[t][0] + ty, tiles[t][1] : tiles[t][1] + tx]
-                          for i, t in chunk])
+        crops = np.stack(
+            [padded[i, :, :, tiles[t][0] : tiles[t][0] + ty, tiles[t][1] : tiles[t][1] + tx] for i, t in chunk]
+        )
         preds = []
         for k, flip in transforms:
             inp = np.ascontiguousarray(_forward(crops, k, flip), dtype=np.float32)

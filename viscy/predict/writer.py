@@ -31,13 +31,11 @@ import numpy as np
 import zarr
 
 from viscy.data.plate import IMAGE_KEY, Plate
+from viscy.data.replace import siblings, swap_in
 from viscy.errors import DataError
-from viscy.testing import hook
 
 ATTR = "viscy_prediction"
 SUFFIX = "_prediction"
-PARTIAL = ".viscy-partial"
-OLD = ".viscy-old"
 CONFIG_DIR = "viscy_predict"  # where append mode keeps its resolved config inside the input plate
 RESUMING = ("resume", "continue")  # actions that skip positions already complete
 
@@ -112,11 +110,6 @@ def _clear_markers(target: OutputTarget, fovs: list[str]) -> None:
             group.attrs[ATTR] = {k: v for k, v in state.items() if k != "complete"}
         else:
             del group.attrs[ATTR]
-
-
-def siblings(output: Path) -> tuple[Path, Path]:
-    """``(partial, old)``: where a replacement of ``output`` is built, and where the old store waits."""
-    return output.with_name(output.name + PARTIAL), output.with_name(output.name + OLD)
 
 
 def is_prediction_store(path: Path) -> bool:
@@ -231,7 +224,12 @@ def _check_store(output: Path, fingerprint: str, overwrite: bool) -> str:
 
 
 def prepare_output(
-    plate: Plate, fovs: list[str], output: Path | None, targets: list[str], fingerprint: str, action: str,
+    plate: Plate,
+    fovs: list[str],
+    output: Path | None,
+    targets: list[str],
+    fingerprint: str,
+    action: str,
     job: dict[str, Any],
 ) -> OutputTarget:
     """Create (or reopen) the store and its arrays for ``fovs``; returns where tasks write.
@@ -270,7 +268,10 @@ def prepare_output(
                 t, _, z, y, x = info[fov].shape
                 pos = store if layout == "fov" else store.create_position(*fov.split("/"))
                 pos.create_zeros(
-                    IMAGE_KEY, shape=(t, len(names), z, y, x), dtype=np.float32, chunks=(1, 1, 1, y, x),
+                    IMAGE_KEY,
+                    shape=(t, len(names), z, y, x),
+                    dtype=np.float32,
+                    chunks=(1, 1, 1, y, x),
                     transform=[TransformationMeta(type="scale", scale=list(info[fov].scale))],
                 )
     return OutputTarget(root, layout, 0, False, output if root != output else None)
@@ -284,20 +285,7 @@ def finish_output(target: OutputTarget) -> None:
     """
     if target.final is None or not target.root.exists():
         return
-    _, old = siblings(target.final)
-    if old.exists():
-        if target.final.exists():
-            if not is_prediction_store(old):  # checked before writing; checked again before deleting
-                raise _refuse_foreign(old, "an old prediction store viscy predict set aside")
-            shutil.rmtree(old)  # left by a swap killed after it completed
-        else:
-            os.replace(old, target.final)
-    if target.final.exists():
-        os.replace(target.final, old)
-    hook("predict.swap", output=str(target.final))
-    os.replace(target.root, target.final)
-    if old.exists():
-        shutil.rmtree(old)
+    swap_in(target.root, target.final, is_prediction_store, "predict.swap")
 
 
 def _prepare_append(

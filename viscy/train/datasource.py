@@ -84,6 +84,7 @@ def split_fovs(fovs: list[tuple[str, str]], data: DataConfig) -> Split:
     """
     fovs = sorted(fovs)
     if data.val_positions is not None:
+
         def is_val(p: str, f: str) -> bool:
             full = f"{Path(p).as_posix().rstrip('/')}/{f}"
             return any(fnmatch.fnmatchcase(f, pat) or fnmatch.fnmatchcase(full, pat) for pat in data.val_positions)
@@ -150,8 +151,11 @@ def patch_datasource(reads: list[Read], data: DataConfig, augment: bool):
     from ray.data.block import BlockMetadata
 
     spec = PatchSpec.from_config(data)
-    bytes_per_patch = 4 * spec.yx_patch[0] * spec.yx_patch[1] * (
-        len(spec.source_channels) * spec.z_window + len(spec.target_channels) * spec.target_depth
+    bytes_per_patch = (
+        4
+        * spec.yx_patch[0]
+        * spec.yx_patch[1]
+        * (len(spec.source_channels) * spec.z_window + len(spec.target_channels) * spec.target_depth)
     )
 
     class _Source(Datasource):

@@ -53,8 +53,13 @@ def ms_ssim(
         values = []
         for i in range(scales):
             ssim, cs = compute_ssim_and_cs(
-                p, t, spatial_dims=2, kernel_size=[kernel, kernel], kernel_sigma=[1.5, 1.5],
-                data_range=data_range, kernel_type="uniform",
+                p,
+                t,
+                spatial_dims=2,
+                kernel_size=[kernel, kernel],
+                kernel_sigma=[1.5, 1.5],
+                data_range=data_range,
+                kernel_type="uniform",
             )
             term = ssim if i == scales - 1 else cs
             values.append(term.flatten(2).mean(-1).clamp_min(clamp))  # (N, C)

@@ -35,9 +35,7 @@ def resolve_precision(precision: str, use_gpu: bool) -> str:
     return precision
 
 
-def build_model(
-    name: str, kwargs: dict[str, Any], checkpoint: str | Path | None, trainer: TrainerConfig
-) -> nn.Module:
+def build_model(name: str, kwargs: dict[str, Any], checkpoint: str | Path | None, trainer: TrainerConfig) -> nn.Module:
     """Create the network; FCMAE gets its pre-training mode from ``trainer.fcmae`` and optional encoder weights."""
     from viscy.models import create_model, training_kwargs
 

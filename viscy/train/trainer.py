@@ -34,7 +34,10 @@ def git_commit() -> str | None:
     """``git rev-parse HEAD`` of the code being run, or None outside a git checkout."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
             cwd=Path(__file__).resolve().parent,
         )
     except (OSError, subprocess.SubprocessError):
@@ -94,8 +97,9 @@ def upload_run_files(local: Path, storage: str, name: str, dirs: bool) -> None:
             dest = f"{root}/{name}/{entry.name}"
             if dirs:
                 fs.create_dir(dest, recursive=True)
-            pyarrow.fs.copy_files(str(entry), dest, source_filesystem=pyarrow.fs.LocalFileSystem(),
-                                  destination_filesystem=fs)
+            pyarrow.fs.copy_files(
+                str(entry), dest, source_filesystem=pyarrow.fs.LocalFileSystem(), destination_filesystem=fs
+            )
 
 
 def _epoch_callbacks():
@@ -108,8 +112,12 @@ def _epoch_callbacks():
         """Tell the driver's console about each epoch (rank 0), and run the test hook at each epoch start."""
 
         def on_train_epoch_start(self, trainer, pl_module) -> None:
-            hook("train.epoch_start", epoch=trainer.current_epoch, rank=trainer.global_rank,
-                 run_dir=str(pl_module.figure_dir.parent) if pl_module.figure_dir else "")
+            hook(
+                "train.epoch_start",
+                epoch=trainer.current_epoch,
+                rank=trainer.global_rank,
+                run_dir=str(pl_module.figure_dir.parent) if pl_module.figure_dir else "",
+            )
 
         def on_train_epoch_end(self, trainer, pl_module) -> None:
             if trainer.global_rank == 0:
@@ -147,8 +155,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
         os.environ["WANDB_DIR"] = str(run_dir)
         logger = WandbLogger(
-            project=config.logging.project, name=config.logging.run_name or name, group=config.logging.group,
-            save_dir=str(run_dir), offline=config.logging.offline, id=name.replace("/", "-"), resume="allow",
+            project=config.logging.project,
+            name=config.logging.run_name or name,
+            group=config.logging.group,
+            save_dir=str(run_dir),
+            offline=config.logging.offline,
+            id=name.replace("/", "-"),
+            resume="allow",
             config=loop_config["config"],
         )
     else:
@@ -202,7 +215,7 @@ def export_best(result: Any, score: str, out_dir: Path, card: ModelCard) -> tupl
     ckpt, metrics = min(candidates, key=lambda cm: cm[1].get(score, float("inf")))
     with ckpt.as_directory() as d:
         state = torch.load(Path(d) / "checkpoint.ckpt", map_location="cpu", weights_only=True)["state_dict"]
-    weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    weights = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
     metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     training = {**card.training, "epoch": int(metrics.get("epoch", -1)), "metrics": metrics}
     card = dataclasses.replace(card, training=training)
@@ -249,7 +262,8 @@ def model_card_for(config: TrainConfig, run_name: str | None = None) -> ModelCar
     name, kwargs, _ = resolve_model_source(
         mc.name or (None if mc.checkpoint else DEFAULT_TRAIN_MODEL), mc.kwargs, mc.checkpoint
     )
-    kwargs = training_kwargs(name, kwargs, fcmae.pretraining, fcmae.mask_ratio)
+    shape = data.model_shape(fcmae.pretraining)
+    kwargs = training_kwargs(name, kwargs, fcmae.pretraining, fcmae.mask_ratio, shape)
     return ModelCard(
         name=name,
         kwargs=kwargs,
@@ -258,7 +272,7 @@ def model_card_for(config: TrainConfig, run_name: str | None = None) -> ModelCar
         target_channels=list(data.source_channel if fcmae.pretraining else data.target_channel),
         normalization=[n.model_dump(mode="json") for n in data.normalization],
         z_window_size=data.z_window_size,
-        target_depth=1 if data.target_2d else data.z_window_size,
+        target_depth=shape["out_depth"],
         training={"run_name": run_name, "git_commit": git_commit()},
     )
 
@@ -404,13 +418,24 @@ def run_train(config: TrainConfig) -> TrainResult:
     DataContext.get_current().op_resource_reservation_enabled = False
     DataContext.get_current().enable_progress_bars = False
     train_ds, val_ds, split, steps = build_datasets(
-        config.data, tc.num_workers, tc.reads_per_fov, tc.val_reads_per_fov, tc.train_steps_per_epoch,
-        tc.val_steps, tc.seed,
+        config.data,
+        tc.num_workers,
+        tc.reads_per_fov,
+        tc.val_reads_per_fov,
+        tc.train_steps_per_epoch,
+        tc.val_steps,
+        tc.seed,
     )
     run_dir.mkdir(parents=True, exist_ok=True)
-    info = {"git_commit": card.training.get("git_commit"), "run_name": name, "storage_path": storage,
-            "split": json.loads(split.to_json()), "steps_per_worker": steps, "model": card.describe(),
-            "started": _dt.datetime.now().isoformat()}
+    info = {
+        "git_commit": card.training.get("git_commit"),
+        "run_name": name,
+        "storage_path": storage,
+        "split": json.loads(split.to_json()),
+        "steps_per_worker": steps,
+        "model": card.describe(),
+        "started": _dt.datetime.now().isoformat(),
+    }
     (run_dir / RUN_INFO).write_text(json.dumps(info, indent=2))
     save_config(config, run_dir, "train")
     logfile = place_log(run_dir)
@@ -419,14 +444,21 @@ def run_train(config: TrainConfig) -> TrainResult:
     resources = {"CPU": tc.cpus_per_worker} | ({"GPU": tc.gpus_per_worker} if tc.use_gpu else {})
     print(f"viscy train: {'resuming' if tc.resume else 'run'} '{name}' -> {run_dir}")
     print(f"  model {card.describe()}")
-    print(f"  {len(split.train)} train / {len(split.val)} val FOVs; per worker and epoch {steps['train_steps']} "
-          f"train / {steps['val_steps']} val batches of {config.data.batch_size}; {tc.num_workers} worker(s) on "
-          f"{'GPU' if tc.use_gpu else 'CPU'}; log {logfile or log_path()}")
+    print(
+        f"  {len(split.train)} train / {len(split.val)} val FOVs; per worker and epoch {steps['train_steps']} "
+        f"train / {steps['val_steps']} val batches of {config.data.batch_size}; {tc.num_workers} worker(s) on "
+        f"{'GPU' if tc.use_gpu else 'CPU'}; log {logfile or log_path()}"
+    )
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
-            "config": json.loads(config.model_dump_json()), "run_dir": str(run_dir), "run_name": name,
-            "steps": steps, "storage": storage, "model_name": card.name, "model_kwargs": card.kwargs,
+            "config": json.loads(config.model_dump_json()),
+            "run_dir": str(run_dir),
+            "run_name": name,
+            "steps": steps,
+            "storage": storage,
+            "model_name": card.name,
+            "model_kwargs": card.kwargs,
             "test_hook": forwarded(),
         },
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources),
@@ -463,10 +495,13 @@ def run_train(config: TrainConfig) -> TrainResult:
     epochs = int((result.metrics or {}).get("epoch", -1)) + 1
     upload_run_files(run_dir, storage, name, dirs=False)
     summary = TrainResult(run_dir, best, metrics, epochs, card, storage, result)
-    print(f"viscy train: finished {epochs} epochs; best {score} {metrics.get(score, float('nan')):.4f} "
-          f"(epoch {int(metrics.get('epoch', -1)) + 1})"
-          + "".join(f", val Pearson {c} {metrics[f'val_pearson_{c}']:.3f}" for c in channels
-                    if f"val_pearson_{c}" in metrics))
+    print(
+        f"viscy train: finished {epochs} epochs; best {score} {metrics.get(score, float('nan')):.4f} "
+        f"(epoch {int(metrics.get('epoch', -1)) + 1})"
+        + "".join(
+            f", val Pearson {c} {metrics[f'val_pearson_{c}']:.3f}" for c in channels if f"val_pearson_{c}" in metrics
+        )
+    )
     print(f"  best model {best} (self-describing: viscy export / predict need nothing else)")
     tracker = "wandb" if config.logging.wandb else "tensorboard"
     print(f"  checkpoints {storage}/{name}/checkpoint_*  figures {run_dir / 'figures'}  {tracker} {run_dir / tracker}")
