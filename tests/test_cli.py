@@ -53,9 +53,11 @@ def test_info_on_plate_and_missing_path(small_plate, capsys):
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _viscy(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """``viscy ARGS`` as a real process running this checkout's code."""
+def _viscy(*args: str, cwd: Path | None = None, unset: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """``viscy ARGS`` as a real process running this checkout's code (without the variables in ``unset``)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    for name in unset:
+        env.pop(name, None)
     return subprocess.run([sys.executable, "-m", "viscy.cli", *args], capture_output=True, text=True, cwd=cwd,
                           env=env, timeout=300)
 
@@ -87,7 +89,9 @@ def test_synth_takes_numeric_well_columns(tmp_path):
 
 
 def test_preprocess_console_is_quiet_and_names_its_log(small_plate):
-    out = _viscy("preprocess", "--data_path", str(small_plate), "--grid_spacing", "1")
+    # as from a user's shell: no RAY_AUTH_MODE (make test sets it), no RAY_ADDRESS
+    out = _viscy("preprocess", "--data_path", str(small_plate), "--grid_spacing", "1",
+                 unset=("RAY_AUTH_MODE", "RAY_ADDRESS"))
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
     # a summary line and one per channel; Ray's start-up and worker chatter live in the log file

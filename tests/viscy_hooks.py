@@ -44,3 +44,9 @@ def kill_synth_at_position1(point: str, **context) -> None:
     """SIGKILL the ``viscy synth`` process once it wrote its second position."""
     if point == "synth.position_done" and context["index"] == 1:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fail_rank0_at_epoch1(point: str, **context) -> None:
+    """Raise in Ray Train rank 0 at the start of epoch 1 (a bug in a worker, not a lost node)."""
+    if point == "train.epoch_start" and context["epoch"] == 1 and context["rank"] == 0:
+        raise HookCrash("simulated bug in the training step")

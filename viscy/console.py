@@ -12,6 +12,7 @@ A stage writes its log next to its output by calling :func:`place_log` once the 
 
 from __future__ import annotations
 
+import collections
 import datetime as _dt
 import json
 import logging
@@ -20,6 +21,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import uuid
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -135,8 +137,12 @@ def route_worker_logs() -> None:
     dispatcher.add_handler("viscy_worker_logs", _worker_lines)
 
 
+_seen_events: collections.deque[str] = collections.deque(maxlen=1024)
+
+
 def _worker_lines(batch: dict[str, Any]) -> None:
-    log = logging.getLogger("ray.worker_output")
+    # Not under "ray.": Ray sets that logger to WARNING, which would drop these INFO records.
+    log = logging.getLogger("viscy.workers")
     who = batch.get("actor_name") or batch.get("task_name") or "worker"
     for line in batch.get("lines", []):
         if line.startswith(EVENT_TAG):
@@ -144,6 +150,10 @@ def _worker_lines(batch: dict[str, Any]) -> None:
                 event = json.loads(line[len(EVENT_TAG) :])
             except json.JSONDecodeError:
                 continue
+            # Ray Train relays a worker's output through more than one stream: handle each event once.
+            if event.get("id") in _seen_events:
+                continue
+            _seen_events.append(event.get("id"))
             handler = _event_handlers.get(event.get("kind", ""))
             if handler is not None:
                 handler(event)
@@ -153,7 +163,8 @@ def _worker_lines(batch: dict[str, Any]) -> None:
 
 def emit_event(kind: str, **payload: Any) -> None:
     """From a Ray worker: send a small JSON event to the driver's console (via Ray's log stream)."""
-    print(EVENT_TAG + json.dumps({"kind": kind, **payload}, default=str), flush=True)
+    event = {"kind": kind, "id": uuid.uuid4().hex, **payload}
+    print(EVENT_TAG + json.dumps(event, default=str), flush=True)
 
 
 def on_event(kind: str, handler: Callable[[dict[str, Any]], None] | None) -> None:

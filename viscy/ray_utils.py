@@ -18,9 +18,8 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     print goes to the log file (:mod:`viscy.console`), not the console.
     """
     joining = bool(os.environ.get("RAY_ADDRESS"))
-    if not joining:
-        # Ray reads the auth mode when it starts a cluster; only our own cluster gets token auth imposed.
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    # Not joining, ``import viscy`` has set RAY_AUTH_MODE=token (Ray reads it at import): our own cluster
+    # gets token auth; joining, the user's setting for that cluster stands.
     import ray
 
     from viscy.console import quiet_loggers, route_worker_logs, verbose

@@ -69,3 +69,22 @@ def test_shape_mismatch_and_unreadable_files(tmp_path):
     torch.save({"epoch": 1}, tmp_path / "nostate.ckpt")
     with pytest.raises(ModelError, match="no state dict"):
         read_state_dict(tmp_path / "nostate.ckpt")
+
+
+class _RunsCodeWhenUnpickled:
+    """Unpickling this calls ``print``: what a malicious checkpoint would do with ``os.system``."""
+
+    def __reduce__(self):
+        return (print, ("code ran while loading a checkpoint",))
+
+
+def test_checkpoints_that_run_code_are_refused(tmp_path, capsys):
+    from viscy.models import read_model_card
+
+    model = create_model("unet2d", num_blocks=2, num_filters=4)
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": model.state_dict(), "payload": _RunsCodeWhenUnpickled()}, path)
+    for load in (lambda: load_checkpoint(model, path), lambda: read_model_card(path)):
+        with pytest.raises(ModelError, match="cannot read checkpoint"):
+            load()
+    assert "code ran" not in capsys.readouterr().out

@@ -67,3 +67,17 @@ def test_cli_train_help_and_resume_error(capsys, tmp_path):
     code = main(["train", "--data.data_path", str(tmp_path / "p.zarr"), "--trainer.resume", "true"])
     assert code in (1, 2)
     assert "run_name" in capsys.readouterr().err
+
+
+def test_default_model_takes_its_shape_from_the_data():
+    from viscy.train.trainer import model_card_for
+
+    two_d = model_card_for(load_config(TrainConfig, None, {"data.data_path": "x.zarr"}))
+    assert two_d.name == "unext2" and two_d.spec.in_depth == 1 and two_d.spec.out_channels == 2
+    assert two_d.kwargs["stem_kernel_size"] == [1, 4, 4]  # the stem folds the whole (1-slice) window
+    three_d = model_card_for(load_config(TrainConfig, None, {
+        "data.data_path": "x.zarr", "data.z_window_size": 5, "data.target_2d": False,
+        "data.source_channel": ["BF", "DPC"], "data.target_channel": ["DAPI"]}))
+    assert (three_d.spec.in_channels, three_d.spec.out_channels, three_d.spec.in_depth, three_d.spec.out_depth) == (
+        2, 1, 5, 5)
+    assert "stem_kernel_size" not in three_d.kwargs  # VisCy's (5, 4, 4) fits

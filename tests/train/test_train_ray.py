@@ -15,7 +15,7 @@ from viscy.data.synth import write_synthetic_plate
 from viscy.errors import ModelError
 from viscy.models import create_model, load_checkpoint, read_model_card
 from viscy.models.export import read_onnx_metadata
-from viscy.train.trainer import BEST_MODEL, run_train
+from viscy.train.trainer import BEST_MODEL, TrainingError, run_train
 
 pytestmark = pytest.mark.slow
 UNET = {"in_channels": 1, "out_channels": 2, "num_blocks": 2, "num_filters": 4}
@@ -44,8 +44,12 @@ def _checkpoints(run_dir: Path) -> list[Path]:
     return sorted(run_dir.glob("checkpoint_*/checkpoint.ckpt"))
 
 
-def test_train_resume_and_refuse_overwrite(plate, tmp_path):
+def test_train_resume_and_refuse_overwrite(plate, tmp_path, capsys):
     trained = run_train(_config(plate, tmp_path, "run"))
+    console = capsys.readouterr().out
+    # one line per epoch, relayed from rank 0 once, with the per-channel validation Pearson
+    assert console.count("epoch 1/2 ") == 1 and console.count("epoch 2/2 ") == 1, console
+    assert "val Pearson Nuclei" in console and "best model" in console
     run_dir = tmp_path / "run"
     assert trained.run_dir == run_dir and trained.epochs == 2
     assert len(_checkpoints(run_dir)) == 2
@@ -56,9 +60,10 @@ def test_train_resume_and_refuse_overwrite(plate, tmp_path):
     assert trained.best_model == best
     load_checkpoint(create_model("unet2d", **UNET), best)
     card = read_model_card(best)  # the weights describe themselves: export and predict need nothing else
-    assert card == trained.card and card.name == "unet2d" and card.kwargs == UNET
+    assert card == trained.card and card.name == "unet2d" and card.kwargs == UNET | {"in_stack_depth": 1}
     assert card.source_channels == ["Phase3D"] and card.target_channels == ["Nuclei", "Membrane"]
-    assert card.spec.in_channels == 1 and card.normalization[0]["channels"] == ["Phase3D"]
+    # the default catch-all normalisation, recorded for the channels it was applied to
+    assert card.spec.in_channels == 1 and card.normalization[0]["channels"] == ["Phase3D", "Nuclei", "Membrane"]
     assert card.training["run_name"] == "run" and "val_loss" in card.training["metrics"]
     assert load_config(TrainConfig, run_dir / "viscy_config.yaml").trainer.run_name == "run"
     info = json.loads((run_dir / "run_info.json").read_text())
@@ -84,7 +89,7 @@ def _export_and_predict_need_only_the_best_model(plate: Path, best: Path, tmp_pa
     exported = api.export(model={"checkpoint": best}, output=tmp_path / "model.onnx", example_yx=(64, 64))
     meta = read_onnx_metadata(exported.onnx)
     assert meta["source_channels"] == ["Phase3D"] and meta["target_channels"] == ["Nuclei", "Membrane"]
-    assert meta["normalization"][0]["channels"] == ["Phase3D"]
+    assert meta["normalization"][0]["channels"] == ["Phase3D", "Nuclei", "Membrane"]
     with pytest.raises(ModelError, match="--overwrite"):
         api.export(model={"checkpoint": best}, output=exported.onnx)
     for kind, model in (("onnx", {"onnx": exported.onnx}), ("torch", {"model": {"checkpoint": best}})):
@@ -103,6 +108,15 @@ def test_worker_kill_is_retried_from_checkpoint(plate, tmp_path, monkeypatch):
     assert (tmp_path / "killed").exists()
     assert trained.epochs == 3 and trained.result.metrics["step"] == 3 * 2
     assert list((tmp_path / "faulty" / "wandb").glob("offline-run-*"))
+
+
+def test_worker_failure_is_one_line_naming_the_cause(plate, tmp_path, monkeypatch):
+    monkeypatch.setenv("VISCY_TEST_HOOK", "viscy_hooks:fail_rank0_at_epoch1")
+    with pytest.raises(TrainingError) as err:
+        run_train(_config(plate, tmp_path, "buggy", epochs=2))
+    message = str(err.value)
+    assert "worker rank 0: HookCrash: simulated bug in the training step" in message, message
+    assert "Traceback" not in message and "--trainer.run_name buggy --trainer.resume true" in message
 
 
 def test_uri_storage_keeps_checkpoints_and_run_files_there(plate, tmp_path, monkeypatch):

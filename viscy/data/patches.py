@@ -65,6 +65,17 @@ def normalization_for_channel(channel: str, norms: list[NormalizationConfig]) ->
     return None
 
 
+def explicit_normalization(channels: list[str], norms: list[NormalizationConfig]) -> list[NormalizationConfig]:
+    """``norms`` with every group naming its channels: each of ``channels`` in the group that applies to it
+    (a catch-all group gets the channels no other group lists; channels with no group are left raw)."""
+    out: list[NormalizationConfig] = []
+    for group in norms:
+        members = [ch for ch in channels if normalization_for_channel(ch, norms) is group]
+        if members:
+            out.append(group.model_copy(update={"channels": members}))
+    return out
+
+
 def normalization_params(
     norm_meta: dict[str, Any], channels: list[str] | tuple[str, ...], norms: list[NormalizationConfig]
 ) -> np.ndarray:

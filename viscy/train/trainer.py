@@ -201,8 +201,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         upload_run_files(run_dir, loop_config["storage"], name, dirs=True)
 
 
-def export_best(result: Any, score: str, out_dir: Path, card: ModelCard) -> tuple[Path, dict[str, Any]] | None:
-    """Write the best reported checkpoint's weights with their model card as ``best_model.pt``."""
+def export_best(result: Any, score: str, out_dir: Path, card: ModelCard) -> tuple[Path, ModelCard] | None:
+    """Write the best reported checkpoint's weights with their model card (plus its epoch and metrics) as
+    ``best_model.pt``; return the path and the card written."""
     import torch
 
     from viscy.models.checkpoint import save_model
@@ -219,7 +220,7 @@ def export_best(result: Any, score: str, out_dir: Path, card: ModelCard) -> tupl
     metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     training = {**card.training, "epoch": int(metrics.get("epoch", -1)), "metrics": metrics}
     card = dataclasses.replace(card, training=training)
-    return save_model(weights, card, out_dir / BEST_MODEL), metrics
+    return save_model(weights, card, out_dir / BEST_MODEL), card
 
 
 @dataclass(frozen=True)
@@ -256,6 +257,7 @@ class TrainResult:
 def model_card_for(config: TrainConfig, run_name: str | None = None) -> ModelCard:
     """The model card of what ``config`` trains: resolved name and kwargs, spec, channels, normalisation."""
     from viscy.config import DEFAULT_TRAIN_MODEL
+    from viscy.data.patches import explicit_normalization
     from viscy.models import model_spec, resolve_model_source, training_kwargs
 
     mc, data, fcmae = config.model, config.data, config.trainer.fcmae
@@ -270,7 +272,10 @@ def model_card_for(config: TrainConfig, run_name: str | None = None) -> ModelCar
         spec=model_spec(name, kwargs),
         source_channels=list(data.source_channel),
         target_channels=list(data.source_channel if fcmae.pretraining else data.target_channel),
-        normalization=[n.model_dump(mode="json") for n in data.normalization],
+        normalization=[
+            n.model_dump(mode="json")
+            for n in explicit_normalization([*data.source_channel, *data.target_channel], data.normalization)
+        ],
         z_window_size=data.z_window_size,
         target_depth=shape["out_depth"],
         training={"run_name": run_name, "git_commit": git_commit()},
@@ -491,7 +496,8 @@ def run_train(config: TrainConfig) -> TrainResult:
         on_event("train_epoch", None)
         printer.close()
     exported = export_best(result, score, run_dir, card)
-    best, metrics = exported if exported is not None else (None, {})
+    best, card = exported if exported is not None else (None, card)
+    metrics = card.training.get("metrics", {})
     epochs = int((result.metrics or {}).get("epoch", -1)) + 1
     upload_run_files(run_dir, storage, name, dirs=False)
     summary = TrainResult(run_dir, best, metrics, epochs, card, storage, result)
