@@ -35,3 +35,16 @@ def test_preprocess_returns_a_typed_result(small_plate, ray_local):
     assert result.plate == small_plate and result.fovs == ["A/1/0", "A/1/1", "B/2/0"] and not result.skipped
     assert set(result.dataset_statistics) == {"Phase3D", "Nuclei"}
     assert result.config == small_plate / "viscy_preprocess" / "viscy_config.yaml" and result.config.exists()
+
+
+def test_stage_paths_are_made_absolute_for_ray_workers(tmp_path, monkeypatch):
+    from viscy.config import TrainConfig, absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    predict = absolute_paths(api.resolve_config(PredictConfig, {"data_path": ["a.zarr", "/data/b.zarr"]},
+                                                onnx="m.onnx", output="out.zarr"))
+    assert predict.data_path == [tmp_path / "a.zarr", Path("/data/b.zarr")]
+    assert predict.onnx == tmp_path / "m.onnx" and predict.output == tmp_path / "out.zarr"
+    train = absolute_paths(api.resolve_config(TrainConfig, {"data": {"data_path": "p.zarr"}}))
+    assert train.data.data_path == [tmp_path / "p.zarr"]
+    assert train.trainer.storage_path == "runs"  # a string that may be a URI: resolved (if local) by train itself

@@ -7,13 +7,14 @@ mappings or dotted keys), validates it exactly as the CLI does, runs the stage a
 
     api.preprocess(data_path="plate.zarr")
     trained = api.train("configs/demo.yaml", trainer={"max_epochs": 2, "run_name": "try-1"})
-    predicted = api.predict(model={"checkpoint": trained.best_model}, data_path=["plate.zarr"], output="pred.zarr")
+    predicted = api.predict(model={"checkpoint": trained.best_model}, data_path="plate.zarr", output="pred.zarr")
     scores = api.evaluate(data_path="plate.zarr", prediction_path="pred.zarr", output_dir="eval")
     scores.mean["Nuclei"]["pearson"]
 
-A trained model carries its card (architecture, channels, normalisation), so ``predict`` and ``export`` need
-only the checkpoint. Errors are :class:`viscy.errors.ViscyError` or :class:`viscy.config.ConfigError` and
-name the problem and the fix.
+Relative paths are resolved against the current directory before anything runs (Ray workers run in
+their own directories). A trained model carries its card (architecture, channels, normalisation), so
+``predict`` and ``export`` need only the checkpoint. Errors are :class:`viscy.errors.ViscyError` or
+:class:`viscy.config.ConfigError` and name the problem and the fix.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from viscy.config import (
     PreprocessConfig,
     SynthConfig,
     TrainConfig,
+    absolute_paths,
     config_to_yaml,
     load_config,
 )
@@ -80,43 +82,40 @@ def resolve_config(schema: type[TConfig], config: ConfigLike = None, **overrides
     return load_config(schema, None, _dotted(tree) | _dotted(overrides))
 
 
+def _run(entry: str, schema: type[TConfig], config: ConfigLike, overrides: dict[str, Any]) -> Any:
+    """Validate, make paths absolute (Ray workers run elsewhere) and run ``entry`` ("module:function")."""
+    import importlib
+
+    module, _, function = entry.partition(":")
+    resolved = absolute_paths(resolve_config(schema, config, **overrides))
+    return getattr(importlib.import_module(module), function)(resolved)
+
+
 def synth(config: ConfigLike = None, **overrides: Any) -> Path:
     """Write a synthetic HCS plate with ground-truth labels (``viscy synth``); return its path."""
-    from viscy.data.synth import run_synth
-
-    return run_synth(resolve_config(SynthConfig, config, **overrides))
+    return _run("viscy.data.synth:run_synth", SynthConfig, config, overrides)
 
 
 def preprocess(config: ConfigLike = None, **overrides: Any) -> PreprocessResult:
     """Write normalisation statistics into a plate's zattrs (``viscy preprocess``)."""
-    from viscy.data.preprocess import run_preprocess
-
-    return run_preprocess(resolve_config(PreprocessConfig, config, **overrides))
+    return _run("viscy.data.preprocess:run_preprocess", PreprocessConfig, config, overrides)
 
 
 def train(config: ConfigLike = None, **overrides: Any) -> TrainResult:
     """Train with Ray Train and write a self-describing ``best_model.pt`` (``viscy train``)."""
-    from viscy.train.trainer import run_train
-
-    return run_train(resolve_config(TrainConfig, config, **overrides))
+    return _run("viscy.train.trainer:run_train", TrainConfig, config, overrides)
 
 
 def export(config: ConfigLike = None, **overrides: Any) -> ExportResult:
     """Export a checkpoint or preset to ONNX with its model card and a parity check (``viscy export``)."""
-    from viscy.models.export import run_export
-
-    return run_export(resolve_config(ExportConfig, config, **overrides))
+    return _run("viscy.models.export:run_export", ExportConfig, config, overrides)
 
 
 def predict(config: ConfigLike = None, **overrides: Any) -> PredictResult:
     """Predict whole plates with a checkpoint or ONNX model on Ray Data (``viscy predict``)."""
-    from viscy.predict.run import run_predict
-
-    return run_predict(resolve_config(PredictConfig, config, **overrides))
+    return _run("viscy.predict.run:run_predict", PredictConfig, config, overrides)
 
 
 def evaluate(config: ConfigLike = None, **overrides: Any) -> EvaluateResult:
     """Score predictions against their targets (``viscy evaluate``)."""
-    from viscy.evaluate.run import run_evaluate
-
-    return run_evaluate(resolve_config(EvaluateConfig, config, **overrides))
+    return _run("viscy.evaluate.run:run_evaluate", EvaluateConfig, config, overrides)

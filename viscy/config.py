@@ -654,6 +654,30 @@ def load_config(
         raise ConfigError(format_validation_error(err, schema)) from None
 
 
+def absolute_paths(config: TConfig) -> TConfig:
+    """``config`` with every relative path made absolute against the current directory.
+
+    Ray tasks and actors run in their own working directories (on a cluster, on other nodes), so paths are
+    resolved once, in the driver, before anything is sent to them; the saved config then records them too.
+    """
+    def fix(value: Any) -> Any:
+        if isinstance(value, Path):
+            return value if value.is_absolute() else Path.cwd() / value.expanduser()
+        if isinstance(value, list):
+            return [fix(v) for v in value]
+        if isinstance(value, BaseModel):
+            return absolute_paths(value)
+        return value
+
+    update = {}
+    for name in type(config).model_fields:
+        value = getattr(config, name)
+        fixed = fix(value)
+        if fixed is not value:
+            update[name] = fixed
+    return config.model_copy(update=update) if update else config
+
+
 def config_to_yaml(config: BaseModel) -> str:
     """Serialise a config to YAML (paths and tuples as plain strings and lists)."""
     return yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False)

@@ -72,7 +72,7 @@ def _train_predict_evaluate(config: DemoConfig, plate_path) -> None:
     print("[7/7] evaluating predictions against the targets and the ground-truth nuclei ...")
     api.evaluate(
         data_path=plate_path,
-        prediction_path=next(iter(predicted.outputs.values())),
+        prediction_path=predicted.outputs[0],
         positions=val_fovs,
         segmentation={"method": "classical", "use_ground_truth_labels": "nuclei"},
         output_dir=workdir / "evaluation",

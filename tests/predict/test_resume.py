@@ -92,45 +92,22 @@ def _env() -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_killed_job_resumes_identically(tmp_path, job):
-    from viscy.predict.run import run_predict
-
-    out = tmp_path / "out" / "pred.zarr"
-    tree = _tree(job, out)
-    cfg = tmp_path / "predict.yaml"
-    cfg.write_text(yaml.safe_dump(tree))
-    done_before = _kill_after_first_fov(cfg, out, _env())
-
-    rerun = _cli(cfg, _env())
-    stdout, _ = rerun.communicate(timeout=400)
-    assert rerun.returncode == 0, stdout
-    assert f"{len(done_before)} FOV(s) already complete" in stdout
-    assert _complete(out) == FOVS
-
-    ref = tmp_path / "ref.zarr"
-    run_predict(PredictConfig(**{**tree, "output": ref, "model": ModelConfig(**tree["model"])}))
-    import zarr
-
-    for fov in FOVS:
-        resumed, uninterrupted = zarr.open_array(str(out / fov / "0"))[:], zarr.open_array(str(ref / fov / "0"))[:]
-        np.testing.assert_array_equal(resumed, uninterrupted)
-
-
-@pytest.mark.slow
-def test_killed_replacement_keeps_old_store_and_rerun_completes(tmp_path, job):
-    """``overwrite: true`` killed mid-way: the old store is untouched; the rerun continues the replacement."""
+def test_killed_replacement_keeps_old_store_and_resumes_identically(tmp_path, job):
+    """``overwrite: true`` killed mid-way: the old store is untouched; the rerun skips the complete FOVs,
+    swaps the replacement in, and the result equals an uninterrupted run's."""
     import zarr
 
     from viscy.predict.run import run_predict
 
     out = tmp_path / "pred.zarr"
-    old_tree = _tree(job, out)
+    old_tree = _tree(job, out, tile_yx=None)
     run_predict(PredictConfig(**{**old_tree, "model": ModelConfig(**old_tree["model"])}))
     old_files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     old_fp = json.loads((out / ".zattrs").read_text())["viscy_prediction"]["fingerprint"]
 
+    tree = _tree(job, out, overwrite=True)
     cfg = tmp_path / "replace.yaml"
-    cfg.write_text(yaml.safe_dump(_tree(job, out, tile_yx=[64, 64], overwrite=True)))
+    cfg.write_text(yaml.safe_dump(tree))
     partial = tmp_path / "pred.zarr.viscy-partial"
     done_before = _kill_after_first_fov(cfg, partial, _env())
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == old_files
@@ -144,6 +121,12 @@ def test_killed_replacement_keeps_old_store_and_rerun_completes(tmp_path, job):
     assert _complete(out) == FOVS
     state = json.loads((out / ".zattrs").read_text())["viscy_prediction"]
     assert state["store"] is True and state["fingerprint"] != old_fp
-    assert yaml.safe_load((out / "viscy_config.yaml").read_text())["tile_yx"] == [64, 64]
-    for fov in FOVS:  # whole-FOV tiles: every position was predicted (not left at zero)
-        assert np.abs(zarr.open_array(str(out / fov / "0"))[:]).max() > 0
+    assert yaml.safe_load((out / "viscy_config.yaml").read_text())["tile_yx"] == [32, 32]
+
+    ref = tmp_path.parent / f"{tmp_path.name}-ref.zarr"
+    ref_tree = {**tree, "output": str(ref), "overwrite": False}
+    run_predict(PredictConfig(**{**ref_tree, "model": ModelConfig(**tree["model"])}))
+    for fov in FOVS:
+        resumed, uninterrupted = zarr.open_array(str(out / fov / "0"))[:], zarr.open_array(str(ref / fov / "0"))[:]
+        assert np.abs(resumed).max() > 0
+        np.testing.assert_array_equal(resumed, uninterrupted)

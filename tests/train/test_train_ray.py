@@ -7,14 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from viscy import api
 from viscy.config import ConfigError, PreprocessConfig, SynthConfig, TrainConfig, load_config
-from viscy.data.plate import Plate
 from viscy.data.preprocess import run_preprocess
 from viscy.data.synth import write_synthetic_plate
-from viscy.errors import ModelError
 from viscy.models import create_model, load_checkpoint, read_model_card
-from viscy.models.export import read_onnx_metadata
 from viscy.train.trainer import BEST_MODEL, TrainingError, run_train
 
 pytestmark = pytest.mark.slow
@@ -71,8 +67,6 @@ def test_train_resume_and_refuse_overwrite(plate, tmp_path, capsys):
     assert sorted(p.name for p in (run_dir / "figures").glob("*.png")) == ["epoch_0000.png", "epoch_0001.png"]
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
-    _export_and_predict_need_only_the_best_model(plate, best, tmp_path)
-
     with pytest.raises(ConfigError, match="resume"):
         run_train(_config(plate, tmp_path, "run"))
     with pytest.raises(ConfigError, match="no run to continue"):
@@ -82,22 +76,6 @@ def test_train_resume_and_refuse_overwrite(plate, tmp_path, capsys):
     assert resumed.epochs == 3
     assert resumed.result.metrics["step"] == 3 * 2  # 2 steps per epoch, none repeated
     assert len(_checkpoints(run_dir)) == 2  # num_to_keep
-
-
-def _export_and_predict_need_only_the_best_model(plate: Path, best: Path, tmp_path: Path) -> None:
-    """What training knew (channels, normalisation, depth) reaches export and predict without being retyped."""
-    exported = api.export(model={"checkpoint": best}, output=tmp_path / "model.onnx", example_yx=(64, 64))
-    meta = read_onnx_metadata(exported.onnx)
-    assert meta["source_channels"] == ["Phase3D"] and meta["target_channels"] == ["Nuclei", "Membrane"]
-    assert meta["normalization"][0]["channels"] == ["Phase3D", "Nuclei", "Membrane"]
-    with pytest.raises(ModelError, match="--overwrite"):
-        api.export(model={"checkpoint": best}, output=exported.onnx)
-    for kind, model in (("onnx", {"onnx": exported.onnx}), ("torch", {"model": {"checkpoint": best}})):
-        out = tmp_path / f"pred_{kind}.zarr"
-        predicted = api.predict(data_path=[plate], positions=["A/1/0"], output=out, num_actors=1, **model)
-        assert predicted.channels == ["Nuclei_prediction", "Membrane_prediction"] and predicted.fovs == 1
-        with Plate(next(iter(predicted.outputs.values()))) as store:
-            assert store.channel_names[-2:] == predicted.channels
 
 
 def test_worker_kill_is_retried_from_checkpoint(plate, tmp_path, monkeypatch):

@@ -281,7 +281,8 @@ class PredictResult:
     Attributes
     ----------
     outputs
-        Input plate -> the store holding its predictions (the input plate itself in append mode).
+        Per input plate, in ``data_path`` order: the store holding its predictions (the plate itself when
+        appending).
     channels
         Prediction channel names (``<target>_prediction``), in raw target units if ``denormalized``.
     denormalized
@@ -292,7 +293,7 @@ class PredictResult:
         Pixels predicted, wall time, and time spent inside the actors.
     """
 
-    outputs: dict[str, Path]
+    outputs: list[Path]
     channels: list[str]
     denormalized: bool
     fovs: int
@@ -370,7 +371,7 @@ def run_predict(config: PredictConfig) -> PredictResult:
                 megapixels += t_n * z_n * y * x / 1e6
     def result(seconds: float, unit_seconds: float) -> PredictResult:
         return PredictResult(
-            outputs={p: t.path for p, t in outputs.items()},
+            outputs=[t.path for t in outputs.values()],
             channels=prediction_names(targets),
             denormalized=config.denormalize,
             fovs=n_fovs,
