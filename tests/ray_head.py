@@ -16,10 +16,16 @@ from pathlib import Path
 BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports (all held open while choosing, so none is handed out twice)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 @dataclass(frozen=True)
@@ -36,11 +42,11 @@ def ray_head(log_dir: Path, env: dict[str, str], num_cpus: int = 2) -> Iterator[
     if ray.is_initialized():
         ray.shutdown()
     env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
-    port, dash = free_port(), free_port()
+    names = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+             "ray-client-server-port", "runtime-env-agent-port", "node-manager-port", "object-manager-port")
+    port, dash, *others = free_ports(2 + len(names))
     # Other Ray clusters on this host hold the default side ports (e.g. the job agent's 52365): pick free ones.
-    side = [f"--{name}={free_port()}" for name in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-        "ray-client-server-port", "runtime-env-agent-port", "node-manager-port", "object-manager-port")]
+    side = [f"--{name}={p}" for name, p in zip(names, others, strict=True)]
     log = open(log_dir / "head.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", f"--num-cpus={num_cpus}",
