@@ -33,7 +33,6 @@ from viscy.config import (
     SynthConfig,
     TrainConfig,
     absolute_paths,
-    config_to_yaml,
     load_config,
 )
 
@@ -68,13 +67,11 @@ def resolve_config(schema: type[TConfig], config: ConfigLike = None, **overrides
     ConfigError
         Naming every bad key and how to fix it.
     """
-    import yaml
-
     if isinstance(config, schema) and not overrides:
         return config
     tree: dict[str, Any] = {}
     if isinstance(config, BaseModel):
-        tree = yaml.safe_load(config_to_yaml(config))
+        tree = config.model_dump(mode="json")
     elif isinstance(config, Mapping):
         tree = dict(config)
     elif config is not None:

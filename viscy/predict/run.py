@@ -453,6 +453,6 @@ def run_predict(config: PredictConfig) -> PredictResult:
         f"viscy predict: {n_fovs} FOV(s), {len(units)} unit(s), {megapixels:.1f} Mpx in {elapsed:.1f} s "
         f"({megapixels / max(elapsed, 1e-9):.2f} Mpx/s; {unit_seconds:.1f} s inside {config.num_actors} actor(s), "
         f"{'GPU' if gpu else 'CPU'}); {skipped} FOV(s) already complete; channels "
-        f"{[t + '_prediction' for t in targets]} in {where}"
+        f"{prediction_names(targets)} in {where}"
     )
     return result(elapsed, unit_seconds)
