@@ -16,7 +16,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/viscy demo
 
-test: $(STAMP)
+# The page test drives Debian's Chromium; install it (and its driver) when missing.
+BROWSER := /usr/bin/chromium /usr/bin/chromedriver
+$(BROWSER):
+	apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+		(apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null)
+
+test: $(STAMP) $(BROWSER)
 	$(BIN)/ruff check viscy tests benchmarks
 	RAY_AUTH_MODE=token WANDB_MODE=offline $(BIN)/python -m pytest -q -ra
 

@@ -56,3 +56,18 @@ def ray_local():
     ensure_ray(num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def random_cpsam_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Cellpose 4 checkpoint of the Cellpose-SAM network with random weights.
+
+    ``CPSAM`` builds its ViT-L encoder with ``sam_model_registry["vit_l"](None)``: no SAM checkpoint, no download.
+    """
+    torch = pytest.importorskip("torch")
+    vit = pytest.importorskip("cellpose.vit")
+    torch.manual_seed(0)
+    net = vit.CPSAM(dtype=torch.float32)
+    path = tmp_path_factory.mktemp("cellpose") / "cpsam_random.pt"
+    torch.save(net.state_dict(), path)
+    return path

@@ -22,7 +22,11 @@ How it works
    a stage), because later examples read what earlier ones wrote. A command that fails today for a reason
    outside this test is listed in ``KNOWN_FAILURES`` and
    marked ``xfail(strict=False)``; remove its entry once it is fixed.
-5. The README's ```` ```python ```` blocks run last, in the same directory, rewritten by ``PY_SUBSTITUTIONS``.
+5. The serving examples (``SERVING``: ``viscy serve``, then ``viscy infer`` and ``curl`` from a second shell) run in
+   ``test_readme_serving_commands``: ``viscy serve`` as a background process on a free port (the only rewrite:
+   ``127.0.0.1:8000`` -> that port), the others against it, then Ctrl-C. ``demo_output/model`` holds the
+   README's ``first.onnx`` under the demo's file name, as ``make demo`` leaves it.
+6. The README's ```` ```python ```` blocks run last, in the same directory, rewritten by ``PY_SUBSTITUTIONS``.
 """
 
 from __future__ import annotations
@@ -36,9 +40,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from tests.ray_head import free_ports
+
 REPO = Path(__file__).resolve().parents[1]
+_SERVE_PORT = free_ports(1)[0]  # the serving examples' port (8000 may be taken on a CI machine)
 README = REPO / "README.md"
 
 
@@ -98,7 +106,16 @@ def _tiny_vscyto3d_checkpoint(path: Path) -> None:
     torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "epoch": 48}, path)
 
 
-PROVIDED_FILES = {"VSCyto3D.ckpt": _tiny_vscyto3d_checkpoint}
+def _phase_tif(path: Path) -> None:
+    """A (Y, X) float32 phase-like image for the serving examples."""
+    import tifffile
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(0)
+    tifffile.imwrite(path, (ndi.gaussian_filter(rng.normal(size=(200, 160)), 3) * 10).astype(np.float32))
+
+
+PROVIDED_FILES = {"VSCyto3D.ckpt": _tiny_vscyto3d_checkpoint, "phase.tif": _phase_tif}
 
 # Shell lines of the README that are not run here, each with why (regex on the command).
 NOT_RUN: dict[str, str] = {
@@ -121,12 +138,15 @@ PY_SUBSTITUTIONS: list[Sub] = [
     Sub(r"demo_output/synthetic\.zarr", "plate.zarr", "the plate of the synth example stands in for the demo's"),
     Sub(r'data=\{"data_path": \[plate\]\}', 'data={"data_path": [plate], "batch_size": 2, "patches_per_stack": 2}',
         "small batches"),
+    Sub(r'api\.serve\(models="demo_output/model"\)', f'api.serve(models="demo_output/model", port={_SERVE_PORT})',
+        "a free port (8000 may be taken on a CI machine)"),
     Sub(r'trainer=\{"run_name": "notebook"\}', 'trainer={"run_name": "notebook", "max_epochs": 1, '
         '"train_steps_per_epoch": 2, "val_steps": 1, "num_workers": 1, "reads_per_fov": 1, "val_reads_per_fov": 1}',
         "1 epoch of 2 steps on 1 worker"),
 ]
 
 STAGES = ["synth", "preprocess", "info", "train", "export", "predict", "evaluate", "demo"]
+SERVING = r"^(viscy (serve|infer)|curl) "  # run by test_readme_serving_commands, against a running server
 
 
 def readme_commands(text: str | None = None) -> list[str]:
@@ -155,7 +175,8 @@ def _not_run_reason(command: str) -> str | None:
 
 def _run_plan() -> list[str]:
     """The README's ``viscy`` commands to run, in pipeline-stage order (README order within a stage)."""
-    run = [c for c in readme_commands() if c.startswith("viscy ") and _not_run_reason(c) is None]
+    run = [c for c in readme_commands() if c.startswith("viscy ") and _not_run_reason(c) is None
+           and not re.search(SERVING, c)]
     return sorted(run, key=lambda c: STAGES.index(c.split()[1]) if c.split()[1] in STAGES else len(STAGES))
 
 
@@ -188,12 +209,14 @@ def test_parser_handles_continuations_comments_and_quotes():
 def test_every_readme_command_is_run_or_allowlisted():
     commands = readme_commands()
     assert sum(c.startswith("viscy ") for c in commands) >= 10, "the README parser found too few commands"
-    unknown = [c for c in commands if not c.startswith("viscy ") and _not_run_reason(c) is None]
+    unknown = [c for c in commands if not c.startswith("viscy ") and _not_run_reason(c) is None
+               and not re.search(SERVING, c)]
     assert not unknown, (
         f"README commands neither run nor allowlisted: {unknown}; make them `viscy ...` commands or add them to "
         "NOT_RUN in tests/test_readme.py with the reason they cannot run here"
     )
-    unknown_verbs = [c for c in commands if c.startswith("viscy ") and c.split()[1] not in STAGES]
+    unknown_verbs = [c for c in commands if c.startswith("viscy ") and c.split()[1] not in STAGES
+                     and not re.search(SERVING, c)]
     assert not unknown_verbs, f"add the verb of {unknown_verbs} to STAGES in tests/test_readme.py"
     for pattern in NOT_RUN:
         assert any(re.search(pattern, c) for c in commands), f"NOT_RUN entry {pattern!r} matches no README command"
@@ -315,25 +338,83 @@ def readme_python(text: str | None = None) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
 
 
+def _demo_model(workspace: Path) -> None:
+    """``demo_output/model/demo_unet2d.onnx``, as ``make demo`` leaves it: the README's exported first.onnx."""
+    import shutil
+
+    target = workspace / "demo_output" / "model" / "demo_unet2d.onnx"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(workspace / "first.onnx", target)
+
+
+def _python_code(block: str) -> str:
+    for sub in PY_SUBSTITUTIONS:
+        block = re.sub(sub.pattern, sub.replacement.replace("{repo}", str(REPO)), block)
+    return block
+
+
 def test_python_substitutions_apply():
     blocks = readme_python()
-    assert blocks, "the README lost its Python API example"
-    for block in blocks:
-        new = block
-        for sub in PY_SUBSTITUTIONS:
-            assert re.search(sub.pattern, new), f"PY_SUBSTITUTIONS entry {sub.pattern!r} matches nothing"
-            new = re.sub(sub.pattern, sub.replacement.replace("{repo}", str(REPO)), new)
+    assert len(blocks) == 2, "the README's Python examples are the API walk-through and the serving client"
+    for sub in PY_SUBSTITUTIONS:
+        assert any(re.search(sub.pattern, b) for b in blocks), f"PY_SUBSTITUTIONS entry {sub.pattern!r} matches nothing"
 
 
 @pytest.mark.slow
-def test_readme_python_runs(workspace: Path):
-    """The notebook-style example, after the shell examples (it uses their preprocessed plate)."""
-    for block in readme_python():
-        code = block
-        for sub in PY_SUBSTITUTIONS:
-            code = re.sub(sub.pattern, sub.replacement.replace("{repo}", str(REPO)), code)
-        out = subprocess.run([sys.executable, "-c", code], cwd=workspace, env=_env(), capture_output=True, text=True,
-                             timeout=900)
-        assert out.returncode == 0, f"{code}\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
+@pytest.mark.parametrize("index", [0, 1], ids=["api", "serve-client"])
+def test_readme_python_runs(workspace: Path, index: int):
+    """The notebook-style examples, after the shell examples (they use their plate and exported model)."""
+    code = _python_code(readme_python()[index])
+    _demo_model(workspace)
+    out = subprocess.run([sys.executable, "-c", code], cwd=workspace, env=_env(), capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, f"{code}\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
+    if "api.train" in code:
         assert "raw intensity" in out.stdout  # the example prints the units evaluation compared in
         assert (workspace / "notebook_eval" / "summary.json").is_file()
+    else:
+        assert "['Nuclei', 'Membrane'] (2, 96, 96)" in out.stdout, out.stdout
+
+
+@pytest.mark.slow
+def test_readme_serving_commands(workspace: Path):
+    """`viscy serve` as written (on a free port), then the second shell's commands against it, then Ctrl-C."""
+    import signal
+
+    import tifffile
+
+    commands = [c for c in readme_commands() if re.search(SERVING, c)]
+    serve_cmd = [c for c in commands if c.startswith("viscy serve")]
+    assert len(serve_cmd) == 1 and len(commands) >= 4, commands
+    _demo_model(workspace)
+    port = f"127.0.0.1:{_SERVE_PORT}"
+    args = shlex.split(serve_cmd[0])[1:] + ["--port", str(_SERVE_PORT)]
+    proc = subprocess.Popen([sys.executable, "-m", "viscy.cli", *args], cwd=workspace, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    banner = []
+    try:
+        for line in proc.stdout:
+            banner.append(line)
+            if "Ctrl-C stops it" in line:
+                break
+        assert proc.poll() is None, "".join(banner)
+        assert f"at http://{port}" in "".join(banner), "".join(banner)
+        for command in commands[1:]:
+            command = command.replace("127.0.0.1:8000", port)
+            tokens = shlex.split(command)
+            if tokens[0] == "viscy":
+                out = _viscy(tokens[1:] + ["--url", f"http://{port}"], workspace, timeout=300)
+            else:
+                out = subprocess.run(tokens + ["--fail-with-body"], cwd=workspace, capture_output=True, text=True,
+                                     timeout=300)
+            assert out.returncode == 0, f"{command}\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
+        stained = tifffile.imread(workspace / "stained.tif")
+        assert stained.shape == (2, 200, 160)
+        np.testing.assert_allclose(tifffile.imread(workspace / "stained_by_curl.tif"), stained, atol=1e-6)
+        with np.load(workspace / "stained_and_masks.npz", allow_pickle=False) as both:
+            assert both["masks"].shape == (200, 160)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "stopped" in rest, rest

@@ -30,6 +30,7 @@ from viscy.config import (
     ExportConfig,
     PredictConfig,
     PreprocessConfig,
+    ServeConfig,
     SynthConfig,
     TrainConfig,
     absolute_paths,
@@ -41,9 +42,10 @@ if TYPE_CHECKING:
     from viscy.evaluate.run import EvaluateResult
     from viscy.models.export import ExportResult
     from viscy.predict.run import PredictResult
+    from viscy.serve.run import ServeResult
     from viscy.train.trainer import TrainResult
 
-__all__ = ["evaluate", "export", "predict", "preprocess", "resolve_config", "synth", "train"]
+__all__ = ["evaluate", "export", "predict", "preprocess", "resolve_config", "serve", "synth", "train"]
 
 ConfigLike = BaseModel | Mapping[str, Any] | str | Path | None
 TConfig = TypeVar("TConfig", bound=BaseModel)
@@ -116,3 +118,12 @@ def predict(config: ConfigLike = None, **overrides: Any) -> PredictResult:
 def evaluate(config: ConfigLike = None, **overrides: Any) -> EvaluateResult:
     """Score predictions against their targets (``viscy evaluate``)."""
     return _run("viscy.evaluate.run:run_evaluate", EvaluateConfig, config, overrides)
+
+
+def serve(config: ConfigLike = None, **overrides: Any) -> ServeResult:
+    """Deploy the Serve application (``viscy serve``) and return once it is healthy; ``result.stop()`` removes it.
+
+    ``api.serve(models="demo_output/model")`` serves on http://127.0.0.1:8000 while this Python process (or the
+    cluster at ``RAY_ADDRESS``) runs; talk to it with :class:`viscy.serve.ServeClient`.
+    """
+    return _run("viscy.serve.run:run_serve", ServeConfig, config, overrides)

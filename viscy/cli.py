@@ -86,6 +86,25 @@ VERBS: list[Verb] = [
         "or the input plate (output: null). FOVs are marked complete last; a rerun resumes the same job.",
     ),
     Verb(
+        "serve",
+        "Serve ONNX virtual staining and segmentation over HTTP on Ray Serve (local Ray or RAY_ADDRESS).",
+        "viscy.config:ServeConfig",
+        "viscy.serve.run:serve_forever",
+        "Quick start: viscy serve --models demo_output/model  (an .onnx file or a directory of them).\n"
+        "--config configs/serve.yaml reads a Ray Serve config (the same file works with `serve deploy`).\n"
+        "Endpoints: POST /v1/stain, /v1/segment, /v1/stain-and-segment; GET /v1/models, /healthz, / (page),\n"
+        "/docs (OpenAPI). Binds 127.0.0.1:8000 unless --host/--port say otherwise. Ctrl-C stops it.",
+    ),
+    Verb(
+        "infer",
+        "Send an image to a running `viscy serve` and write the stains (and masks) to a new file.",
+        "viscy.config:InferConfig",
+        "viscy.serve.client:run_infer",
+        "Example: viscy infer --url http://127.0.0.1:8000 --image phase.tif --output stained.tif\n"
+        "         viscy infer --image phase.npy --segment true --output both.npz\n"
+        "A bearer token is read from $VISCY_SERVE_TOKEN (--token_env names another variable).",
+    ),
+    Verb(
         "evaluate",
         "Score predictions: regression metrics and segmentation metrics (Cellpose or classical).",
         "viscy.config:EvaluateConfig",

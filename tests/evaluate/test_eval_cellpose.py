@@ -12,21 +12,6 @@ from viscy.evaluate.metrics import segmentation_metrics
 from viscy.evaluate.segment import get_segmenter
 
 
-@pytest.fixture(scope="session")
-def random_cpsam_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A Cellpose 4 checkpoint of the Cellpose-SAM network with random weights.
-
-    ``CPSAM`` builds its ViT-L encoder with ``sam_model_registry["vit_l"](None)``: no SAM checkpoint, no download.
-    """
-    torch = pytest.importorskip("torch")
-    vit = pytest.importorskip("cellpose.vit")
-    torch.manual_seed(0)
-    net = vit.CPSAM(dtype=torch.float32)
-    path = tmp_path_factory.mktemp("cellpose") / "cpsam_random.pt"
-    torch.save(net.state_dict(), path)
-    return path
-
-
 @pytest.mark.slow
 def test_cellpose_segmenter_with_random_checkpoint(random_cpsam_checkpoint: Path) -> None:
     from tests.evaluate.eval_helpers import synth_plate

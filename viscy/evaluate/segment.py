@@ -180,12 +180,24 @@ def check_segmenter(config: SegmentationConfig) -> None:
         check_cellpose(config.model, config.gpu)
 
 
+_CELLPOSE_NETS: dict[tuple[str, str], object] = {}
+
+
+def cached_cellpose(model: str, gpu: str | bool = "auto"):
+    """``load_cellpose`` once per process and (model, gpu): segmenters differing in diameter share the net."""
+    key = (str(model), str(gpu))
+    if key not in _CELLPOSE_NETS:
+        _CELLPOSE_NETS[key] = load_cellpose(model, gpu)
+    return _CELLPOSE_NETS[key]
+
+
 @register("cellpose")
 def _cellpose(config: SegmentationConfig) -> Segmenter:
-    net = load_cellpose(config.model, config.gpu)
+    net = cached_cellpose(config.model, config.gpu)
 
     def run(image: np.ndarray) -> np.ndarray:
-        masks, _flows, _styles = net.eval(np.asarray(image, dtype=np.float32), diameter=config.diameter)
+        # a copy: Cellpose normalises in place, and arrays from Ray's object store are read-only
+        masks, _flows, _styles = net.eval(np.array(image, dtype=np.float32), diameter=config.diameter)
         return np.asarray(masks).astype(np.int32)
 
     return run

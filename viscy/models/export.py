@@ -243,7 +243,10 @@ def create_ort_session(path: str | Path, device: str = "auto", threads: int | No
     options.log_severity_level = 3  # errors only
     if threads:
         options.intra_op_num_threads = threads
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_cuda else ["CPUExecutionProvider"]
+    # HEURISTIC: the exhaustive cuDNN search re-runs for every new tile-batch shape; measured on an H200, it made
+    # batch-8 tiles of a 2048² image 3x slower (benchmarks/bench_stainer_device.py, docs/benchmarks.md)
+    cuda = ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"})
+    providers = [cuda, "CPUExecutionProvider"] if use_cuda else ["CPUExecutionProvider"]
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as exc:

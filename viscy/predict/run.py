@@ -78,11 +78,9 @@ def resolve_normalization(config: PredictConfig, info: ModelInfo, sources: list[
 
 def tiling_options(config: PredictConfig, info: ModelInfo) -> TilingOptions:
     """Tiling options from the config and the model's spec."""
-    return TilingOptions(
-        in_depth=info.spec.in_depth,
-        out_depth=info.spec.out_depth,
-        yx_multiple=info.spec.yx_multiple,
-        tile_yx=tuple(config.tile_yx) if config.tile_yx else None,
+    return TilingOptions.for_model(
+        info.spec,
+        config.tile_yx,
         overlap=config.tile_overlap,
         blend=config.blend,
         tta=config.tta,

@@ -64,6 +64,12 @@ class TilingOptions:
     z_stride: int = 1
     batch_size: int = 4
 
+    @classmethod
+    def for_model(cls, spec, tile_yx: tuple[int, int] | None = None, **options) -> TilingOptions:
+        """Options for a model with :class:`~viscy.models.registry.ModelSpec` ``spec`` (depths, YX multiple)."""
+        return cls(in_depth=spec.in_depth, out_depth=spec.out_depth, yx_multiple=spec.yx_multiple,
+                   tile_yx=tuple(tile_yx) if tile_yx else None, **options)
+
     def __post_init__(self) -> None:
         if self.out_depth not in (1, self.in_depth):
             raise ShapeError(

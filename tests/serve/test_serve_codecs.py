@@ -1,0 +1,77 @@
+"""Payload codecs and the serve config, without Ray."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from viscy.config import ConfigError, ServeConfig, load_config
+from viscy.serve.codecs import PayloadError, decode_image, encode_array, negotiate, parse_statistics
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("accept", ["application/octet-stream", "application/x-npy", "image/tiff"])
+@pytest.mark.parametrize("dtype", ["uint16", "float32"])
+def test_encode_decode_round_trip(accept: str, dtype: str) -> None:
+    arr = (np.arange(2 * 3 * 5 * 7) % 97).reshape(2, 3, 5, 7).astype(dtype)
+    body, kind, headers = encode_array(arr, accept)
+    back = decode_image(body, kind, headers["X-Dtype"], headers["X-Shape"])
+    np.testing.assert_array_equal(back, arr)
+    assert back.dtype == arr.dtype
+
+
+def test_decode_refusals_name_the_problem() -> None:
+    with pytest.raises(PayloadError, match="pickled") as exc:
+        buf = io.BytesIO()
+        np.save(buf, np.array([object()], dtype=object), allow_pickle=True)
+        decode_image(buf.getvalue(), "application/x-npy")
+    assert exc.value.status == 400
+    with pytest.raises(PayloadError, match="bool"):
+        buf = io.BytesIO()
+        np.save(buf, np.zeros((4, 4), bool))
+        decode_image(buf.getvalue(), "application/x-npy")
+    with pytest.raises(PayloadError, match="npz"):
+        buf = io.BytesIO()
+        np.savez(buf, a=np.zeros(3))
+        decode_image(buf.getvalue(), "application/x-npy")
+    with pytest.raises(PayloadError, match="X-Shape"):
+        decode_image(b"\0" * 8, "application/octet-stream", "float32", "0,2")
+
+
+def test_negotiation_and_statistics() -> None:
+    allowed = ("application/x-npy", "application/octet-stream", "image/tiff")
+    assert negotiate(None, "image/tiff", allowed) == "image/tiff"
+    assert negotiate("*/*", "image/png", allowed) == "application/x-npy"
+    assert negotiate("image/jpeg, application/octet-stream;q=0.5", "x", allowed) == "application/octet-stream"
+    with pytest.raises(PayloadError) as exc:
+        negotiate("text/html", "x", allowed)
+    assert exc.value.status == 406
+    assert parse_statistics('{"Phase3D": {"median": 1, "iqr": 2}}') == {"Phase3D": {"median": 1.0, "iqr": 2.0}}
+    with pytest.raises(PayloadError, match="map channel"):
+        parse_statistics('{"Phase3D": 3}')
+
+
+def test_shipped_ray_serve_config_is_a_viscy_config() -> None:
+    config = load_config(ServeConfig, ROOT / "configs" / "serve.yaml", {"port": 9000, "stainer.num_gpus": 1})
+    assert config.models == [Path("demo_output/model")]
+    assert (config.host, config.port, config.app_name, config.route_prefix) == ("127.0.0.1", 9000, "viscy", "/")
+    assert config.stainer.num_gpus == 1 and config.stainer.max_batch_size == 8  # override merged into args
+    assert config.stainer.autoscaling.max_replicas == 2
+
+
+def test_ray_serve_config_errors(tmp_path: Path) -> None:
+    path = tmp_path / "serve.yaml"
+    path.write_text("applications:\n  - name: x\n    import_path: other:app\n")
+    with pytest.raises(ConfigError, match="viscy.serve.app:build_app"):
+        load_config(ServeConfig, path)
+    path.write_text("applications:\n  - import_path: viscy.serve.app:build_app\n    args: {models: [m]}\n"
+                    "    deployments: [{name: VirtualStainer, num_replicas: 2}]\n")
+    with pytest.raises(ConfigError, match="under the application's args"):
+        load_config(ServeConfig, path)
+    path.write_text("applications:\n  - import_path: viscy.serve.app:build_app\n    args: {models: [m], gpus: 1}\n")
+    with pytest.raises(ConfigError, match="unknown key 'gpus'"):
+        load_config(ServeConfig, path)

@@ -1,0 +1,193 @@
+"""What the server knows about each exported model: found on disk, described by its ONNX metadata.
+
+Everything a request needs (channels, Z depth, YX multiple, normalisation) comes from the metadata that
+``viscy export`` writes (the model card of training), so nothing is retyped in the serve config.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from viscy.config import NormalizationConfig
+from viscy.data.patches import denormalize, normalization_for_channel, normalize
+from viscy.errors import ModelError
+from viscy.models.registry import ModelSpec
+from viscy.serve.codecs import PayloadError
+
+MIN_YX = 8
+# Image statistics use at most this many pixels per channel (a regular grid, as `viscy preprocess` samples).
+MAX_STAT_SAMPLES = 1 << 20
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One exported model: name (file stem), spec, channels and normalisation from its metadata."""
+
+    name: str
+    path: Path
+    spec: ModelSpec
+    source_channels: list[str]
+    target_channels: list[str]
+    normalization: list[NormalizationConfig]
+    meta: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> ServedModel:
+        """Read the metadata of an ONNX file exported by ``viscy export`` (no session is created)."""
+        from viscy.models.export import read_onnx_metadata, spec_from_metadata
+
+        meta = read_onnx_metadata(path)
+        try:
+            spec = spec_from_metadata(meta)
+        except KeyError as exc:
+            raise ModelError(f"{path} metadata lacks {exc}; re-export it with `viscy export`") from None
+        sources, targets = meta.get("source_channels"), meta.get("target_channels")
+        if not sources or not targets:
+            raise ModelError(
+                f"{path} does not name its channels; export it from a trained best_model.pt (its model card), "
+                "or pass --source_channel/--target_channel to `viscy export`"
+            )
+        norms = [NormalizationConfig(**group) for group in meta.get("normalization") or []]
+        return cls(Path(path).stem, Path(path), spec, list(sources), list(targets), norms, meta)
+
+    def describe(self) -> dict[str, Any]:
+        """The public description served by ``GET /v1/models`` (no server paths)."""
+        card = self.meta.get("model_card") or {}
+        return {
+            "name": self.name,
+            "file": self.path.name,
+            "model_name": self.meta.get("model_name"),
+            "architecture": self.spec.architecture,
+            "source_channels": self.source_channels,
+            "target_channels": self.target_channels,
+            "in_depth": self.spec.in_depth,
+            "out_depth": self.spec.out_depth,
+            "yx_multiple": self.spec.yx_multiple,
+            "normalization": [n.model_dump(mode="json") for n in self.normalization],
+            "training": card.get("training", {}),
+            "opset": self.meta.get("opset"),
+        }
+
+    # ------------------------------------------------------------------------------------ requests
+    def as_czyx(self, image: np.ndarray) -> np.ndarray:
+        """The request image as ``(C, Z, Y, X)``; 422 names the shape this model needs.
+
+        ``(Y, X)`` and ``(Z, Y, X)`` are single-channel images; ``(C, Z, Y, X)`` must have the model's channels.
+        """
+        c, d = self.spec.in_channels, self.spec.in_depth
+        needs = "send (Y, X) or (Z, Y, X)" if c == 1 else f"send (C={c}, Z, Y, X) with channels {self.source_channels}"
+        if image.ndim == 2 and c == 1:
+            x = image[None, None]
+        elif image.ndim == 3 and c == 1:
+            x = image[None]
+        elif image.ndim == 4:
+            x = image
+        else:
+            raise PayloadError(422, f"model {self.name!r} cannot take an image of shape {image.shape}; {needs}")
+        if x.shape[0] != c:
+            raise PayloadError(
+                422, f"model {self.name!r} takes {c} channel(s) {self.source_channels}, the image has {x.shape[0]}"
+            )
+        if x.shape[1] < d:
+            raise PayloadError(
+                422,
+                f"model {self.name!r} reads {d} Z slices per prediction but the image has {x.shape[1]}; "
+                f"send a stack of at least {d} slices (Z, Y, X)",
+            )
+        if min(x.shape[-2:]) < MIN_YX:
+            raise PayloadError(422, f"image YX {x.shape[-2:]} is too small; send at least {MIN_YX} x {MIN_YX}")
+        return x
+
+    def _stats_for(
+        self, channels: list[str], groups: list[NormalizationConfig], image: np.ndarray | None,
+        sent: dict[str, dict[str, float]] | None,
+    ) -> tuple[np.ndarray, str]:
+        """``(C, 2)`` (subtrahend, divisor) per channel from the sent statistics or the image itself."""
+        params = np.zeros((len(channels), 2), dtype=np.float32)
+        params[:, 1] = 1.0
+        sources = set()
+        for i, ch in enumerate(channels):
+            group = normalization_for_channel(ch, groups)
+            if group is None:
+                continue
+            if sent is not None and ch in sent:
+                missing = [k for k in (group.subtrahend, group.divisor) if k not in sent[ch]]
+                if missing:
+                    raise PayloadError(
+                        422, f"X-Viscy-Statistics for {ch!r} lacks {missing}; model {self.name!r} normalises "
+                             f"{ch} with {group.subtrahend}/{group.divisor}",
+                    )
+                params[i] = (sent[ch][group.subtrahend], sent[ch][group.divisor])
+                sources.add("request")
+            elif image is not None:
+                from viscy.data.preprocess import compute_statistics
+
+                stats = compute_statistics(_grid_sample(image[i]))
+                params[i] = (stats[group.subtrahend], stats[group.divisor])
+                sources.add("image")
+            else:
+                raise PayloadError(
+                    422, f"denormalize needs the statistics of {ch!r} in X-Viscy-Statistics, e.g. "
+                         f'{{"{ch}": {{"{group.subtrahend}": 0.0, "{group.divisor}": 1.0}}}}',
+                )
+        return params, "+".join(sorted(sources)) or "none"
+
+    def normalize(self, x: np.ndarray, sent: dict[str, dict[str, float]] | None) -> tuple[np.ndarray, str]:
+        """Normalise a ``(C, Z, Y, X)`` source image as training did; returns it and where the statistics came from.
+
+        Statistics sent with the request (the plate's stored ``fov_statistics`` for an exact match with
+        ``viscy predict``) win; otherwise they are computed from the image itself.
+        """
+        params, source = self._stats_for(self.source_channels, self.normalization, x, sent)
+        return normalize(x.astype(np.float32, copy=False), params), source
+
+    def denormalize(self, pred: np.ndarray, sent: dict[str, dict[str, float]] | None) -> np.ndarray:
+        """Rescale a prediction to the targets' units with their statistics (sent with the request)."""
+        groups = list(self.normalization) + [NormalizationConfig()]
+        params, _ = self._stats_for(self.target_channels, groups, None, sent)
+        return denormalize(pred, params)
+
+
+def _grid_sample(channel: np.ndarray) -> np.ndarray:
+    """At most ``MAX_STAT_SAMPLES`` values of a ``(Z, Y, X)`` channel on a regular YX grid."""
+    step = max(1, math.ceil(math.sqrt(channel.size / MAX_STAT_SAMPLES)))
+    return channel[:, ::step, ::step].ravel()
+
+
+def find_models(paths: list[Path]) -> dict[str, ServedModel]:
+    """Every ONNX model of the given files and directories, by name (the file stem).
+
+    Raises
+    ------
+    ModelError
+        If a path does not exist, a directory holds no ``.onnx`` file, two files share a name, or a file
+        lacks viscy metadata.
+    """
+    files: list[Path] = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            found = sorted(p.glob("*.onnx"))
+            if not found:
+                raise ModelError(f"{p} holds no .onnx file; export one with `viscy export` or name a file")
+            files.extend(found)
+        elif p.is_file():
+            if p.suffix != ".onnx":
+                raise ModelError(f"{p} is not an .onnx file; serve exports of `viscy export`")
+            files.append(p)
+        else:
+            raise ModelError(f"model path {p} does not exist; give an .onnx file or a directory of them")
+    models: dict[str, ServedModel] = {}
+    for f in files:
+        model = ServedModel.load(f)
+        if model.name in models:
+            raise ModelError(
+                f"two models are named {model.name!r} ({models[model.name].path} and {f}); rename one file"
+            )
+        models[model.name] = model
+    return models
