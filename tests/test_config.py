@@ -166,6 +166,7 @@ VERB_BASE = {
     "demo": [], "synth": [], "preprocess": ["--data_path", "p.zarr"], "info": ["--data_path", "p.zarr"],
     "train": ["--data.data_path", "p.zarr"], "export": ["--output", "m.onnx"],
     "predict": ["--data_path", "p.zarr", "--onnx", "m.onnx"], "evaluate": ["--data_path", "p.zarr"],
+    "serve": ["--models", "m.onnx"], "infer": ["--image", "x.tif"],
 }
 
 
