@@ -127,3 +127,9 @@ def phase_image(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     img = ndi.gaussian_filter(rng.normal(size=shape), sigma=[0] * (len(shape) - 2) + [3, 3])
     return (img * 10 + 5).astype(np.float32)
+
+
+def raw(arr: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    """An array as a raw request body and its headers."""
+    return arr.tobytes(), {"Content-Type": "application/octet-stream", "X-Dtype": arr.dtype.name,
+                           "X-Shape": ",".join(map(str, arr.shape))}

@@ -7,8 +7,7 @@ import time
 
 import requests
 
-from tests.serve.conftest import Server, phase_image
-from tests.serve.test_serve_http import raw
+from tests.serve.conftest import Server, phase_image, raw
 
 
 def _running_replicas() -> int:

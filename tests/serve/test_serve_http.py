@@ -11,15 +11,11 @@ import pytest
 import requests
 import tifffile
 
-from tests.serve.conftest import Server, phase_image
+from tests.serve.conftest import Server, phase_image, raw
 from viscy.serve import ServeClient, ServeError
 from viscy.serve.codecs import decode_npz
 
 RAW = "application/octet-stream"
-
-
-def raw(arr: np.ndarray) -> tuple[bytes, dict[str, str]]:
-    return arr.tobytes(), {"Content-Type": RAW, "X-Dtype": arr.dtype.name, "X-Shape": ",".join(map(str, arr.shape))}
 
 
 def npy(arr: np.ndarray) -> bytes:
