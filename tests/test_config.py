@@ -164,7 +164,9 @@ def _string_keys(model, prefix: str = "") -> list[tuple[str, str]]:
 # Required keys of each verb (and what each needs to be valid besides the key under test).
 VERB_BASE = {
     "demo": [], "synth": [], "preprocess": ["--data_path", "p.zarr"], "info": ["--data_path", "p.zarr"],
-    "train": ["--data.data_path", "p.zarr"], "export": ["--output", "m.onnx"],
+    "train": ["--data.data_path", "p.zarr"],
+    "tune": ["--data.data_path", "p.zarr", "--search.space.trainer.lr.loguniform", "1e-4", "1e-2"],
+    "export": ["--output", "m.onnx"],
     "predict": ["--data_path", "p.zarr", "--onnx", "m.onnx"], "evaluate": ["--data_path", "p.zarr"],
     "serve": ["--models", "m.onnx"], "infer": ["--image", "x.tif"],
 }

@@ -86,6 +86,10 @@ SUBSTITUTIONS: list[Sub] = [
         f" --trainer.use_gpu false --trainer.cpus_per_worker 0.5 {TINY_UNEXT2}",
         "/PLACEHOLDER/ paths of the recipe -> the synth plate and ./runs; 64² patches; CPU workers; tiny backbone",
         only=r"configs/vscyto3d\.yaml"),
+    Sub(r"$", " --data.data_path plate.zarr --trainer.storage_path tune --search.num_samples 2 --trainer.max_epochs 2"
+        " --trainer.train_steps_per_epoch 2 --trainer.val_steps 1 --data.batch_size 2 --data.patches_per_stack 2"
+        " --data.yx_patch_size 64 64", "2 trials of 2 short epochs on the synth plate (tests/tune runs full sweeps)",
+        only=r"^viscy tune "),
     Sub(r"$", " --trainer.max_epochs 2", "resume continues to epoch 2 (the first run stopped at 1)",
         only=r"--trainer\.resume true"),
     Sub(r"--model\.name VSCyto3D", f"--model.name VSCyto3D {TINY_UNEXT2}",
@@ -145,7 +149,7 @@ PY_SUBSTITUTIONS: list[Sub] = [
         "1 epoch of 2 steps on 1 worker"),
 ]
 
-STAGES = ["synth", "preprocess", "info", "train", "export", "predict", "evaluate", "demo"]
+STAGES = ["synth", "preprocess", "info", "train", "tune", "export", "predict", "evaluate", "demo"]
 SERVING = r"^(viscy (serve|infer)|curl) "  # run by test_readme_serving_commands, against a running server
 
 
@@ -327,6 +331,10 @@ def _check_outputs(tokens: list[str], stdout: str, work: Path) -> None:
 
         with Plate(work / _last(tokens, "--data_path")) as plate:
             assert "Nuclei_prediction" in plate.channel_names  # appended to the input plate
+    if verb == "tune":
+        exp = work / _last(tokens, "--trainer.storage_path") / "tune-demo"
+        assert (exp / "leaderboard.csv").is_file() and (exp / "best_config.yaml").is_file(), list(exp.iterdir())
+        assert "best config" in stdout
     if verb == "evaluate":
         summary = work / (_last(tokens, "--output_dir") or "evaluation") / "summary.json"
         assert summary.is_file(), f"viscy evaluate wrote no {summary}"

@@ -50,3 +50,9 @@ def fail_rank0_at_epoch1(point: str, **context) -> None:
     """Raise in Ray Train rank 0 at the start of epoch 1 (a bug in a worker, not a lost node)."""
     if point == "train.epoch_start" and context["epoch"] == 1 and context["rank"] == 0:
         raise HookCrash("simulated bug in the training step")
+
+
+def slow_epochs(point: str, **context) -> None:
+    """Sleep 3 s at the start of every training epoch, so a test can interrupt a sweep mid-trial."""
+    if point == "train.epoch_start":
+        time.sleep(3)

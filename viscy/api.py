@@ -33,6 +33,7 @@ from viscy.config import (
     ServeConfig,
     SynthConfig,
     TrainConfig,
+    TuneConfig,
     absolute_paths,
     load_config,
 )
@@ -44,8 +45,9 @@ if TYPE_CHECKING:
     from viscy.predict.run import PredictResult
     from viscy.serve.run import ServeResult
     from viscy.train.trainer import TrainResult
+    from viscy.tune.run import TuneResult
 
-__all__ = ["evaluate", "export", "predict", "preprocess", "resolve_config", "serve", "synth", "train"]
+__all__ = ["evaluate", "export", "predict", "preprocess", "resolve_config", "serve", "synth", "train", "tune"]
 
 ConfigLike = BaseModel | Mapping[str, Any] | str | Path | None
 TConfig = TypeVar("TConfig", bound=BaseModel)
@@ -103,6 +105,11 @@ def preprocess(config: ConfigLike = None, **overrides: Any) -> PreprocessResult:
 def train(config: ConfigLike = None, **overrides: Any) -> TrainResult:
     """Train with Ray Train and write a self-describing ``best_model.pt`` (``viscy train``)."""
     return _run("viscy.train.trainer:run_train", TrainConfig, config, overrides)
+
+
+def tune(config: ConfigLike = None, **overrides: Any) -> TuneResult:
+    """Search hyper-parameters over real training runs (``viscy tune``); continue it by calling it again."""
+    return _run("viscy.tune.run:run_tune", TuneConfig, config, overrides)
 
 
 def export(config: ConfigLike = None, **overrides: Any) -> ExportResult:

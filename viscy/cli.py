@@ -69,6 +69,19 @@ VERBS: list[Verb] = [
         "Examples: configs/demo.yaml (CPU, minutes), configs/vscyto2d_finetune.yaml, configs/vscyto3d.yaml.",
     ),
     Verb(
+        "tune",
+        "Search hyper-parameters: Ray Tune + Optuna (TPE) + ASHA over real `viscy train` runs.",
+        "viscy.config:TuneConfig",
+        "viscy.api:tune",
+        "The YAML is a training config plus a `search` section: space (dotted training keys with loguniform,\n"
+        "uniform, int, choice or fixed), metric (val_loss or val_pearson_<target>...), num_samples,\n"
+        "max_concurrent_trials, seed, points_to_evaluate, scheduler (asha: grace_period, reduction_factor).\n"
+        "Writes storage_path/experiment/: leaderboard.csv, figures/*.png, best_config.yaml (viscy train takes it\n"
+        "unchanged), best_model.pt and each trial's training run under runs/. An interrupted sweep continues\n"
+        "when rerun with the same search.experiment (or --resume true); finished trials are not re-run.\n"
+        "Example: viscy tune --config configs/tune_demo.yaml",
+    ),
+    Verb(
         "export",
         "Export a model (preset or checkpoint) to ONNX with metadata and a parity check.",
         "viscy.config:ExportConfig",

@@ -133,6 +133,10 @@ def route_worker_logs() -> None:
         return
     if not verbose():
         dispatcher.remove_handler("ray_print_logs")
+        import ray._private.worker as ray_worker
+
+        # The raylet's warnings (e.g. "N PYTHON worker processes have been started") bypass the dispatcher.
+        ray_worker.print_to_stdstream = lambda data, ignore_prefix=False: _worker_lines(data)
     dispatcher.remove_handler("viscy_worker_logs")
     dispatcher.add_handler("viscy_worker_logs", _worker_lines)
 

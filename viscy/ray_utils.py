@@ -7,6 +7,15 @@ from collections.abc import Iterator
 from typing import Any
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Join the cluster at ``RAY_ADDRESS`` or start a local one, once per process.
 
@@ -36,7 +45,18 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
     else:
         # address="local" always starts a private cluster, never joining one that `ray start` left running.
-        ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", **kwargs)
+        # Workers find the state API through RAY_API_SERVER_ADDRESS. Without it they read the address file a
+        # `ray start` left in /tmp/ray (stale, or another cluster's), and Ray Train's placement-group cleaner
+        # then cannot remove a stopped Tune trial's reservation.
+        port = free_port()
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            dashboard_host="127.0.0.1",
+            dashboard_port=port,
+            runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+            **kwargs,
+        )
     import ray.data  # noqa: F401  (configures Ray Data's loggers, which quiet_loggers then routes)
 
     quiet_loggers()

@@ -12,7 +12,10 @@ from viscy.config import ConfigError, TrainConfig, load_config
 from viscy.train.demo_settings import demo_train_dict
 
 # training recipes: every YAML of configs/ except the Serve application (tests/serve/test_serve_codecs.py loads it)
-CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[2] / "configs").glob("*.yaml") if p.name != "serve.yaml")
+# and the tune configs (test_tune_configs_load below)
+CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")
+                 if p.name != "serve.yaml" and not p.name.startswith("tune"))
+TUNE_CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("tune*.yaml"))
 
 
 def test_configs_exist():
@@ -24,6 +27,17 @@ def test_configs_exist():
 def test_config_loads(path):
     cfg = load_config(TrainConfig, path)
     assert cfg.trainer.max_epochs >= 1
+
+
+@pytest.mark.parametrize("path", TUNE_CONFIGS, ids=lambda p: p.name)
+def test_tune_configs_load_and_their_space_is_valid(path):
+    from viscy.config import TuneConfig
+    from viscy.tune.space import check_metric, check_space
+
+    cfg = load_config(TuneConfig, path)
+    check_space(cfg)
+    check_metric(cfg)
+    assert TUNE_CONFIGS, "configs/tune_demo.yaml is the README's example"
 
 
 def test_demo_yaml_matches_demo_settings():

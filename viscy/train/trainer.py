@@ -45,7 +45,8 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def _is_uri(path: str) -> bool:
+def is_uri(path: str) -> bool:
+    """Whether a storage path is a URI (``s3://``, ``gs://``, ``file://``) rather than a local path."""
     return "://" in path
 
 
@@ -57,9 +58,17 @@ def run_paths(config: TrainConfig) -> tuple[str, str, Path]:
         if tc.resume:
             raise ConfigError("trainer.resume needs trainer.run_name (the run to continue)")
         name = f"{config.model.name}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
-    storage = tc.storage_path if _is_uri(tc.storage_path) else str(Path(tc.storage_path).expanduser().resolve())
-    local = Path(storage) / name if not _is_uri(storage) else Path("viscy_runs").resolve() / name
-    return name, storage, local
+    return (name, *storage_location(tc.storage_path, name))
+
+
+def storage_location(storage_path: str, name: str) -> tuple[str, Path]:
+    """(absolute storage path or the URI, local directory of ``<storage>/<name>``'s own files).
+
+    With a URI, figures, logs and exports are written under ``./viscy_runs/<name>`` and uploaded.
+    """
+    storage = storage_path if is_uri(storage_path) else str(Path(storage_path).expanduser().resolve())
+    local = Path(storage) / name if not is_uri(storage) else Path("viscy_runs").resolve() / name
+    return storage, local
 
 
 def _uri_fs(storage: str) -> tuple[Any, str]:
@@ -73,7 +82,7 @@ def _uri_fs(storage: str) -> tuple[Any, str]:
 def run_exists(storage: str, name: str) -> bool:
     """Whether ``<storage>/<name>`` holds a Ray Train run (its checkpoint-manager snapshot), local or URI."""
     marker = "checkpoint_manager_snapshot.json"
-    if not _is_uri(storage):
+    if not is_uri(storage):
         return (Path(storage) / name / marker).exists()
     import pyarrow.fs
 
@@ -87,7 +96,7 @@ def upload_run_files(local: Path, storage: str, name: str, dirs: bool) -> None:
     Rank 0 copies the directories it writes (figures, logs); the driver copies the files it writes (config,
     run info, best weights). Only for URI storage (a local ``storage_path`` is written in place).
     """
-    if not _is_uri(storage) or not local.is_dir():
+    if not is_uri(storage) or not local.is_dir():
         return
     import pyarrow.fs
 
@@ -201,26 +210,38 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         upload_run_files(run_dir, loop_config["storage"], name, dirs=True)
 
 
-def export_best(result: Any, score: str, out_dir: Path, card: ModelCard) -> tuple[Path, ModelCard] | None:
-    """Write the best reported checkpoint's weights with their model card (plus its epoch and metrics) as
-    ``best_model.pt``; return the path and the card written."""
+def save_checkpoint_weights(
+    checkpoint: Any, metrics: dict[str, Any], card: ModelCard, out: Path
+) -> tuple[Path, ModelCard]:
+    """Write a Ray Train checkpoint's weights with their model card (plus its epoch and metrics) to ``out``.
+
+    The weights are a plain state dict (keys without Lightning's ``model.``); return the path and the card.
+    """
     import torch
 
     from viscy.models.checkpoint import save_model
 
+    with checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / "checkpoint.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    weights = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+    metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    training = {**card.training, "epoch": int(metrics.get("epoch", -1)), "metrics": metrics}
+    card = dataclasses.replace(card, training=training)
+    return save_model(weights, card, out), card
+
+
+def export_best(
+    result: Any, score: str, out_dir: Path, card: ModelCard, order: str = "min"
+) -> tuple[Path, ModelCard] | None:
+    """Write the best reported checkpoint (by ``score``, ``order`` min or max) as ``out_dir/best_model.pt``."""
     candidates = [(c, m) for c, m in (result.best_checkpoints or []) if m and score in m]
     if not candidates:
         if result.checkpoint is None:
             return None
         candidates = [(result.checkpoint, result.metrics or {})]
-    ckpt, metrics = min(candidates, key=lambda cm: cm[1].get(score, float("inf")))
-    with ckpt.as_directory() as d:
-        state = torch.load(Path(d) / "checkpoint.ckpt", map_location="cpu", weights_only=True)["state_dict"]
-    weights = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
-    metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-    training = {**card.training, "epoch": int(metrics.get("epoch", -1)), "metrics": metrics}
-    card = dataclasses.replace(card, training=training)
-    return save_model(weights, card, out_dir / BEST_MODEL), card
+    sign = 1.0 if order == "min" else -1.0
+    ckpt, metrics = min(candidates, key=lambda cm: sign * float(cm[1].get(score, sign * float("inf"))))
+    return save_checkpoint_weights(ckpt, metrics, card, out_dir / BEST_MODEL)
 
 
 @dataclass(frozen=True)
@@ -293,7 +314,7 @@ def check_run_dir(run_dir: Path, storage: str, name: str, resume: bool) -> None:
             f"run {location} already exists; pass --trainer.resume true to continue it or choose another "
             "--trainer.run_name"
         )
-    if not _is_uri(storage) and Path(storage).exists() and not Path(storage).is_dir():
+    if not is_uri(storage) and Path(storage).exists() and not Path(storage).is_dir():
         raise ConfigError(f"trainer.storage_path {storage} is a file; point it at a directory (created if absent)")
     if run_dir.is_file():
         raise ConfigError(f"run directory {run_dir} is a file; choose another --trainer.run_name")
@@ -392,11 +413,29 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-def run_train(config: TrainConfig) -> TrainResult:
+def run_train(
+    config: TrainConfig,
+    *,
+    callbacks: list[Any] | None = None,
+    score: str | None = None,
+    score_order: str = "min",
+    quiet: bool = False,
+) -> TrainResult:
     """Train with Ray Train on the local Ray cluster (or ``RAY_ADDRESS``); write the self-describing best model.
 
     Everything that can be checked before Ray starts is checked first (model against data, run directory,
     plates and channels); the worker-group request is checked against the cluster right after Ray is up.
+
+    Parameters
+    ----------
+    config
+        The training config.
+    callbacks
+        Extra Ray Train ``UserCallback`` s (``viscy tune`` forwards each report to its trial).
+    score, score_order
+        Metric (default ``val_loss``, or ``train_loss`` without validation) and direction that rank checkpoints.
+    quiet
+        Log instead of printing (a tune trial runs many of these at once).
     """
     import ray
     import ray.train
@@ -444,12 +483,13 @@ def run_train(config: TrainConfig) -> TrainResult:
     (run_dir / RUN_INFO).write_text(json.dumps(info, indent=2))
     save_config(config, run_dir, "train")
     logfile = place_log(run_dir)
-    score = "val_loss" if val_ds is not None else "train_loss"
+    score = score or ("val_loss" if val_ds is not None else "train_loss")
+    say = logging.getLogger("viscy").info if quiet else print
     datasets = {"train": train_ds} | ({"val": val_ds} if val_ds is not None else {})
     resources = {"CPU": tc.cpus_per_worker} | ({"GPU": tc.gpus_per_worker} if tc.use_gpu else {})
-    print(f"viscy train: {'resuming' if tc.resume else 'run'} '{name}' -> {run_dir}")
-    print(f"  model {card.describe()}")
-    print(
+    say(f"viscy train: {'resuming' if tc.resume else 'run'} '{name}' -> {run_dir}")
+    say(f"  model {card.describe()}")
+    say(
         f"  {len(split.train)} train / {len(split.val)} val FOVs; per worker and epoch {steps['train_steps']} "
         f"train / {steps['val_steps']} val batches of {config.data.batch_size}; {tc.num_workers} worker(s) on "
         f"{'GPU' if tc.use_gpu else 'CPU'}; log {logfile or log_path()}"
@@ -474,14 +514,16 @@ def run_train(config: TrainConfig) -> TrainResult:
             name=name,
             storage_path=storage,
             checkpoint_config=CheckpointConfig(
-                num_to_keep=tc.num_to_keep, checkpoint_score_attribute=score, checkpoint_score_order="min"
+                num_to_keep=tc.num_to_keep, checkpoint_score_attribute=score, checkpoint_score_order=score_order
             ),
             failure_config=FailureConfig(max_failures=tc.max_failures),
+            callbacks=callbacks or None,
         ),
     )
     channels = card.target_channels
-    printer = _EpochPrinter(tc.max_epochs, channels, score)
-    on_event("train_epoch", printer)
+    printer = None if quiet else _EpochPrinter(tc.max_epochs, channels, score)
+    if printer is not None:
+        on_event("train_epoch", printer)
     try:
         result = trainer.fit()
         if result.error is not None:
@@ -493,22 +535,23 @@ def run_train(config: TrainConfig) -> TrainResult:
             f"--trainer.run_name {name} --trainer.resume true once fixed"
         ) from exc
     finally:
-        on_event("train_epoch", None)
-        printer.close()
-    exported = export_best(result, score, run_dir, card)
+        if printer is not None:
+            on_event("train_epoch", None)
+            printer.close()
+    exported = export_best(result, score, run_dir, card, score_order)
     best, card = exported if exported is not None else (None, card)
     metrics = card.training.get("metrics", {})
     epochs = int((result.metrics or {}).get("epoch", -1)) + 1
     upload_run_files(run_dir, storage, name, dirs=False)
     summary = TrainResult(run_dir, best, metrics, epochs, card, storage, result)
-    print(
+    say(
         f"viscy train: finished {epochs} epochs; best {score} {metrics.get(score, float('nan')):.4f} "
         f"(epoch {int(metrics.get('epoch', -1)) + 1})"
         + "".join(
             f", val Pearson {c} {metrics[f'val_pearson_{c}']:.3f}" for c in channels if f"val_pearson_{c}" in metrics
         )
     )
-    print(f"  best model {best} (self-describing: viscy export / predict need nothing else)")
+    say(f"  best model {best} (self-describing: viscy export / predict need nothing else)")
     tracker = "wandb" if config.logging.wandb else "tensorboard"
-    print(f"  checkpoints {storage}/{name}/checkpoint_*  figures {run_dir / 'figures'}  {tracker} {run_dir / tracker}")
+    say(f"  checkpoints {storage}/{name}/checkpoint_*  figures {run_dir / 'figures'}  {tracker} {run_dir / tracker}")
     return summary

@@ -1,0 +1,192 @@
+"""The search space of ``viscy tune``: dotted training-config keys, checked by the training schema itself.
+
+A trial's config is the base training config with each searched key replaced, then validated as a
+:class:`~viscy.config.TrainConfig`. Choices are sent to Optuna as JSON strings (Optuna's categorical values
+must be scalars, and a patch size or a normalisation list is not), and decoded for the trial.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+from pydantic import ValidationError
+
+from viscy.config import ConfigError, SearchParam, TrainConfig, TuneConfig, format_validation_error, set_dotted
+
+TRAIN_SECTIONS = tuple(TrainConfig.model_fields)
+
+
+def base_tree(config: TuneConfig) -> dict[str, Any]:
+    """The training part of a tune config as a plain tree, with every ``fixed`` value of the space applied."""
+    tree = json.loads(config.model_dump_json(include=set(TRAIN_SECTIONS)))
+    for key, param in config.search.space.items():
+        if param.kind == "fixed":
+            set_dotted(tree, key, param.fixed)
+    return tree
+
+
+def encode_choice(value: Any) -> str:
+    """A choice value as Optuna sees it (a JSON string)."""
+    return json.dumps(value)
+
+
+def decode_params(params: dict[str, Any], space: dict[str, SearchParam]) -> dict[str, Any]:
+    """Tune's sampled values as training-config values (choices decoded from JSON)."""
+    out = {}
+    for key, value in params.items():
+        param = space.get(key)
+        is_choice = param is not None and param.kind == "choice" and isinstance(value, str)
+        out[key] = json.loads(value) if is_choice else value
+    return out
+
+
+def trial_tree(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with each dotted key of ``params`` (already decoded) replaced."""
+    tree = copy.deepcopy(base)
+    for key, value in params.items():
+        set_dotted(tree, key, value)
+    return tree
+
+
+def trial_config(base: dict[str, Any], params: dict[str, Any]) -> TrainConfig:
+    """Validate one trial's training config; the error names the searched key like ``viscy train`` would."""
+    try:
+        return TrainConfig.model_validate(trial_tree(base, params))
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, TrainConfig)) from None
+
+
+def check_space(config: TuneConfig) -> None:
+    """Reject keys and values the training schema refuses, before anything starts.
+
+    Every key is tried at each of its extremes (both ends of a range, every choice) in the base config, so an
+    unknown key, a value out of the schema's bounds or a model that cannot take a value fails here with the
+    training schema's own message. ``points_to_evaluate`` must name searched keys only and validate too.
+    """
+    base = base_tree(config)
+    problems: list[str] = []
+    for key, param in config.search.space.items():
+        if key.split(".")[0] not in TRAIN_SECTIONS:
+            problems.append(
+                f"search.space: {key!r} is not a training-config key; keys start with one of "
+                f"{', '.join(TRAIN_SECTIONS)} (e.g. trainer.lr)"
+            )
+            continue
+        for value in param.extremes():
+            try:
+                trial_config(base, {key: value})
+            except ConfigError as exc:
+                detail = str(exc).removeprefix("invalid configuration:\n  ").replace("\n  ", "; ")
+                problems.append(f"search.space.{key} value {value!r}: {detail}")
+                break
+    searched = {k for k, p in config.search.space.items() if p.kind != "fixed"}
+    for i, point in enumerate(config.search.points_to_evaluate):
+        unknown = sorted(set(point) - searched)
+        if unknown:
+            problems.append(
+                f"search.points_to_evaluate[{i}]: {', '.join(unknown)} not searched; searched keys: "
+                f"{', '.join(sorted(searched)) or 'none'}"
+            )
+            continue
+        full = complete_point(point, config)
+        for key, value in full.items():
+            param = config.search.space[key]
+            inside = (
+                value in (param.choice or []) if param.kind == "choice"
+                else value is not None and min(param.extremes()) <= value <= max(param.extremes())
+            )
+            if not inside:
+                given = "gives" if key in point else "omits it and the base config has"
+                problems.append(
+                    f"search.points_to_evaluate[{i}] {given} {key}={value!r}, outside search.space.{key}; give a "
+                    "value inside the space"
+                )
+        try:
+            trial_config(base, full)
+        except ConfigError as exc:
+            detail = str(exc).removeprefix("invalid configuration:\n  ").replace("\n  ", "; ")
+            problems.append(f"search.points_to_evaluate[{i}]: {detail}")
+    if not searched:
+        problems.append("search.space has only fixed values; search at least one key (loguniform, uniform, int, "
+                        "choice)")
+    if problems:
+        raise ConfigError("invalid search:\n  " + "\n  ".join(problems))
+
+
+def allowed_metrics(config: TrainConfig) -> list[str]:
+    """Metrics a training run reports: train/val loss and validation metrics per target channel."""
+    from viscy.train.module import METRICS
+
+    targets = config.data.source_channel if config.trainer.fcmae.pretraining else config.data.target_channel
+    return ["val_loss", "train_loss"] + [f"val_{m}_{c}" for c in targets for m in METRICS]
+
+
+def check_metric(config: TuneConfig) -> None:
+    """The metric must be one that training reports (validation ones need a validation split)."""
+    allowed = allowed_metrics(config)
+    metric = config.search.metric
+    if metric not in allowed:
+        raise ConfigError(f"search.metric {metric!r} is not reported by training; choose one of {', '.join(allowed)}")
+    if metric != "train_loss" and config.data.val_fraction <= 0:
+        raise ConfigError(
+            f"search.metric {metric} needs validation FOVs but data.val_fraction is 0; set data.val_fraction or use "
+            "train_loss"
+        )
+
+
+def tune_domains(config: TuneConfig) -> dict[str, Any]:
+    """Ray Tune search domains of the searched (not fixed) keys."""
+    from ray import tune
+
+    out: dict[str, Any] = {}
+    for key, p in config.search.space.items():
+        if p.kind == "loguniform":
+            out[key] = tune.loguniform(*p.loguniform)
+        elif p.kind == "uniform":
+            out[key] = tune.uniform(*p.uniform)
+        elif p.kind == "int":
+            out[key] = tune.randint(p.int_range[0], p.int_range[1] + 1)  # randint excludes the upper bound
+        elif p.kind == "choice":
+            out[key] = tune.choice([encode_choice(v) for v in p.choice])
+    return out
+
+
+def _get_dotted(tree: dict[str, Any], dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def complete_point(point: dict[str, Any], config: TuneConfig) -> dict[str, Any]:
+    """A ``points_to_evaluate`` entry with every searched key: those it omits take the base config's value."""
+    base = base_tree(config)
+    searched = [k for k, p in config.search.space.items() if p.kind != "fixed"]
+    return {k: point[k] if k in point else _get_dotted(base, k) for k in searched}
+
+
+def encode_point(point: dict[str, Any], config: TuneConfig) -> dict[str, Any]:
+    """A complete ``points_to_evaluate`` entry in Tune's encoding (choices as JSON strings)."""
+    space = config.search.space
+    return {k: encode_choice(v) if space[k].kind == "choice" else v for k, v in complete_point(point, config).items()}
+
+
+def largest_trainer(config: TuneConfig) -> Any:
+    """The trainer section of the trial that asks most of the cluster (for the fits-at-all check)."""
+    base = base_tree(config)
+    biggest: dict[str, Any] = {}
+    for key in ("trainer.num_workers", "trainer.cpus_per_worker", "trainer.gpus_per_worker", "trainer.use_gpu"):
+        param = config.search.space.get(key)
+        if param is not None:
+            biggest[key] = max(param.extremes())
+    return trial_config(base, biggest).trainer
+
+
+def max_epochs(config: TuneConfig) -> int:
+    """The most epochs any trial trains (ASHA's ``max_t``)."""
+    param = config.search.space.get("trainer.max_epochs")
+    return int(max(param.extremes())) if param is not None else config.trainer.max_epochs
