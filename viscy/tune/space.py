@@ -58,6 +58,11 @@ def trial_config(base: dict[str, Any], params: dict[str, Any]) -> TrainConfig:
         raise ConfigError(format_validation_error(err, TrainConfig)) from None
 
 
+def _one_line(exc: ConfigError) -> str:
+    """A training-schema error as one line (its problems joined by '; ')."""
+    return str(exc).removeprefix("invalid configuration:\n  ").replace("\n  ", "; ")
+
+
 def check_space(config: TuneConfig) -> None:
     """Reject keys and values the training schema refuses, before anything starts.
 
@@ -78,8 +83,7 @@ def check_space(config: TuneConfig) -> None:
             try:
                 trial_config(base, {key: value})
             except ConfigError as exc:
-                detail = str(exc).removeprefix("invalid configuration:\n  ").replace("\n  ", "; ")
-                problems.append(f"search.space.{key} value {value!r}: {detail}")
+                problems.append(f"search.space.{key} value {value!r}: {_one_line(exc)}")
                 break
     searched = {k for k, p in config.search.space.items() if p.kind != "fixed"}
     for i, point in enumerate(config.search.points_to_evaluate):
@@ -106,8 +110,7 @@ def check_space(config: TuneConfig) -> None:
         try:
             trial_config(base, full)
         except ConfigError as exc:
-            detail = str(exc).removeprefix("invalid configuration:\n  ").replace("\n  ", "; ")
-            problems.append(f"search.points_to_evaluate[{i}]: {detail}")
+            problems.append(f"search.points_to_evaluate[{i}]: {_one_line(exc)}")
     if not searched:
         problems.append("search.space has only fixed values; search at least one key (loguniform, uniform, int, "
                         "choice)")
