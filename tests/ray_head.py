@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -34,23 +35,60 @@ class Head:
     dashboard: str  # for ray job submit
 
 
+NODE_PORTS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+              "runtime-env-agent-port", "node-manager-port", "object-manager-port")
+
+
+def _side_ports(names: tuple[str, ...]) -> list[str]:
+    # Other Ray clusters on this host hold the default side ports (e.g. the job agent's 52365): pick free ones.
+    return [f"--{name}={p}" for name, p in zip(names, free_ports(len(names)), strict=True)]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a ``ray start --block`` process and everything it started (its own session, nothing else)."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pass
+    kill_session(proc)
+
+
+def kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL every process of the session ``proc`` leads: a node and its workers, as when a machine dies."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 @contextmanager
-def ray_head(log_dir: Path, env: dict[str, str], num_cpus: int = 2) -> Iterator[Head]:
-    """Start a head with ``env`` (e.g. its ``RAY_AUTH_MODE``); yield its addresses once it answers."""
+def ray_head(
+    log_dir: Path,
+    env: dict[str, str],
+    num_cpus: int = 2,
+    resources: dict[str, float] | None = None,
+    temp_dir: Path | None = None,
+) -> Iterator[Head]:
+    """Start a head with ``env`` (e.g. its ``RAY_AUTH_MODE``); yield its addresses once it answers.
+
+    ``resources`` (custom resources) and ``temp_dir`` (a short path: it holds Unix sockets) tell it apart from
+    other nodes on this machine.
+    """
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
     env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
-    names = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-             "ray-client-server-port", "runtime-env-agent-port", "node-manager-port", "object-manager-port")
-    port, dash, *others = free_ports(2 + len(names))
-    # Other Ray clusters on this host hold the default side ports (e.g. the job agent's 52365): pick free ones.
-    side = [f"--{name}={p}" for name, p in zip(names, others, strict=True)]
+    port, dash = free_ports(2)
+    side = _side_ports((*NODE_PORTS, "ray-client-server-port"))
+    extra = [f"--resources={json.dumps(resources)}"] if resources else []
+    extra += [f"--temp-dir={temp_dir}"] if temp_dir else []
     log = open(log_dir / "head.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", f"--num-cpus={num_cpus}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats", *side],
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+         f"--num-cpus={num_cpus}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         "--disable-usage-stats", *extra, *side],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     head = Head(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}")
@@ -68,13 +106,44 @@ def ray_head(log_dir: Path, env: dict[str, str], num_cpus: int = 2) -> Iterator[
             raise RuntimeError("the Ray head did not come up within 180 s")
         yield head
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # our own session: leftovers of this head only
-        except ProcessLookupError:
-            pass
+        _stop(proc)
         log.close()
+
+
+def start_node(
+    head: Head, log: Path, env: dict[str, str], num_cpus: int, resources: dict[str, float], temp_dir: Path
+) -> subprocess.Popen:
+    """Join a second node to ``head`` (``ray start --address --block`` in its own session); return its process.
+
+    Its ``resources`` and its own ``temp_dir`` (sessions, sockets, unpacked job files) tell it apart. Wait with
+    :func:`wait_for_nodes`; stop it with :func:`kill_session` (a lost node) or :func:`stop_node`.
+    """
+    env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
+    return subprocess.Popen(
+        [str(BIN / "ray"), "start", "--block", f"--address={head.gcs_address}", "--node-ip-address=127.0.0.1",
+         f"--num-cpus={num_cpus}", f"--resources={json.dumps(resources)}", f"--temp-dir={temp_dir}",
+         "--disable-usage-stats",
+         *_side_ports(NODE_PORTS)],
+        env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,  # noqa: SIM115
+    )
+
+
+def stop_node(proc: subprocess.Popen) -> None:
+    """Stop a node started by :func:`start_node` and all its processes."""
+    _stop(proc)
+
+
+def wait_for_nodes(head: Head, env: dict[str, str], resource: str, timeout: float = 180) -> None:
+    """Wait until a live node of the cluster offers the custom ``resource``."""
+    probe = (
+        "import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
+        "sys.exit(0 if ray.cluster_resources().get(sys.argv[2]) else 1)"
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = subprocess.run([sys.executable, "-c", probe, head.gcs_address, resource], env=env,
+                              capture_output=True, timeout=120)
+        if done.returncode == 0:
+            return
+        time.sleep(2)
+    raise RuntimeError(f"no node with resource {resource} joined within {timeout:.0f} s")

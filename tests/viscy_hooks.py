@@ -52,7 +52,26 @@ def fail_rank0_at_epoch1(point: str, **context) -> None:
         raise HookCrash("simulated bug in the training step")
 
 
+EPOCH_STARTS = "test_epoch_starts.txt"
+
+
 def slow_epochs(point: str, **context) -> None:
-    """Sleep 3 s at the start of every training epoch, so a test can interrupt a sweep mid-trial."""
+    """Sleep 3 s at the start of every training epoch, so a test can interrupt a sweep mid-trial; rank 0 notes
+    each epoch it starts in ``<run_dir>/test_epoch_starts.txt``."""
     if point == "train.epoch_start":
+        if context["rank"] == 0 and context["run_dir"]:
+            with open(Path(context["run_dir"]) / EPOCH_STARTS, "a") as f:
+                f.write(f"{context['epoch']}\n")
         time.sleep(3)
+
+
+def report_recorder(path: str):
+    """A Ray Train callback appending the ``epoch`` of every report it sees to ``path`` (one per line)."""
+    from ray.train import UserCallback
+
+    class RecordReports(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            with open(path, "a") as f:
+                f.write(f"{int(metrics[0]['epoch'])}\n")
+
+    return RecordReports()

@@ -324,6 +324,11 @@ class TrainerConfig(StrictModel):
     use_gpu: bool = Field(False, description="One GPU per worker (NCCL); false: CPU with gloo.")
     cpus_per_worker: float = Field(0.5, gt=0, description="CPUs reserved per worker (leave some for Ray Data).")
     gpus_per_worker: float = Field(1.0, gt=0, description="GPUs per worker when use_gpu is true.")
+    placement: Literal["pack", "spread", "strict_spread"] = Field(
+        "pack",
+        description="Where workers go: pack (fewest nodes), spread (different nodes where possible), "
+        "strict_spread (one worker per node, or wait for nodes).",
+    )
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the latest checkpoint (-1: inf).")
     check_resources: bool = Field(
         True,
@@ -331,7 +336,11 @@ class TrainerConfig(StrictModel):
         "will add the nodes).",
     )
     num_to_keep: int = Field(2, ge=1, description="Best checkpoints kept (by validation loss).")
-    storage_path: str = Field("runs", description="Directory or URI (s3://, gs://) holding runs.")
+    storage_path: str = Field(
+        "runs",
+        description="Directory or URI (s3://, gs://, file://) holding runs; on several nodes a shared filesystem "
+        "or a URI.",
+    )
     run_name: str | None = Field(None, description="Run name (storage_path/run_name); default: model + time.")
     resume: bool = Field(False, description="Continue the run storage_path/run_name from its last checkpoint.")
     log_every_n_epochs: int = Field(5, ge=1, description="Epochs between input/target/prediction figures.")
@@ -553,6 +562,11 @@ class PredictConfig(StrictModel):
         "With several plates: a directory receiving one store per plate.",
     )
     overwrite: bool = Field(False, description="Replace existing predictions (else a rerun resumes the same job).")
+    ngff_version: Literal["auto", "0.4", "0.5"] = Field(
+        "auto",
+        description="NGFF version of a new output store: auto keeps the input plate's (0.4: zarr v2, 0.5: zarr v3); "
+        "appending keeps the plate's.",
+    )
     source_channel: StrList | None = Field(None, description="Input channels; default from the preset/ONNX.")
     target_channel: StrList | None = Field(None, description="Predicted channels; default from the preset/ONNX.")
     normalization: list[NormalizationConfig] | None = Field(

@@ -86,3 +86,69 @@ def as_completed(refs: list, desc: str, unit: str, progress: bool = True) -> Ite
                 raise
             bar.update(1)
             yield done[0], result
+
+
+def _sees(path: str) -> bool:
+    return os.path.exists(path)
+
+
+def check_shared_path(path: str, what: str) -> str | None:
+    """On a cluster of several nodes, check that every node sees the local directory ``path``.
+
+    Parameters
+    ----------
+    path
+        A local directory (URIs are shared by nature and not checked).
+    what
+        The setting that named it, for messages (e.g. ``trainer.storage_path``).
+
+    Returns
+    -------
+    A note for the console when ``path`` is local on several nodes and all of them see it (a shared
+    filesystem), None on one node. Raises ``ConfigError`` naming the nodes that do not see it.
+    """
+    import uuid
+    from pathlib import Path
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from viscy.config import ConfigError
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2 or "://" in path:
+        return None
+    folder = Path(path).expanduser().resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / f".viscy_shared_check_{uuid.uuid4().hex}"
+    marker.touch()
+    probe = ray.remote(num_cpus=0, max_retries=0)(_sees)
+    try:
+        refs = {
+            n["NodeManagerAddress"] + f" ({n['NodeID'][:8]})": probe.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+            ).remote(str(marker))
+            for n in nodes
+        }
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=120)
+        seen = {name: (ray.get(ref) if ref in ready else None) for name, ref in refs.items()}
+    finally:
+        marker.unlink(missing_ok=True)
+    blind = [name for name, ok in seen.items() if ok is False]
+    silent = [name for name, ok in seen.items() if ok is None]
+    if blind:
+        raise ConfigError(
+            f"{what} {folder} is a local path that node(s) {', '.join(blind)} of this {len(nodes)}-node cluster do "
+            f"not see; workers there could not write or read it. Point {what} at a filesystem every node mounts, "
+            "or at a URI (s3://bucket/path, gs://bucket/path)"
+        )
+    if silent:
+        return (
+            f"warning: {what} {folder} is a local path on a {len(nodes)}-node cluster, and node(s) "
+            f"{', '.join(silent)} did not answer whether they see it. Unless every node mounts it, use a URI "
+            "(s3://, gs://)"
+        )
+    return (
+        f"note: {what} {folder} is a local path on a {len(nodes)}-node cluster; every node sees it now (a shared "
+        "filesystem). Node-local disks would need a URI (s3://, gs://) instead"
+    )

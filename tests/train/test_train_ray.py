@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from viscy_hooks import report_recorder
 
 from viscy.config import ConfigError, PreprocessConfig, SynthConfig, TrainConfig, load_config
 from viscy.data.preprocess import run_preprocess
@@ -72,9 +73,17 @@ def test_train_resume_and_refuse_overwrite(plate, tmp_path, capsys):
     with pytest.raises(ConfigError, match="no run to continue"):
         run_train(_config(plate, tmp_path, "other", resume=True))
 
-    resumed = run_train(_config(plate, tmp_path, "run", epochs=3, resume=True))
+    plain, replayed = tmp_path / "reports_plain.txt", tmp_path / "reports_replayed.txt"
+    resumed = run_train(_config(plate, tmp_path, "run", epochs=3, resume=True),
+                        callbacks=[report_recorder(str(plain))])
     assert resumed.epochs == 3
     assert resumed.result.metrics["step"] == 3 * 2  # 2 steps per epoch, none repeated
+    assert plain.read_text().split() == ["2"]  # only the new epoch is reported
+    # A tune trial continues a run that may have finished unseen: it reports the restored epochs again first.
+    again = run_train(_config(plate, tmp_path, "run", epochs=3, resume=True), replay_history=True,
+                      callbacks=[report_recorder(str(replayed))])
+    assert replayed.read_text().split() == ["0", "1", "2"]
+    assert again.epochs == 3 and again.result.metrics["step"] == 3 * 2  # nothing trained again
     assert len(_checkpoints(run_dir)) == 2  # num_to_keep
 
 

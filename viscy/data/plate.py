@@ -1,30 +1,31 @@
-"""Lazy, validated access to OME-Zarr HCS plates (and single-FOV stores) through iohub.
+"""Lazy, validated access to OME-Zarr HCS plates (and single-FOV stores) of NGFF 0.4 and 0.5.
 
 ``Plate`` is the only way the rest of viscy reads pixels: it enumerates positions (``row/col/fov``),
 resolves channel names, validates axes, dtypes and shapes, and reads TCZYX regions without loading more
-than the chunks a region touches. It pickles as its path, so Ray tasks reopen it where they run.
+than the chunks a region touches. It reads NGFF 0.4 (zarr v2) and NGFF 0.5 (zarr v3, sharded or not),
+takes the full-resolution array from each image's ``multiscales`` metadata, and reads pixels through
+tensorstore or zarr-python 2 (``viscy.data.engine``). It pickles as its path, so Ray tasks reopen it
+where they run.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import json
 import logging
-import os
 import warnings
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from numcodecs import blosc
 from pydantic import Field
 
 from viscy.config import StrictModel, StrList
+from viscy.data.engine import ChunkReadError, LazyArray, array_meta, resolve_engine
+from viscy.data.ngff import ImageMeta, Node, check_version, image_meta, label_names, layout, plate_images, read_node
 from viscy.errors import ChannelNotFoundError, CorruptDataError, DataError, ShapeError
 
-IMAGE_KEY = "0"
+IMAGE_KEY = "0"  # the array name viscy's writers give full-resolution images (readers follow multiscales)
 FG_MASK_KEY = "fg_mask"
 LABELS_GROUP = "labels"
 EXPECTED_AXES = ("t", "c", "z", "y", "x")
@@ -32,59 +33,20 @@ SUPPORTED_DTYPES = tuple(
     np.dtype(d) for d in ("uint8", "uint16", "uint32", "int8", "int16", "int32", "float16", "float32", "float64")
 )
 
-# Blosc's internal thread pool is not fork/actor safe ("Mutex corrupt" aborts in Ray workers); zarr's
-# documented remedy is to let Blosc decode in the calling thread.
-blosc.use_threads = False
-
-# What zarr 2.18 / numcodecs 0.15 raise for a chunk that is corrupt, truncated or unreadable, measured per
-# compressor: Blosc (iohub's default), Zstd and LZ4 RuntimeError; LZ4 and uncompressed chunks of the wrong
-# size ValueError; Zlib zlib.error; GZip gzip.BadGzipFile (an OSError) or EOFError; the store OSError.
-_DECODE_ERRORS = (RuntimeError, ValueError, EOFError, OSError, zlib.error)
-# ValueError and RuntimeError are also what a bad selection raises, so an error counts as corrupt data only
-# when it was raised while zarr fetched or decoded chunks, i.e. below one of these functions of zarr.core.
-_CHUNK_FUNCTIONS = frozenset({"_chunk_getitems", "_chunk_getitem", "_process_chunk", "_decode_chunk"})
-_ZARR_CORE = os.path.join("zarr", "core.py")
-
-
-def _is_chunk_error(exc: BaseException) -> bool:
-    """Whether ``exc`` comes from fetching or decoding a chunk (corrupt data), not from the selection."""
-    if not isinstance(exc, _DECODE_ERRORS):
-        return False
-    tb = exc.__traceback__
-    while tb is not None:
-        code = tb.tb_frame.f_code
-        if code.co_name in _CHUNK_FUNCTIONS and code.co_filename.endswith(_ZARR_CORE):
-            return True
-        tb = tb.tb_next
-    return False
-
-
-# iohub warns loudly (and harmlessly) about stores other writers made; errors below are clearer.
+# iohub (viscy's NGFF 0.4 writer) warns loudly (and harmlessly) about stores other writers made.
 logging.getLogger("iohub").setLevel(logging.ERROR)
 
 
 @dataclass(frozen=True)
 class FovInfo:
-    """Shape and metadata of one field of view."""
+    """Shape and metadata of one field of view (``chunks`` are the read chunks; ``shards`` for sharded v3)."""
 
     name: str
     shape: tuple[int, int, int, int, int]
     dtype: np.dtype
     chunks: tuple[int, ...]
     scale: tuple[float, ...]
-
-
-def _open_iohub(path: Path):
-    from iohub.ngff import open_ome_zarr
-
-    try:
-        return open_ome_zarr(path, layout="auto", mode="r")
-    except Exception as exc:  # iohub raises several types for "not a store"
-        raise DataError(
-            f"{path} is not an OME-Zarr HCS plate or FOV store ({type(exc).__name__}: {exc}); "
-            "point to the plate root (the directory whose .zattrs holds 'plate') or convert the data "
-            "with `iohub convert`"
-        ) from None
+    shards: tuple[int, ...] | None = None
 
 
 class Plate:
@@ -94,12 +56,16 @@ class Plate:
     ----------
     path
         Plate root (``plate.zarr``), a position inside a plate (``plate.zarr/A/1/0``), or a FOV store.
+    engine
+        Pixel reader: ``"auto"`` (tensorstore; see ``viscy.data.engine``), ``"tensorstore"`` or ``"zarr"``
+        (zarr-python 2, zarr v2 stores only).
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, engine: str = "auto") -> None:
         self.path = Path(path)
-        self._node = None
+        self.engine = engine
         self._only: str | None = None
+        self._arrays: dict[tuple[str, str], LazyArray] = {}
         self._open()
 
     # ------------------------------------------------------------------ opening and pickling
@@ -108,22 +74,29 @@ class Plate:
         if not path.exists():
             raise DataError(f"{path} does not exist; check the path (plates usually end in .zarr)")
         root, only = self._find_root(path)
-        node = _open_iohub(root)
-        from iohub.ngff import Plate as IohubPlate
-        from iohub.ngff import Position
-
-        if isinstance(node, IohubPlate):
-            self.kind = "hcs"
-        elif isinstance(node, Position):
-            self.kind = "fov"
-        else:
-            raise DataError(f"{root} is an OME-Zarr store of unsupported layout {type(node).__name__}")
-        self._node, self._only, self.root = node, only, root
-        self._positions = self._list_positions()
+        node = read_node(root)
+        if node is None:
+            layout(Node(root, 2, "group", {}))  # raises, saying what the path holds
+        self.kind = layout(node)
+        self.version = check_version(node)
+        self.zarr_format = node.zarr_format
+        resolve_engine(self.engine, node.zarr_format, root)  # an unknown engine or zarr-python 2 on v3 fails now
+        self._only, self.root = only, root
+        self._images: dict[str, ImageMeta] = {}
+        self._positions = self._list_positions(node)
         if not self._positions:
-            raise DataError(f"{root} holds no positions with an image array '{IMAGE_KEY}'")
+            if self.kind == "fov":
+                raise DataError(f"{root}: the image's full-resolution array {self._dataset_hint()} does not exist")
+            raise DataError(
+                f"{root} holds no positions with an image: none of the wells listed in its plate metadata has an "
+                "image group whose multiscales[0].datasets[0].path names an existing array"
+            )
         if only is not None and only not in self._positions:
             raise DataError(f"{path}: position {only!r} not found; available: {', '.join(self._positions)}")
+
+    def _dataset_hint(self) -> str:
+        meta = image_meta(self.root)
+        return repr(meta.dataset) if meta is not None else "(none named)"
 
     @staticmethod
     def _find_root(path: Path) -> tuple[Path, str | None]:
@@ -131,16 +104,19 @@ class Plate:
         parts = path.resolve().parts
         if len(parts) > 3:
             candidate = Path(*parts[:-3])
-            if "plate" in _read_json(candidate / ".zattrs"):
+            node = read_node(candidate)
+            if node is not None and isinstance(node.ome.get("plate"), dict):
                 return candidate, "/".join(parts[-3:])
         return path, None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path}
+        return {"path": self.path, "engine": self.engine}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.path = state["path"]
-        self._node = None
+        self.engine = state.get("engine", "auto")
+        self._only = None
+        self._arrays = {}
         self._open()
 
     def __enter__(self) -> Plate:
@@ -150,23 +126,26 @@ class Plate:
         self.close()
 
     def close(self) -> None:
-        """Release the store handle."""
-        if self._node is not None:
-            self._node.close()
+        """Release the array handles (they reopen on the next read)."""
+        self._arrays.clear()
 
     def __repr__(self) -> str:
         return f"Plate({str(self.path)!r}, positions={len(self._positions)}, channels={self.channel_names})"
 
     # ------------------------------------------------------------------ positions and channels
-    def _list_positions(self) -> list[str]:
-        if self.kind == "fov":
-            return ["0"] if IMAGE_KEY in self._node.array_keys() else []
+    def _group(self, name: str) -> Path:
+        return self.root if self.kind == "fov" else self.root / name
+
+    def _list_positions(self, node: Node) -> list[str]:
+        candidates = ["0"] if self.kind == "fov" else plate_images(node)
+        if self._only is not None and self._only in candidates:
+            candidates = [self._only]
         names = []
-        for name, pos in self._node.positions():
-            if IMAGE_KEY in pos.array_keys():
-                names.append(name.strip("/"))
-        if self._only is not None:
-            return [n for n in names if n == self._only] or names
+        for name in candidates:
+            meta = image_meta(self._group(name))
+            if meta is not None and array_meta(self._group(name) / meta.dataset) is not None:
+                self._images[name] = meta
+                names.append(name)
         return names
 
     @property
@@ -185,17 +164,19 @@ class Plate:
             )
         return chosen
 
-    def position_node(self, name: str):
-        """The iohub ``Position`` for ``name``."""
+    def _meta(self, name: str) -> ImageMeta:
         if name not in self._positions:
             raise DataError(f"position {name!r} not in {self.root}; available: {', '.join(self._positions)}")
-        return self._node if self.kind == "fov" else self._node[name]
+        return self._images[name]
 
     @property
     def channel_names(self) -> list[str]:
         """Channel names (from OMERO metadata; indices as strings when a writer stored none)."""
-        names = self.position_node(self._positions[0]).channel_names
-        return [str(n) for n in names]
+        first = self._positions[0]
+        labels = self._meta(first).channel_labels
+        if labels is None:
+            return [str(i) for i in range(self.image(first).shape[1])]
+        return list(labels)
 
     def channel_indices(self, names: list[str] | str) -> list[int]:
         """Indices of channels by name.
@@ -218,16 +199,42 @@ class Plate:
         return out
 
     # ------------------------------------------------------------------ arrays and validation
-    def image(self, name: str):
-        """The full-resolution image array (lazy iohub ``ImageArray``) of a position, validated."""
-        pos = self.position_node(name)
-        axes = tuple(a.name.lower() for a in pos.axes)
-        if axes != EXPECTED_AXES:
+    def image_axes(self, name: str) -> list[dict[str, Any]]:
+        """A position's NGFF ``axes`` metadata (names, types and units), as stored."""
+        axes = self._meta(name).multiscale.get("axes") or []
+        return [dict(a) if isinstance(a, dict) else {"name": str(a)} for a in axes]
+
+    def image_key(self, name: str) -> str:
+        """Path of a position's full-resolution array inside its group (``multiscales[0].datasets[0].path``)."""
+        return self._meta(name).dataset
+
+    def array(self, name: str, key: str) -> LazyArray:
+        """Any array of a position by its path inside the position group (``fg_mask``, ``labels/nuclei/0``).
+
+        Raises
+        ------
+        DataError
+            If there is no array at ``key``.
+        """
+        self._meta(name)
+        cached = self._arrays.get((name, key))
+        if cached is not None:
+            return cached
+        meta = array_meta(self._group(name) / key)
+        if meta is None:
+            raise DataError(f"position {name} of {self.root} has no array {key!r}")
+        arr = self._arrays[(name, key)] = LazyArray(meta, self.engine)
+        return arr
+
+    def image(self, name: str) -> LazyArray:
+        """The full-resolution image array (lazy) of a position, validated."""
+        meta = self._meta(name)
+        if meta.axes != EXPECTED_AXES:
             raise DataError(
-                f"position {name} of {self.root} has axes {axes}; viscy needs (t, c, z, y, x). "
+                f"position {name} of {self.root} has axes {meta.axes}; viscy needs (t, c, z, y, x). "
                 "Rewrite the store in TCZYX order (e.g. with iohub), adding singleton axes as needed."
             )
-        arr = pos[IMAGE_KEY]
+        arr = self.array(name, meta.dataset)
         if arr.ndim != 5:
             raise DataError(f"position {name}: image has {arr.ndim} dimensions, expected 5 (TCZYX)")
         if np.dtype(arr.dtype) not in SUPPORTED_DTYPES:
@@ -240,9 +247,8 @@ class Plate:
     def info(self, name: str) -> FovInfo:
         """Shape, dtype, chunks and scale of one position."""
         arr = self.image(name)
-        pos = self.position_node(name)
         try:
-            scale = tuple(float(s) for s in pos.scale)
+            scale = self._meta(name).scale()
         except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
             warnings.warn(
                 f"position {name} of {self.root}: cannot read the pixel scale from its coordinateTransformations "
@@ -251,7 +257,7 @@ class Plate:
                 stacklevel=2,
             )
             scale = (1.0,) * 5
-        return FovInfo(name, tuple(arr.shape), np.dtype(arr.dtype), tuple(arr.chunks), scale)
+        return FovInfo(name, tuple(arr.shape), np.dtype(arr.dtype), tuple(arr.chunks), scale, arr.shards)
 
     def check_consistent(self, names: list[str] | None = None) -> FovInfo:
         """Check that positions share channel count, Z depth and dtype; return the first one's info.
@@ -297,35 +303,36 @@ class Plate:
         z: slice = slice(None),
         y: slice = slice(None),
         x: slice = slice(None),
-        array: str = IMAGE_KEY,
+        array: str | None = None,
     ) -> np.ndarray:
         """Read a ``(C, Z, Y, X)`` region; only the chunks it touches are read and decoded.
+
+        ``array`` is a path inside the position group (``fg_mask``, ``labels/nuclei/0``); ``None`` reads the
+        full-resolution image named by the position's ``multiscales`` metadata.
 
         Raises
         ------
         CorruptDataError
             If a chunk cannot be decoded; names the position, region and fix.
         """
-        arr = self.image(name) if array == IMAGE_KEY else self.position_node(name).zgroup[array]
+        if array is None or array == self.image_key(name):
+            arr, array = self.image(name), self.image_key(name)
+        else:
+            arr = self.array(name, array)
         if channels is not None:
             channels = self._check_channels(arr.shape[1], channels)
-        sel_c = slice(None) if channels is None else channels
+        if channels is not None and channels == list(range(channels[0], channels[-1] + 1)):
+            sel_c: slice | list[int] = slice(channels[0], channels[-1] + 1)
+        else:
+            sel_c = slice(None) if channels is None else channels
         try:
-            if isinstance(sel_c, list) and sel_c == list(range(sel_c[0], sel_c[-1] + 1)):
-                data = arr[t, sel_c[0] : sel_c[-1] + 1, z, y, x]
-            elif isinstance(sel_c, list):
-                data = np.stack([arr[t, c, z, y, x] for c in sel_c])
-            else:
-                data = arr[t, :, z, y, x]
-        except _DECODE_ERRORS as exc:
-            if not _is_chunk_error(exc):
-                raise  # a bad selection is a bug of the caller, not corrupt data
+            return arr[t, sel_c, z, y, x]
+        except ChunkReadError as exc:
             raise CorruptDataError(
                 f"cannot decode data of {self.root}/{name}/{array} at t={t}, c={channels}, z={z}, y={y}, x={x}: "
-                f"{type(exc).__name__}: {exc}. The chunk is corrupt or truncated: re-copy the position from its "
-                "source, or exclude it with the positions key"
+                f"{exc}. The chunk is corrupt or truncated: re-copy the position from its source, or exclude it "
+                "with the positions key"
             ) from None
-        return np.asarray(data)
 
     @staticmethod
     def _check_channels(n_channels: int, channels: list[int]) -> list[int]:
@@ -342,12 +349,15 @@ class Plate:
 
     # ------------------------------------------------------------------ stored metadata
     def plate_attrs(self) -> dict[str, Any]:
-        """The root ``.zattrs`` (plate-level metadata)."""
-        return dict(self._node.zattrs)
+        """The root group's attributes as stored now (v2 ``.zattrs``; v3 ``zarr.json`` ``attributes``)."""
+        node = read_node(self.root)
+        return dict(node.attrs) if node is not None else {}
 
     def position_attrs(self, name: str) -> dict[str, Any]:
-        """A position's ``.zattrs``."""
-        return dict(self.position_node(name).zattrs)
+        """A position group's attributes as stored now; viscy's keys (``normalization``) sit at the top level."""
+        self._meta(name)
+        node = read_node(self._group(name))
+        return dict(node.attrs) if node is not None else {}
 
     def normalization(self, name: str) -> dict[str, Any]:
         """A position's ``normalization`` metadata (VisCy layout); raises if preprocess never ran."""
@@ -361,25 +371,27 @@ class Plate:
 
     def has_array(self, name: str, array: str) -> bool:
         """Whether a position holds an array (e.g. ``fg_mask``) at ``array``."""
-        try:
-            self.position_node(name).zgroup[array]
-        except KeyError:
-            return False
-        return True
+        self._meta(name)
+        return (name, array) in self._arrays or array_meta(self._group(name) / array) is not None
 
     def labels(self, name: str) -> list[str]:
         """Names of the NGFF label images of a position (e.g. ``nuclei``, ``cells``)."""
-        grp = self.position_node(name).zgroup
-        if LABELS_GROUP not in grp:
-            return []
-        return list(grp[LABELS_GROUP].attrs.get("labels", []))
+        self._meta(name)
+        return label_names(self._group(name) / LABELS_GROUP)
 
+    def label_key(self, name: str, label: str) -> str:
+        """Path (inside the position group) of a label image's full-resolution array, e.g. ``labels/nuclei/0``.
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
+        Raises
+        ------
+        DataError
+            If the position has no such label image.
+        """
+        self._meta(name)
+        meta = image_meta(self._group(name) / LABELS_GROUP / label)
+        if meta is None:
+            raise DataError(f"position {name} of {self.root} has no label image {label!r}")
+        return f"{LABELS_GROUP}/{label}/{meta.dataset}"
 
 
 # ---------------------------------------------------------------------------------- viscy info
@@ -398,7 +410,9 @@ def summarize_plate(path: str | Path, patterns: list[str] | None = None) -> str:
         lines = [
             f"plate     {plate.root} ({plate.kind}, {len(plate.positions)} positions, {len(names)} selected)",
             f"channels  {', '.join(plate.channel_names)}",
-            f"shape     {first.shape} (T, C, Z, Y, X) {first.dtype}, chunks {first.chunks}",
+            f"format    NGFF {plate.version}, zarr v{plate.zarr_format}",
+            f"shape     {first.shape} (T, C, Z, Y, X) {first.dtype}, chunks {first.chunks}"
+            + (f", shards {first.shards}" if first.shards else ""),
             f"scale     {first.scale}",
         ]
         plate_norm = plate.plate_attrs().get("normalization", {})

@@ -8,12 +8,16 @@ image. The driver then writes, exactly as VisCy does::
     plate/A/1/0/.zattrs["normalization"][channel] = {"dataset_statistics": ..., "fov_statistics": ...,
                                                      "timepoint_statistics": {"0": ..., ...}}
 
-Pixel data are never modified; rerunning gives the same values (the sampling grid is deterministic).
+NGFF 0.5 (zarr v3) plates get the same keys at the top level of ``zarr.json``'s ``attributes`` (beside the
+NGFF ``ome`` block, where iohub 0.3 and VisCy put them) and a zarr v3 ``fg_mask``. Pixel data are never modified;
+rerunning gives the same values (the sampling grid is deterministic).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -23,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from viscy.config import PreprocessConfig
+from viscy.data.ngff import create_v3_array, write_attrs
 from viscy.data.plate import FG_MASK_KEY, Plate
 from viscy.errors import DataError, ViscyError
 
@@ -78,9 +83,8 @@ def write_fg_mask(plate: Plate, name: str, channel: int, sigma: float) -> float:
     """Otsu foreground mask of one channel, written as uint8 array ``fg_mask`` (T, 1, Z, Y, X).
 
     The mask is written to a temporary array and renamed when complete, so a killed run never leaves a
-    mask that looks finished.
+    mask that looks finished. NGFF 0.4 plates get a zarr v2 array, NGFF 0.5 plates a zarr v3 one.
     """
-    import zarr
     from skimage.filters import gaussian, threshold_otsu
 
     shape = plate.info(name).shape
@@ -88,26 +92,43 @@ def write_fg_mask(plate: Plate, name: str, channel: int, sigma: float) -> float:
     # Threshold from a grid sample of the whole FOV so all slices share one threshold.
     sample = plate.read(name, 0, [channel], slice(None), slice(None, None, 4), slice(None, None, 4))
     threshold = float(threshold_otsu(gaussian(sample[0].astype(np.float32), sigma=sigma / 4, channel_axis=None)))
-    group = zarr.open_group(str(plate.root / name) if plate.kind == "hcs" else str(plate.root), mode="r+")
+    group_path = plate.root / name if plate.kind == "hcs" else plate.root
     tmp_key = f"{FG_MASK_KEY}.partial"
-    if tmp_key in group:
-        del group[tmp_key]
-    mask_arr = group.create_dataset(
-        tmp_key,
-        shape=(t_n, 1, z_n, y_n, x_n),
-        chunks=(1, 1, 1, y_n, x_n),
-        dtype="uint8",
-        overwrite=True,
-        dimension_separator="/",  # NGFF 0.4 nested chunk keys, as iohub reads them
-    )
+    mask_shape, mask_chunks = (t_n, 1, z_n, y_n, x_n), (1, 1, 1, y_n, x_n)
+    if plate.zarr_format == 3:
+        mask_arr = create_v3_array(group_path / tmp_key, mask_shape, mask_chunks, "uint8")
+
+        def write(t: int, z: int, mask: np.ndarray) -> None:
+            mask_arr[t, 0, z].write(mask).result()
+    else:
+        import zarr
+
+        group = zarr.open_group(str(group_path), mode="r+")
+        if tmp_key in group:
+            del group[tmp_key]
+        mask_arr = group.create_dataset(
+            tmp_key,
+            shape=mask_shape,
+            chunks=mask_chunks,
+            dtype="uint8",
+            overwrite=True,
+            dimension_separator="/",  # NGFF 0.4 nested chunk keys, as iohub reads them
+        )
+
+        def write(t: int, z: int, mask: np.ndarray) -> None:
+            mask_arr[t, 0, z] = mask
+
     for t in range(t_n):
         for z in range(z_n):
             img = plate.read(name, t, [channel], slice(z, z + 1))[0, 0].astype(np.float32)
-            mask_arr[t, 0, z] = (gaussian(img, sigma=sigma) > threshold).astype(np.uint8)
-    mask_arr.attrs.update({"channel": plate.channel_names[channel], "otsu_threshold": threshold, "sigma": sigma})
-    if FG_MASK_KEY in group:
-        del group[FG_MASK_KEY]
-    group.store.rename(f"{group.path}/{tmp_key}".strip("/"), f"{group.path}/{FG_MASK_KEY}".strip("/"))
+            write(t, z, (gaussian(img, sigma=sigma) > threshold).astype(np.uint8))
+    mask_attrs = {"channel": plate.channel_names[channel], "otsu_threshold": threshold, "sigma": sigma}
+    for key, value in mask_attrs.items():
+        write_attrs(group_path / tmp_key, key, value)
+    final = group_path / FG_MASK_KEY
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(group_path / tmp_key, final)
     return threshold
 
 
@@ -141,10 +162,46 @@ def fov_statistics_task(
 
 
 def _write_attrs(group_path: Path, key: str, value: Any) -> None:
-    import zarr
+    write_attrs(group_path, key, value)
 
-    grp = zarr.open_group(str(group_path), mode="r+")
-    grp.attrs[key] = value
+
+def write_statistics(
+    plate: Plate, results: list[FovResult], channels: list[str], fg_channel: str | None = None
+) -> dict[str, dict[str, float]]:
+    """Write FOV and plate ``normalization`` attributes (VisCy's layout) from per-FOV results; the dataset
+    statistics. Statistics of channels not recomputed are kept; the plate-level entry is written last.
+    """
+    dataset_stats = {ch: compute_statistics(np.concatenate([r.samples[ch] for r in results])) for ch in channels}
+    t_keys = sorted({t for r in results for t in r.timepoint_samples[channels[0]]}, key=int)
+    timepoint_stats = {
+        ch: {
+            t: compute_statistics(
+                np.concatenate([r.timepoint_samples[ch][t] for r in results if t in r.timepoint_samples[ch]])
+            )
+            for t in t_keys
+        }
+        for ch in channels
+    }
+    # Merge with statistics of channels not recomputed now, so a partial rerun keeps the others.
+    plate_norm = dict(plate.plate_attrs().get("normalization", {}))
+    for ch in channels:
+        plate_norm[ch] = {"dataset_statistics": dataset_stats[ch], "timepoint_statistics": timepoint_stats[ch]}
+    for r in results:
+        fov_norm = dict(plate.position_attrs(r.name).get("normalization", {}))
+        for ch in channels:
+            entry = {
+                "dataset_statistics": dataset_stats[ch],
+                "fov_statistics": r.fov_statistics[ch],
+                "timepoint_statistics": r.timepoint_statistics[ch],
+            }
+            if ch == fg_channel and r.otsu_threshold is not None:
+                entry["otsu_threshold"] = r.otsu_threshold
+            fov_norm[ch] = entry
+        _write_attrs(plate.root / r.name if plate.kind == "hcs" else plate.root, "normalization", fov_norm)
+    # The plate-level entry is written last: its presence means every FOV entry is complete.
+    if plate.kind == "hcs":
+        _write_attrs(plate.root, "normalization", plate_norm)
+    return dataset_stats
 
 
 MIN_SAMPLES_PER_SLICE = 1024
@@ -232,36 +289,7 @@ def run_preprocess(config: PreprocessConfig, progress: bool = True) -> Preproces
     if not ok:
         raise DataError(f"every FOV was skipped: {skipped}")
 
-    dataset_stats = {ch: compute_statistics(np.concatenate([r.samples[ch] for r in ok])) for ch in channels}
-    t_keys = sorted({t for r in ok for t in r.timepoint_samples[channels[0]]}, key=int)
-    timepoint_stats = {
-        ch: {
-            t: compute_statistics(
-                np.concatenate([r.timepoint_samples[ch][t] for r in ok if t in r.timepoint_samples[ch]])
-            )
-            for t in t_keys
-        }
-        for ch in channels
-    }
-    # Merge with statistics of channels not recomputed now, so a partial rerun keeps the others.
-    plate_norm = dict(plate.plate_attrs().get("normalization", {}))
-    for ch in channels:
-        plate_norm[ch] = {"dataset_statistics": dataset_stats[ch], "timepoint_statistics": timepoint_stats[ch]}
-    for r in ok:
-        fov_norm = dict(plate.position_attrs(r.name).get("normalization", {}))
-        for ch in channels:
-            entry = {
-                "dataset_statistics": dataset_stats[ch],
-                "fov_statistics": r.fov_statistics[ch],
-                "timepoint_statistics": r.timepoint_statistics[ch],
-            }
-            if fg is not None and ch == fg.channel and r.otsu_threshold is not None:
-                entry["otsu_threshold"] = r.otsu_threshold
-            fov_norm[ch] = entry
-        _write_attrs(plate.root / r.name if plate.kind == "hcs" else plate.root, "normalization", fov_norm)
-    # The plate-level entry is written last: its presence means every FOV entry is complete.
-    if plate.kind == "hcs":
-        _write_attrs(plate.root, "normalization", plate_norm)
+    dataset_stats = write_statistics(plate, ok, channels, fg.channel if fg else None)
     from viscy.config import save_config
     from viscy.console import place_log
 

@@ -35,7 +35,7 @@ import pandas as pd
 
 from viscy.config import CONFIG_FILENAME, EvaluateConfig, NormalizationConfig, save_config
 from viscy.data.patches import normalization_for_channel, normalization_params, normalize
-from viscy.data.plate import LABELS_GROUP, Plate
+from viscy.data.plate import Plate
 from viscy.errors import ChannelNotFoundError, DataError, ShapeError, ViscyError
 from viscy.evaluate.metrics import REGRESSION_METRICS, SEGMENTATION_METRICS, regression_metrics, segmentation_metrics
 from viscy.predict.writer import ATTR as PREDICTION_ATTR
@@ -338,7 +338,7 @@ def _check_labels(plate: Plate, name: str, label: str, shape: tuple[int, ...]) -
             f"{', '.join(available) or 'none'}); set segmentation.use_ground_truth_labels to one of them or null "
             "to segment the target channel instead"
         )
-    arr = plate.position_node(name).zgroup[f"{LABELS_GROUP}/{label}/0"]
+    arr = plate.array(name, plate.label_key(name, label))
     expected = (shape[0], 1, *shape[2:])
     if tuple(arr.shape) != expected:
         raise ShapeError(f"label image {label} of {name} has shape {tuple(arr.shape)}, expected {expected}")
@@ -372,7 +372,8 @@ def evaluate_fov(plan: EvalPlan, position: str, t: int, with_panel: bool) -> tup
             source = target_plate.read(position, t, [plan.source_idx], z=slice(nz // 2, nz // 2 + 1))[0, 0]
         gt = None
         if seg is not None and seg.use_ground_truth_labels:
-            gt = target_plate.read(position, t, [0], z=z_sel, array=f"{LABELS_GROUP}/{seg.use_ground_truth_labels}/0")
+            label_key = target_plate.label_key(position, seg.use_ground_truth_labels)
+            gt = target_plate.read(position, t, [0], z=z_sel, array=label_key)
             gt = gt[0]
     with Plate(plan.prediction_path) as pred_plate:
         prediction = pred_plate.read(position, t, plan.prediction_idx, z=z_sel).astype(np.float32)

@@ -35,6 +35,7 @@ from viscy.predict.writer import (
     mark_complete,
     prediction_names,
     prepare_output,
+    resolve_output_version,
     write_block,
 )
 from viscy.testing import hook
@@ -311,6 +312,9 @@ def run_predict(config: PredictConfig) -> PredictResult:
     norms = resolve_normalization(config, info, sources)
     opts = tiling_options(config, info)
     fp = fingerprint(config, sources, targets, norms)
+    # NGFF version of new stores: "auto" keeps each input plate's. The config key is ``ngff_version`` (see
+    # viscy.predict.writer.resolve_output_version); a config without it predicts with "auto".
+    requested_version = config.ngff_version
 
     # 1. validate every plate and output before writing anything
     plans = []
@@ -323,14 +327,20 @@ def run_predict(config: PredictConfig) -> PredictResult:
         if written in seen_outputs:
             raise DataError(f"two input plates would write to {written}; list each plate once, with distinct names")
         seen_outputs.add(written)
+        if output is None and plate.zarr_format != 2:
+            raise DataError(
+                f"{plate.root} is an NGFF {plate.version} (zarr v{plate.zarr_format}) plate; viscy appends prediction "
+                "channels to NGFF 0.4 (zarr v2) plates only. Set output to a new store to predict into"
+            )
         if output is not None:
             if written == plate.root.resolve():
                 raise DataError(f"output {output} is the input plate; set output: null to append channels instead")
             if plate.root.resolve().is_relative_to(written):
                 raise DataError(f"output {output} contains the input plate {plate.root}; choose another output")
+        version = resolve_output_version(plate, requested_version, output)
         _validate_plate(plate, fovs, sources, targets, norms, config.denormalize, output is None)
-        action = check_output(plate, fovs, output, targets, fp, config.overwrite)
-        plans.append((plate, fovs, output, action))
+        action = check_output(plate, fovs, output, targets, fp, config.overwrite, version)
+        plans.append((plate, fovs, output, action, version))
 
     # 2. create outputs, list the units of incomplete FOVs
     job = {
@@ -346,8 +356,8 @@ def run_predict(config: PredictConfig) -> PredictResult:
     outputs: dict[str, OutputTarget] = {}
     units: list[dict[str, Any]] = []
     skipped = 0
-    for plate, fovs, output, action in plans:
-        target = prepare_output(plate, fovs, output, targets, fp, action, job)
+    for plate, fovs, output, action, version in plans:
+        target = prepare_output(plate, fovs, output, targets, fp, action, job, version)
         outputs[str(plate.path)] = target
         save_config(config, target.config_dir, "predict")
         place_log(target.config_dir, "viscy_predict.log")
@@ -362,7 +372,7 @@ def run_predict(config: PredictConfig) -> PredictResult:
         remaining[(u["plate"], u["fov"])] += 1
     n_fovs = len(remaining)
     megapixels = 0.0
-    for plate, fovs, _, _ in plans:
+    for plate, fovs, *_ in plans:
         for fov in fovs:
             if (str(plate.path), fov) in remaining:
                 t_n, _, z_n, y, x = plate.info(fov).shape
@@ -387,10 +397,16 @@ def run_predict(config: PredictConfig) -> PredictResult:
         return result(time.perf_counter() - t_start, 0.0)
 
     # 3. stream units through the actor pool
-    from viscy.ray_utils import ensure_ray
+    from viscy.ray_utils import check_shared_path, ensure_ray
 
     ensure_ray()
     import ray
+
+    for target in outputs.values():  # actors on every node write the predictions
+        where = Path(target.path)
+        note = check_shared_path(str(where if where.is_dir() else where.parent), "output")
+        if note:
+            print(f"viscy predict: {note}")
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False

@@ -3,12 +3,16 @@ to the input plate, with per-FOV completion markers that make a killed job resum
 
 Layout and safety rules:
 
-* New stores use chunks ``(1, 1, 1, Y, X)`` (VisCy's writer); a task writes whole ``(t, c, z)`` planes, so
-  no two tasks ever touch the same chunk. Appending keeps the input's chunks; the task Z blocks are then
-  aligned to its Z chunks, and chunks spanning several time points are refused.
-* The store's root ``.zattrs['viscy_prediction']`` holds the job fingerprint (model, channels, tiling, ...).
-  Each position's ``.zattrs['viscy_prediction'] = {"complete": true, ...}`` is written by the driver only
-  after every task of that position has returned, i.e. after all its chunks are on disk.
+* A new store is NGFF 0.4 on zarr v2 (written with iohub) or NGFF 0.5 on zarr v3 (written here, through
+  tensorstore); by default it keeps the input plate's version (:func:`resolve_output_version`).
+* New stores use chunks ``(1, 1, 1, Y, X)`` (VisCy's writer), unsharded; a task writes whole ``(t, c, z)``
+  planes, so no two tasks ever touch the same chunk (a shard spanning several planes would be written by
+  several tasks at once). Appending keeps the input's chunks; the task Z blocks are then aligned to its Z
+  chunks, and chunks spanning several time points are refused. Only NGFF 0.4 plates are appended to.
+* The store's root attributes ``viscy_prediction`` (v2 ``.zattrs``; v3 ``zarr.json`` ``attributes``, beside
+  ``ome``) hold the job fingerprint (model, channels, tiling, ...). Each position's
+  ``viscy_prediction = {"complete": true, ...}`` is written by the driver only after every task of that
+  position has returned, i.e. after all its chunks are on disk.
 * A rerun with the same fingerprint skips complete positions and redoes the others from scratch; a
   different fingerprint is refused unless ``overwrite``.
 * ``overwrite`` replaces only what viscy predict wrote: a store whose root marker says ``"store": true``, or
@@ -20,7 +24,6 @@ Layout and safety rules:
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -30,6 +33,17 @@ from typing import Any
 import numpy as np
 import zarr
 
+from viscy.data.ngff import (
+    create_v3_array,
+    delete_attr,
+    image_metadata,
+    open_v3_array,
+    plate_images,
+    plate_metadata,
+    read_node,
+    write_attrs,
+    write_v3_group,
+)
 from viscy.data.plate import IMAGE_KEY, Plate
 from viscy.data.replace import siblings, swap_in
 from viscy.errors import DataError
@@ -38,6 +52,31 @@ ATTR = "viscy_prediction"
 SUFFIX = "_prediction"
 CONFIG_DIR = "viscy_predict"  # where append mode keeps its resolved config inside the input plate
 RESUMING = ("resume", "continue")  # actions that skip positions already complete
+NGFF_VERSIONS = ("auto", "0.4", "0.5")  # values of the output version option; auto: the input plate's
+ZARR_FORMAT = {"0.4": 2, "0.5": 3}
+
+
+def resolve_output_version(plate: Plate, requested: str, output: Path | None) -> str:
+    """The NGFF version predictions of ``plate`` are written in: ``requested``, or the plate's for ``"auto"``.
+
+    Raises
+    ------
+    DataError
+        For an unknown version, or a version other than the plate's when appending to it (``output`` None).
+    """
+    if requested not in NGFF_VERSIONS:
+        raise DataError(f"unknown output NGFF version {requested!r}; choose one of {', '.join(NGFF_VERSIONS)}")
+    version = plate.version if requested == "auto" else requested
+    if version not in ZARR_FORMAT:  # an input version viscy reads but does not write
+        raise DataError(
+            f"{plate.root} is NGFF {plate.version}; viscy writes predictions as NGFF 0.4 or 0.5: choose one"
+        )
+    if output is None and version != plate.version:
+        raise DataError(
+            f"appending channels keeps the input plate's NGFF version ({plate.version}), not {version}; set output "
+            f"to a new store to write NGFF {version}"
+        )
+    return version
 
 
 def prediction_names(targets: list[str]) -> list[str]:
@@ -54,6 +93,7 @@ class OutputTarget:
     channel_offset: int  # index of the first prediction channel in the output array
     append: bool
     final: Path | None = None  # where ``root`` is swapped in once complete (a replacement); None: in place
+    zarr_format: int = 2  # 2: NGFF 0.4 (zarr-python 2), 3: NGFF 0.5 (tensorstore)
 
     @property
     def path(self) -> Path:
@@ -75,10 +115,9 @@ class OutputTarget:
 
 
 def _read_attrs(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads((path / ".zattrs").read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
+    """A group's attributes (v2 ``.zattrs``, v3 ``zarr.json`` ``attributes``); empty if it has none."""
+    node = read_node(path)
+    return dict(node.attrs) if node is not None else {}
 
 
 def position_state(target: OutputTarget, fov: str) -> dict[str, Any]:
@@ -94,22 +133,23 @@ def is_complete(target: OutputTarget, fov: str, fingerprint: str) -> bool:
 
 def mark_complete(target: OutputTarget, fov: str, fingerprint: str, extra: dict[str, Any] | None = None) -> None:
     """Write the completion marker of a position (call only after all its data are written)."""
-    group = zarr.open_group(target.group_path(fov), mode="r+")
+    group = Path(target.group_path(fov))
     # a single-FOV store keeps its job record in the same attributes: add to it, never drop it
-    group.attrs[ATTR] = {**group.attrs.get(ATTR, {}), "complete": True, "fingerprint": fingerprint, **(extra or {})}
+    state = _read_attrs(group).get(ATTR, {})
+    write_attrs(group, ATTR, {**state, "complete": True, "fingerprint": fingerprint, **(extra or {})})
 
 
 def _clear_markers(target: OutputTarget, fovs: list[str]) -> None:
     """Un-complete the positions about to be rewritten (and only those)."""
     for fov in fovs:
-        group = zarr.open_group(target.group_path(fov), mode="r+")
-        state = group.attrs.get(ATTR)
+        group = Path(target.group_path(fov))
+        state = _read_attrs(group).get(ATTR)
         if state is None:
             continue
         if target.kind == "fov":  # the root: keep the ownership record, drop only the completion flag
-            group.attrs[ATTR] = {k: v for k, v in state.items() if k != "complete"}
+            write_attrs(group, ATTR, {k: v for k, v in state.items() if k != "complete"})
         else:
-            del group.attrs[ATTR]
+            delete_attr(group, ATTR)
 
 
 def is_prediction_store(path: Path) -> bool:
@@ -131,7 +171,7 @@ def is_prediction_store(path: Path) -> bool:
 
 def _refuse_foreign(path: Path, what: str) -> DataError:
     return DataError(
-        f"{path} exists and is not {what} (its .zattrs has no '{ATTR}' store marker); viscy never replaces or "
+        f"{path} exists and is not {what} (its attributes have no '{ATTR}' store marker); viscy never replaces or "
         "deletes it, even with overwrite: true. Choose another output, or move it away yourself"
     )
 
@@ -144,7 +184,13 @@ def _owned_channels(state: dict[str, Any]) -> set[str]:
 
 
 def check_output(
-    plate: Plate, fovs: list[str], output: Path | None, targets: list[str], fingerprint: str, overwrite: bool
+    plate: Plate,
+    fovs: list[str],
+    output: Path | None,
+    targets: list[str],
+    fingerprint: str,
+    overwrite: bool,
+    version: str | None = None,
 ) -> str:
     """Decide what to do with an existing output before anything is written.
 
@@ -158,12 +204,13 @@ def check_output(
     Raises
     ------
     DataError
-        If anything viscy did not write is in the way (even with ``overwrite``), or predictions exist from
-        another job and ``overwrite`` is false.
+        If anything viscy did not write is in the way (even with ``overwrite``), predictions exist from
+        another job and ``overwrite`` is false, or the same job's store is of another NGFF ``version`` than the
+        one asked for (``None``: not checked) and ``overwrite`` is false.
     """
     names = prediction_names(targets)
     if output is not None:
-        return _check_store(output, fingerprint, overwrite)
+        return _check_store(output, fingerprint, overwrite, version)
     existing = [n for n in names if n in plate.channel_names]
     if not existing:
         return "append"
@@ -197,7 +244,12 @@ def check_output(
     )
 
 
-def _check_store(output: Path, fingerprint: str, overwrite: bool) -> str:
+def _store_version(path: Path) -> str | None:
+    node = read_node(path)
+    return None if node is None else {2: "0.4", 3: "0.5"}.get(node.zarr_format)
+
+
+def _check_store(output: Path, fingerprint: str, overwrite: bool, version: str | None = None) -> str:
     partial, old = siblings(output)
     # a swap cut short leaves the old store at <output>.viscy-old: it still counts as the output
     current = output if output.exists() else old if old.exists() else None
@@ -208,6 +260,13 @@ def _check_store(output: Path, fingerprint: str, overwrite: bool) -> str:
     state = _read_attrs(current)[ATTR]
     if not overwrite:
         if state.get("fingerprint") == fingerprint:
+            found = _store_version(current)
+            if version is not None and found != version:
+                raise DataError(
+                    f"output {output} holds this job's predictions as NGFF {found}, not {version}; rerun with NGFF "
+                    f"{found} to resume it, set overwrite: true to rewrite it as NGFF {version}, or choose another "
+                    "output"
+                )
             return "resume"
         raise DataError(
             f"output {output} already exists (a different prediction job); choose another output, or set "
@@ -219,8 +278,9 @@ def _check_store(output: Path, fingerprint: str, overwrite: bool) -> str:
         return "replace"
     if not is_prediction_store(partial):
         raise _refuse_foreign(partial, "a replacement store viscy predict started")
-    # a killed replacement of the same job continues; one of another job starts over
-    return "continue" if _read_attrs(partial)[ATTR].get("fingerprint") == fingerprint else "replace"
+    # a killed replacement of the same job (and NGFF version) continues; anything else starts over
+    same = _read_attrs(partial)[ATTR].get("fingerprint") == fingerprint
+    return "continue" if same and (version is None or _store_version(partial) == version) else "replace"
 
 
 def prepare_output(
@@ -231,11 +291,13 @@ def prepare_output(
     fingerprint: str,
     action: str,
     job: dict[str, Any],
+    version: str | None = None,
 ) -> OutputTarget:
     """Create (or reopen) the store and its arrays for ``fovs``; returns where tasks write.
 
     Call only after :func:`check_output` accepted ``action`` for every plate: this is where writing starts.
     A replacement (``"replace"``/``"continue"``) is built beside ``output``; :func:`finish_output` swaps it in.
+    A new store is NGFF ``version`` (``"0.4"`` or ``"0.5"``; ``None``: the input plate's).
     """
     from iohub.ngff import open_ome_zarr
     from iohub.ngff.models import TransformationMeta
@@ -253,6 +315,12 @@ def prepare_output(
         if action == "replace" and partial.exists():
             shutil.rmtree(partial)  # check_output verified it is a replacement viscy started
     layout = "fov" if plate.kind == "fov" else "hcs"
+    version = resolve_output_version(plate, version or "auto", output)
+    final = output if root != output else None
+    if version == "0.5":
+        marker = {**job, "fingerprint": fingerprint, "store": True}
+        _prepare_v3_store(root, plate, fovs, names, marker, resume=action in RESUMING)
+        return OutputTarget(root, layout, 0, False, final, zarr_format=3)
     if action in ("create", "replace") or (action in RESUMING and layout == "hcs"):
         info = {f: plate.info(f) for f in fovs}
         mode = "a" if action in RESUMING else "w-"
@@ -274,7 +342,54 @@ def prepare_output(
                     chunks=(1, 1, 1, y, x),
                     transform=[TransformationMeta(type="scale", scale=list(info[fov].scale))],
                 )
-    return OutputTarget(root, layout, 0, False, output if root != output else None)
+    return OutputTarget(root, layout, 0, False, final)
+
+
+def _prepare_v3_store(
+    root: Path, plate: Plate, fovs: list[str], names: list[str], marker: dict[str, Any], resume: bool
+) -> None:
+    """Create an NGFF 0.5 (zarr v3) prediction store for ``fovs`` or, resuming, add the positions it lacks.
+
+    The layout is ome-zarr-py's (plate, row and well groups; one image per FOV whose only dataset is array
+    ``0``); arrays are float32, zstd, chunks ``(1, 1, 1, Y, X)``. The root marker is written first, so a
+    store killed while being created is recognisably viscy's; a position whose array is missing is (re)made.
+    """
+    if resume and read_node(root) is None:
+        resume = False  # nothing there yet (a replacement that never started)
+    if not resume and root.exists():
+        raise DataError(f"{root} exists; cannot create a prediction store there")
+    if plate.kind == "fov":
+        groups = {fovs[0]: root}
+        root_attrs = _read_attrs(root) if resume else {ATTR: marker}
+    else:
+        node = read_node(root) if resume else None
+        known = plate_images(node) if node is not None else []
+        # the plate metadata list every position the store will hold: the killed job's and this one's
+        root_attrs = _read_attrs(root) if resume else {ATTR: marker}
+        root_attrs["ome"] = {"version": "0.5", "plate": plate_metadata(sorted(set(known) | set(fovs)), version="0.5")}
+        write_v3_group(root, root_attrs)
+        groups = {fov: root / fov for fov in fovs}
+    for fov, group in groups.items():
+        arr = group / IMAGE_KEY
+        t, _, z, y, x = plate.info(fov).shape
+        shape = (t, len(names), z, y, x)
+        existing = read_node(arr)
+        if resume and existing is not None and existing.node_type == "array":
+            continue  # created by the killed job (its completion marker says whether it is done)
+        image = image_metadata(plate.image_axes(fov), plate.info(fov).scale, names, IMAGE_KEY)
+        if plate.kind == "fov":
+            write_v3_group(group, {**root_attrs, "ome": image})
+        else:
+            row, col, field = fov.split("/")
+            if read_node(root / row) is None:
+                write_v3_group(root / row, {})
+            well = read_node(root / row / col)
+            images = well.ome.get("well", {}).get("images", []) if well is not None else []
+            if field not in [i.get("path") for i in images if isinstance(i, dict)]:
+                images = [*images, {"path": field}]
+                write_v3_group(root / row / col, {"ome": {"version": "0.5", "well": {"images": images}}})
+            write_v3_group(group, {"ome": image})
+        create_v3_array(arr, shape, (1, 1, 1, y, x), "float32")
 
 
 def finish_output(target: OutputTarget) -> None:
@@ -324,6 +439,11 @@ def _prepare_append(
 
 def write_block(target: OutputTarget, fov: str, t: int, z0: int, data: np.ndarray) -> None:
     """Write a ``(C', Z_block, Y, X)`` prediction block at time ``t`` and slices ``z0:``."""
-    arr = zarr.open_array(target.array_path(fov), mode="r+")
     c0 = target.channel_offset
+    if target.zarr_format == 3:
+        arr = open_v3_array(Path(target.array_path(fov)))
+        block = data.astype(arr.dtype.numpy_dtype, copy=False)
+        arr[t, c0 : c0 + data.shape[0], z0 : z0 + data.shape[1]].write(block).result()
+        return
+    arr = zarr.open_array(target.array_path(fov), mode="r+")
     arr[t, c0 : c0 + data.shape[0], z0 : z0 + data.shape[1]] = data.astype(arr.dtype, copy=False)

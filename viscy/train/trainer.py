@@ -7,6 +7,7 @@ Layout of a run (``<storage_path>/<run_name>/``): Ray's ``checkpoint_*/checkpoin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import json
@@ -136,6 +137,40 @@ def _epoch_callbacks():
     return EpochEvents()
 
 
+def _metric_history(replay: bool):
+    import lightning.pytorch as pl
+
+    class MetricHistory(pl.Callback):
+        """Every epoch's report, kept in the Lightning checkpoint so a resumed run knows its past.
+
+        With ``replay`` (a ``viscy tune`` trial), a resumed run first reports the epochs it restored, so the
+        trial's results are complete even when Tune never saw them (it starts a continued trial's results afresh,
+        and a run can finish its last checkpoint just as the sweep is interrupted).
+        """
+
+        def __init__(self) -> None:
+            self.history: list[dict[str, float]] = []
+
+        def on_fit_start(self, trainer, pl_module) -> None:
+            import ray.train
+
+            for metrics in self.history if replay else []:
+                ray.train.report(metrics=dict(metrics))
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            # before RayTrainReportCallback, so the checkpoint it saves holds this epoch too; the same metrics
+            metrics = {k: float(v.item()) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+            self.history.append(metrics | {"epoch": trainer.current_epoch, "step": trainer.global_step})
+
+        def state_dict(self) -> dict[str, Any]:
+            return {"history": self.history}
+
+        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+            self.history = list(state_dict.get("history", []))
+
+    return MetricHistory()
+
+
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Worker function: build the module, loggers and Lightning trainer, then fit (resuming if Ray has a checkpoint)."""
     import lightning.pytorch as pl
@@ -178,7 +213,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
         logger = TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="")
     # EpochEvents after ThroughputCallback, so the epoch's samples/s is in the event.
-    callbacks: list[pl.Callback] = [ThroughputCallback(), _epoch_callbacks(), RayTrainReportCallback()]
+    report = RayTrainReportCallback()
+    callbacks: list[pl.Callback] = [
+        ThroughputCallback(),
+        _epoch_callbacks(),
+        _metric_history(bool(loop_config.get("replay_history"))),
+        report,
+    ]
     steps = loop_config["steps"]
     trainer = pl.Trainer(
         max_epochs=tc.max_epochs,
@@ -206,6 +247,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             trainer.fit(module, train_dataloaders=train_dl, val_dataloaders=val_dl, ckpt_path=ckpt)
     else:
         trainer.fit(module, train_dataloaders=train_dl, val_dataloaders=val_dl)
+    with contextlib.suppress(OSError):  # Ray's callback leaves its (by now empty) staging folder in /tmp
+        os.rmdir(report.tmpdir_prefix)
     if ray.train.get_context().get_world_rank() == 0:  # figures and logs live on rank 0's node
         upload_run_files(run_dir, loop_config["storage"], name, dirs=True)
 
@@ -365,6 +408,12 @@ def check_cluster_resources(tc: Any) -> None:
             f"CPU(s) leaves {max(cpus - need_cpu, 0):g} for Ray Data's read tasks (each needs 1) and {cluster}; "
             "lower --trainer.cpus_per_worker or --trainer.num_workers"
         )
+    fitting = [n for n in nodes if n.get("CPU", 0) >= tc.cpus_per_worker and (not tc.use_gpu or n.get("GPU", 0) >= 1)]
+    if tc.placement == "strict_spread" and len(fitting) < tc.num_workers:
+        problems.append(
+            f"trainer.placement strict_spread puts each of the {tc.num_workers} workers on its own node, but only "
+            f"{len(fitting)} node(s) can host one; {cluster}. Use --trainer.placement spread"
+        )
     if problems:
         raise ConfigError("the worker group can never be scheduled:\n  - " + "\n  - ".join(problems))
 
@@ -420,6 +469,7 @@ def run_train(
     score: str | None = None,
     score_order: str = "min",
     quiet: bool = False,
+    replay_history: bool = False,
 ) -> TrainResult:
     """Train with Ray Train on the local Ray cluster (or ``RAY_ADDRESS``); write the self-describing best model.
 
@@ -436,6 +486,8 @@ def run_train(
         Metric (default ``val_loss``, or ``train_loss`` without validation) and direction that rank checkpoints.
     quiet
         Log instead of printing (a tune trial runs many of these at once).
+    replay_history
+        On resume, report the restored epochs' metrics again before training on (a tune trial's results).
     """
     import ray
     import ray.train
@@ -444,7 +496,7 @@ def run_train(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from viscy.console import failure_message, log_path, on_event, place_log
-    from viscy.ray_utils import ensure_ray
+    from viscy.ray_utils import check_shared_path, ensure_ray
     from viscy.testing import forwarded
     from viscy.train.datasource import build_datasets, list_fovs
 
@@ -458,6 +510,7 @@ def run_train(
 
     ensure_ray()
     check_cluster_resources(tc)
+    shared = check_shared_path(storage, "trainer.storage_path")
     # On small nodes the per-operator reservation keeps Ray Data to about one read task at a time.
     DataContext.get_current().op_resource_reservation_enabled = False
     DataContext.get_current().enable_progress_bars = False
@@ -488,6 +541,8 @@ def run_train(
     datasets = {"train": train_ds} | ({"val": val_ds} if val_ds is not None else {})
     resources = {"CPU": tc.cpus_per_worker} | ({"GPU": tc.gpus_per_worker} if tc.use_gpu else {})
     say(f"viscy train: {'resuming' if tc.resume else 'run'} '{name}' -> {run_dir}")
+    if shared:
+        say(f"  {shared}")
     say(f"  model {card.describe()}")
     say(
         f"  {len(split.train)} train / {len(split.val)} val FOVs; per worker and epoch {steps['train_steps']} "
@@ -505,8 +560,14 @@ def run_train(
             "model_name": card.name,
             "model_kwargs": card.kwargs,
             "test_hook": forwarded(),
+            "replay_history": replay_history,
         },
-        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=tc.num_workers,
+            use_gpu=tc.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=tc.placement.upper(),
+        ),
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split="all"),

@@ -98,7 +98,9 @@ def run_trial(
     if tree.get("logging", {}).get("wandb"):
         tree["logging"] |= {"group": tree["logging"].get("group") or experiment, "run_name": trial_id}
     config = trial_config(tree, {})
-    run_train(config, callbacks=[_epoch_report_callback()], score=metric, score_order=mode, quiet=True)
+    run_train(
+        config, callbacks=[_epoch_report_callback()], score=metric, score_order=mode, quiet=True, replay_history=True
+    )
 
 
 # ------------------------------------------------------------------------------------------ console
