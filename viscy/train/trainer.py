@@ -112,6 +112,11 @@ def upload_run_files(local: Path, storage: str, name: str, dirs: bool) -> None:
             )
 
 
+def _epoch_metrics(trainer: Any) -> dict[str, float]:
+    """The epoch's scalar metrics as Lightning holds them (what Ray Train's report callback sends)."""
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+
+
 def _epoch_callbacks():
     import lightning.pytorch as pl
 
@@ -131,7 +136,7 @@ def _epoch_callbacks():
 
         def on_train_epoch_end(self, trainer, pl_module) -> None:
             if trainer.global_rank == 0:
-                metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+                metrics = _epoch_metrics(trainer)
                 emit_event("train_epoch", epoch=trainer.current_epoch, max_epochs=trainer.max_epochs, metrics=metrics)
 
     return EpochEvents()
@@ -159,8 +164,7 @@ def _metric_history(replay: bool):
 
         def on_train_epoch_end(self, trainer, pl_module) -> None:
             # before RayTrainReportCallback, so the checkpoint it saves holds this epoch too; the same metrics
-            metrics = {k: float(v.item()) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-            self.history.append(metrics | {"epoch": trainer.current_epoch, "step": trainer.global_step})
+            self.history.append(_epoch_metrics(trainer) | {"epoch": trainer.current_epoch, "step": trainer.global_step})
 
         def state_dict(self) -> dict[str, Any]:
             return {"history": self.history}
