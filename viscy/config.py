@@ -162,7 +162,7 @@ class NormalizationConfig(StrictModel):
 
 
 class AugmentationConfig(StrictModel):
-    """MONAI dictionary augmentations applied to training patches (probabilities 0 disable one)."""
+    """YX augmentations of training patches, drawn per patch (a probability of 0 disables one)."""
 
     flip_prob: float = Field(0.5, ge=0, le=1, description="Probability of a flip along Y and along X.")
     rot90_prob: float = Field(0.5, ge=0, le=1, description="Probability of a random 90-degree YX rotation.")

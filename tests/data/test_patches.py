@@ -1,4 +1,4 @@
-"""Patch primitives: extraction, normalisation, seeded MONAI augmentation, foreground rejection."""
+"""Patch primitives: extraction, normalisation, seeded batched augmentation, foreground rejection."""
 
 from __future__ import annotations
 
@@ -96,31 +96,82 @@ def test_augmented_patches_are_seeded_and_joint(synth_plate):
     assert np.isfinite(a["source"]).all() and np.isfinite(a["target"]).all()
 
 
+SPATIAL_ONLY = dict(contrast_prob=0, intensity_scale_prob=0, noise_prob=0, smooth_prob=0)
+
+
+def _region(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(2, 3, 80, 96)).astype(np.float32)
+
+
 def test_spatial_transforms_move_source_and_target_together():
-    rng = np.random.default_rng(0)
-    img = rng.normal(size=(1, 3, 32, 32)).astype(np.float32)
-    sample = {"source": img.copy(), "target": 2 * img}
-    aug = AugmentationConfig(
-        affine_prob=1.0,
-        flip_prob=1.0,
-        rot90_prob=1.0,
-        contrast_prob=0,
-        intensity_scale_prob=0,
-        noise_prob=0,
-        smooth_prob=0,
-    )
-    out = build_augmentation(aug, seed=5)(sample)
+    img = _region()
+    aug = AugmentationConfig(affine_prob=1.0, flip_prob=1.0, rot90_prob=1.0, **SPATIAL_ONLY)
+    origins = [(0, 0), (10, 30), (16, 48)]
+    src, tgt = build_augmentation(aug, (32, 40), seed=5).spatial(img, 2 * img[:1], origins)
+    assert src.shape == (3, 2, 3, 32, 40) and tgt.shape == (3, 1, 3, 32, 40)
     # Same spatial transform on both: the target is still twice the source, voxel for voxel.
-    np.testing.assert_allclose(2 * np.asarray(out["source"]), np.asarray(out["target"]), atol=1e-4)
-    assert not np.allclose(np.asarray(out["target"]), sample["target"])
+    np.testing.assert_allclose(2 * src[:, :1], tgt, atol=1e-4)
+    plain = np.stack([img[..., y : y + 32, x : x + 40] for y, x in origins])
+    assert not np.allclose(src, plain, atol=1e-2)
 
 
-def test_intensity_transforms_touch_the_source_only():
-    sample = {"source": np.ones((1, 1, 16, 16), np.float32), "target": np.ones((1, 1, 16, 16), np.float32)}
+def test_no_transform_resamples_the_exact_crop():
+    img = _region(1)
+    aug = AugmentationConfig(affine_prob=0, flip_prob=0, rot90_prob=0, **SPATIAL_ONLY)
+    origins = [(0, 0), (7, 13), (48, 56)]
+    src, _ = build_augmentation(aug, (32, 40), seed=0).spatial(img, img, origins)
+    np.testing.assert_allclose(src, np.stack([img[..., y : y + 32, x : x + 40] for y, x in origins]), atol=1e-4)
+
+
+def test_flips_and_rot90_are_exact_pixel_permutations():
+    img = _region(2)
+    crop = img[..., 20:52, 30:62]
+    rots = [np.rot90(crop, k, axes=(-2, -1)) for k in (1, 2, 3)]
+    flips = [crop[..., ::-1, :], crop[..., :, ::-1], crop[..., ::-1, ::-1]]
+    for config, allowed in (
+        (AugmentationConfig(affine_prob=0, flip_prob=0, rot90_prob=1.0, **SPATIAL_ONLY), rots),
+        (AugmentationConfig(affine_prob=0, flip_prob=1.0, rot90_prob=0, **SPATIAL_ONLY), flips[2:]),
+        (AugmentationConfig(affine_prob=0, flip_prob=0.5, rot90_prob=0, **SPATIAL_ONLY), [crop, *flips]),
+    ):
+        src, _ = build_augmentation(config, (32, 32), seed=3).spatial(img, img, [(20, 30)] * 12)
+        for patch in src:
+            assert any(np.allclose(patch, a, atol=1e-4) for a in allowed)
+
+
+def test_intensity_transforms_follow_monai_definitions():
+    from monai.transforms import AdjustContrast
+
+    x = np.random.default_rng(0).uniform(0, 3, size=(6, 1, 2, 16, 16)).astype(np.float32)
+    only = dict(contrast_prob=0, intensity_scale_prob=0, noise_prob=0, smooth_prob=0)
+    contrast = build_augmentation(AugmentationConfig(**{**only, "contrast_prob": 1.0}), (16, 16), seed=1).intensity(
+        x.copy()
+    )
+    for before, after in zip(x, contrast, strict=True):
+        # Some gamma in the configured range maps each patch the way MONAI's AdjustContrast does.
+        gammas = np.linspace(0.8, 1.2, 401)
+        errors = [np.abs(np.asarray(AdjustContrast(g)(before)) - after).max() for g in gammas]
+        assert min(errors) < 2e-3
+    scaled = build_augmentation(
+        AugmentationConfig(**{**only, "intensity_scale_prob": 1.0}), (16, 16), seed=2
+    ).intensity(x.copy())
+    ratio = scaled / x
+    assert np.allclose(ratio, ratio[:, :1, :1, :1, :1], rtol=1e-5) and np.all(np.abs(ratio - 1) <= 0.3 + 1e-6)
+    noisy = build_augmentation(AugmentationConfig(**{**only, "noise_prob": 1.0}), (16, 16), seed=3).intensity(x.copy())
+    stds = (noisy - x).reshape(6, -1).std(axis=1)
+    assert np.all(stds > 0) and np.all(stds < 0.2 * 1.2)
+    smooth = build_augmentation(AugmentationConfig(**{**only, "smooth_prob": 1.0}), (16, 16), seed=4).intensity(
+        x.copy()
+    )
+    assert smooth.reshape(6, 2, -1).std(axis=2).max() < x.reshape(6, 2, -1).std(axis=2).min()
+
+
+def test_sampler_augments_the_source_intensity_only(synth_plate):
     aug = AugmentationConfig(affine_prob=0, flip_prob=0, rot90_prob=0, noise_prob=1.0, intensity_scale_prob=1.0)
-    out = build_augmentation(aug, seed=1)(sample)
-    assert not np.allclose(np.asarray(out["source"]), 1.0)
-    np.testing.assert_array_equal(np.asarray(out["target"]), 1.0)
+    sampler = PatchSampler(synth_plate, SPEC, NORMS, augmentation=aug)
+    augmented = sampler.sample("A/1/0", 4, seed=8)
+    plain = sampler.sample("A/1/0", 4, seed=8, augment=False)
+    assert not np.allclose(augmented["source"], plain["source"], atol=1e-3)
+    np.testing.assert_allclose(augmented["target"], plain["target"], atol=1e-4)
 
 
 def test_foreground_rejection_and_weighting(synth_plate):

@@ -11,7 +11,15 @@ from tests.conftest import write_iohub_plate
 from viscy.config import DataConfig, PreprocessConfig
 from viscy.data.preprocess import run_preprocess
 from viscy.errors import DataError
-from viscy.train.datasource import build_datasets, list_fovs, patch_dataset, patch_datasource, plan_reads, split_fovs
+from viscy.train.datasource import (
+    RayShardIterable,
+    build_datasets,
+    list_fovs,
+    patch_dataset,
+    patch_datasource,
+    plan_reads,
+    split_fovs,
+)
 
 POSITIONS = tuple(("A", str(c), str(f)) for c in (1, 2) for f in range(3))
 
@@ -62,7 +70,7 @@ def test_train_patches_change_and_validation_is_fixed(plate):
     assert len(fovs) == 6
     train, val, split, steps = build_datasets(data, world_size=2, reads_per_fov=1, val_reads_per_fov=1, seed=0)
     assert len(split.val) == 2 and len(split.train) == 4
-    assert steps == {"train_steps": 2, "val_steps": 1}
+    assert steps == {"train_steps": 2, "val_steps": 1, "val_cache": 1}
     batch = next(iter(train.iter_batches(batch_size=4)))
     assert batch["source"].shape == (4, 1, 3, 16, 16) and batch["target"].shape == (4, 2, 1, 16, 16)
     assert batch["source"].dtype == np.float32
@@ -74,6 +82,24 @@ def test_train_patches_change_and_validation_is_fixed(plate):
     np.testing.assert_array_equal(v1, v2)
     val_fovs = {f for _, f in split.val}
     assert val_fovs.isdisjoint({f for _, f in split.train})
+
+
+def test_validation_batches_are_read_once_and_replayed(plate):
+    _, val, _, steps = build_datasets(_data(plate), world_size=2, reads_per_fov=1, val_reads_per_fov=1, seed=0)
+    assert steps["val_cache"] == 1
+    cached = RayShardIterable(val.iterator(), 4, cache=True)
+    once, again = list(cached), list(cached)
+    assert len(once) == 2 and all(a is b for a, b in zip(once, again, strict=True))
+    # Without the cache every pass reads again: equal crops (fixed seeds), new tensors.
+    plain = RayShardIterable(val.iterator(), 4)
+    first, second = list(plain), list(plain)
+    assert not any(a is b for a, b in zip(first, second, strict=True))
+    np.testing.assert_array_equal(_sorted_rows_of(first), _sorted_rows_of(second))
+
+
+def _sorted_rows_of(batches) -> np.ndarray:
+    rows = [row.numpy() for b in batches for row in b["source"]]
+    return np.stack(sorted(rows, key=lambda a: a.tobytes()))
 
 
 def test_read_tasks_group_consecutive_reads(plate):
@@ -96,13 +122,13 @@ def test_training_read_order_changes_every_pass_validation_order_does_not(plate,
     data = _data(plate, reads_per_task=8)
     fovs = list_fovs(data)
     seen: list[tuple[str, int | None]] = []
-    real = datasource.read_patches
+    real = datasource.start_read
 
     def recording(read, data, augment):
         seen.append((read.fov, read.seed))
         return real(read, data, augment)
 
-    monkeypatch.setattr(datasource, "read_patches", recording)
+    monkeypatch.setattr(datasource, "start_read", recording)
     for seed in (None, 5):
         reads = plan_reads(fovs, 4, 1, total=4 * 8, seed=seed)
         (task,) = patch_datasource(reads, data, augment=False).get_read_tasks(1)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -362,24 +363,40 @@ class LazyArray:
         ChunkReadError
             If a chunk the selection touches cannot be fetched or decoded.
         """
+        return self.fetch(selection)()
+
+    def fetch(self, selection: Any) -> Callable[[], np.ndarray]:
+        """Start reading a selection and return a function that waits for it (see ``__getitem__``).
+
+        With tensorstore the chunks are fetched and decoded in its own threads meanwhile, so a caller can
+        compute on one region while the next is read; zarr-python 2 reads when the function is called.
+        """
         sel = normalize_selection(selection, self.shape)
         if any(isinstance(s, slice) and s.start == s.stop for s in sel):
-            return np.empty(selection_shape(sel), dtype=self.dtype)
+            return lambda: np.empty(selection_shape(sel), dtype=self.dtype)
         handle = self.handle()
         has_list = any(isinstance(s, tuple) for s in sel)
         outer = tuple(list(s) if isinstance(s, tuple) else s for s in sel)  # the one list, as a list
         if self.engine == "tensorstore":
-            view = handle.oindex[outer] if has_list else handle[sel]
+            future = (handle.oindex[outer] if has_list else handle[sel]).read()
+
+            def wait() -> np.ndarray:
+                try:
+                    return np.asarray(future.result())
+                except (ValueError, OSError, RuntimeError) as exc:  # tensorstore: ValueError("DATA_LOSS: ...")
+                    raise ChunkReadError(str(exc)) from None
+
+            return wait
+
+        def read() -> np.ndarray:
             try:
-                return np.asarray(view.read().result())
-            except (ValueError, OSError, RuntimeError) as exc:  # tensorstore: ValueError("DATA_LOSS: ...") etc.
-                raise ChunkReadError(str(exc)) from None
-        try:
-            return np.asarray(handle.get_orthogonal_selection(outer) if has_list else handle[sel])
-        except _ZARR_DECODE_ERRORS as exc:
-            if not _is_zarr_chunk_error(exc):
-                raise
-            raise ChunkReadError(f"{type(exc).__name__}: {exc}") from None
+                return np.asarray(handle.get_orthogonal_selection(outer) if has_list else handle[sel])
+            except _ZARR_DECODE_ERRORS as exc:
+                if not _is_zarr_chunk_error(exc):
+                    raise
+                raise ChunkReadError(f"{type(exc).__name__}: {exc}") from None
+
+        return read
 
 
 def resolve_engine(engine: str, zarr_format: int, path: Path | str = "") -> str:

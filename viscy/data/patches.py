@@ -4,15 +4,16 @@ This module holds the project's only implementation of normalisation and augment
 
 - ``normalization_params`` / ``normalize`` / ``denormalize``: ``(x - subtrahend) / (divisor + eps)`` with
   statistics read from VisCy's zattrs layout (FOV- or dataset-level, median/iqr or mean/std);
-- ``build_augmentation``: MONAI dictionary transforms (affine, flips, rot90, contrast, intensity scale,
-  Gaussian noise and smoothing) applied jointly to ``source`` and ``target`` (spatial) or to the source
-  only (intensity), seeded for reproducibility;
+- ``build_augmentation``: seeded, batched YX augmentation of all the patches of one read (flips, rot90 and
+  affine composed into one ``grid_sample`` from the full-resolution region, jointly for ``source`` and
+  ``target``; contrast, intensity scale, Gaussian noise and smoothing on the source only);
 - ``PatchSampler``: reads one region per call and cuts many patches from it (VisCy's patches-per-stack).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,98 +117,154 @@ def normalize(x: np.ndarray, params: np.ndarray) -> np.ndarray:
     return ((x - sub) / (div + EPS)).astype(np.float32, copy=False)
 
 
+def normalize_inplace(x: np.ndarray, params: np.ndarray, channel_axis: int = 0) -> np.ndarray:
+    """``normalize`` of a float32 array in place (no temporaries); ``channel_axis`` indexes ``params``."""
+    shape = [1] * x.ndim
+    shape[channel_axis] = -1
+    x -= params[:, 0].reshape(shape)
+    x /= (params[:, 1] + EPS).reshape(shape)
+    return x
+
+
 def denormalize(x: np.ndarray, params: np.ndarray) -> np.ndarray:
     """Invert ``normalize`` for a channel-first array."""
     sub, div = _broadcast(params, x.ndim)
     return (x * (div + EPS) + sub).astype(np.float32, copy=False)
 
 
-# ------------------------------------------------------------------------------------- augmentation
 class YXAugmentation:
-    """Seeded MONAI dictionary transforms over ``{"source": (C,Z,Y,X), "target": (C',Z',Y,X)}`` samples.
+    """Seeded, batched training augmentation of all the patches cut from one region read.
 
-    Spatial transforms act in the YX plane only and identically on source and target: Z is folded into
-    channels so that MONAI runs cheap 2D resampling and never moves data across slices. Flips and 90-degree
-    rotations run before the affine, whose output window is ``output_yx`` (so non-square patches keep
-    their shape). Intensity transforms act on the source only.
+    Spatial transforms act in the YX plane only and identically on source and target: random flips along Y
+    and X, a random multiple of 90 degrees, and a random affine (rotation, per-axis zoom, shear) compose into
+    one matrix per patch. Every patch of a read is then resampled straight from the full-resolution region in
+    a single ``torch.nn.functional.grid_sample`` call (bilinear, reflection at the image border), so only
+    output pixels are computed and nothing is cropped or copied first. Intensity transforms act on the
+    source only and follow MONAI's definitions (``AdjustContrast``, ``RandScaleIntensity``,
+    ``RandGaussianNoise`` with a sampled std); the smoothing is MONAI's ``GaussianFilter``.
     """
 
-    def __init__(self, config: AugmentationConfig, output_yx: tuple[int, int] | None = None) -> None:
-        from monai import transforms as mt
+    def __init__(self, config: AugmentationConfig, output_yx: tuple[int, int]) -> None:
+        self.config = config
+        self.output_yx = (int(output_yx[0]), int(output_yx[1]))
+        self.set_random_state(None)
 
-        both = ["source", "target"]
-        lo, hi = config.scale_range
-        self.compose = mt.Compose(
-            [
-                mt.RandFlipd(both, prob=config.flip_prob, spatial_axis=0),
-                mt.RandFlipd(both, prob=config.flip_prob, spatial_axis=1),
-                mt.RandRotate90d(both, prob=config.rot90_prob, spatial_axes=(0, 1)),
-                mt.RandAffined(
-                    both,
-                    spatial_size=output_yx,
-                    cache_grid=output_yx is not None,
-                    prob=config.affine_prob,
-                    rotate_range=config.rotate_range,
-                    scale_range=((lo - 1.0, hi - 1.0), (lo - 1.0, hi - 1.0)),
-                    shear_range=(config.shear_range, config.shear_range),
-                    mode="bilinear",
-                    padding_mode="reflection",
-                ),
-                mt.RandAdjustContrastd(["source"], prob=config.contrast_prob, gamma=config.contrast_gamma),
-                mt.RandScaleIntensityd(
-                    ["source"], prob=config.intensity_scale_prob, factors=config.intensity_scale_factors
-                ),
-                mt.RandGaussianNoised(["source"], prob=config.noise_prob, std=config.noise_std),
-                mt.RandGaussianSmoothd(
-                    ["source"], prob=config.smooth_prob, sigma_x=config.smooth_sigma, sigma_y=config.smooth_sigma
-                ),
-            ]
-        )
+    def set_random_state(self, seed: int | None) -> YXAugmentation:
+        """Seed every random draw (``None``: fresh entropy)."""
+        import torch
 
-    def set_random_state(self, seed: int) -> YXAugmentation:
-        """Seed every random transform."""
-        self.compose.set_random_state(seed=seed)
+        self._rng = np.random.default_rng(seed)
+        self._torch_gen = torch.Generator().manual_seed(int(self._rng.integers(2**63)))
         return self
 
-    def __call__(self, sample: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        src, tgt = sample["source"], sample["target"]
-        if src.shape[-2:] != tgt.shape[-2:]:
-            raise ValueError(f"source {src.shape} and target {tgt.shape} must share their YX shape")
-        folded = {"source": src.reshape(-1, *src.shape[-2:]), "target": tgt.reshape(-1, *tgt.shape[-2:])}
-        out = self.compose(folded)
-        s, t = np.asarray(out["source"]), np.asarray(out["target"])
-        return {
-            "source": s.reshape(*src.shape[:-2], *s.shape[-2:]),
-            "target": t.reshape(*tgt.shape[:-2], *t.shape[-2:]),
-        }
+    def matrices(self, n: int) -> np.ndarray:
+        """``(n, 2, 2)`` random maps from output-patch offsets to input offsets, in (x, y) order."""
+        c, rng = self.config, self._rng
+        mats = np.tile(np.eye(2), (n, 1, 1))
+        for k in range(n):
+            m = np.eye(2)
+            if rng.random() < c.flip_prob:
+                m = m @ np.diag([1.0, -1.0])  # flip along Y
+            if rng.random() < c.flip_prob:
+                m = m @ np.diag([-1.0, 1.0])  # flip along X
+            if rng.random() < c.rot90_prob:
+                m = m @ np.linalg.matrix_power(np.array([[0.0, -1.0], [1.0, 0.0]]), int(rng.integers(1, 4)))
+            if rng.random() < c.affine_prob:
+                angle = rng.uniform(-c.rotate_range, c.rotate_range)
+                cos, sin = math.cos(angle), math.sin(angle)
+                shear = rng.uniform(-c.shear_range, c.shear_range, size=2)
+                zoom = rng.uniform(*c.scale_range, size=2)
+                m = m @ np.array([[cos, -sin], [sin, cos]]) @ np.array([[1.0, shear[0]], [shear[1], 1.0]])
+                m = m @ np.diag(zoom)
+            mats[k] = m
+        return mats
+
+    def grid(self, origins: list[tuple[int, int]], image_yx: tuple[int, int]):
+        """Sampling grids ``(n, Py, Px, 2)`` for the patches whose unaugmented corners are ``origins``.
+
+        Each patch turns about its own centre, moved inwards (where the image allows) so that its
+        transformed window stays inside the image rather than in the reflected border.
+        """
+        import torch
+
+        (py, px), (h, w) = self.output_yx, image_yx
+        mats = self.matrices(len(origins))
+        half = 0.5 * np.abs(mats) @ np.array([px, py], dtype=np.float64)  # (n, 2) half extents, x and y
+        centres = np.empty((len(origins), 2))
+        for k, (y0, x0) in enumerate(origins):
+            for axis, (start, size, full) in enumerate(((x0, px, w), (y0, py, h))):
+                lo, hi = half[k, axis], full - half[k, axis]
+                centre = start + size / 2
+                centres[k, axis] = full / 2 if lo > hi else min(max(centre, lo), hi)
+        # Output pixel centres relative to the patch centre, in (x, y) order.
+        oy = torch.arange(py, dtype=torch.float32) + (0.5 - py / 2)
+        ox = torch.arange(px, dtype=torch.float32) + (0.5 - px / 2)
+        offsets = torch.stack(torch.meshgrid(ox, oy, indexing="xy"), dim=-1).reshape(-1, 2)  # (py*px, 2)
+        # Pixel position -> grid_sample's [-1, 1] coordinates, folded into the matrices and centres.
+        scale = np.array([2.0 / w, 2.0 / h])
+        mats_t = torch.from_numpy((mats * scale[None, :, None]).transpose(0, 2, 1).astype(np.float32))
+        shift = torch.from_numpy((centres * scale - 1.0).astype(np.float32))
+        return (torch.matmul(offsets, mats_t) + shift[:, None]).reshape(len(origins), py, px, 2)
+
+    def spatial(
+        self, source: np.ndarray, target: np.ndarray, origins: list[tuple[int, int]]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Resample ``(C, Z, Y, X)`` float32 source and target regions into ``(n, C, Z, Py, Px)`` patches."""
+        import torch
+        import torch.nn.functional as F
+
+        if source.shape[-2:] != target.shape[-2:]:
+            raise ValueError(f"source {source.shape} and target {target.shape} must share their YX shape")
+        grid = self.grid(origins, source.shape[-2:])
+        n, (py, px) = len(origins), self.output_yx
+        out = []
+        for region in (source, target):
+            # Every patch samples the same region: an expanded view, not n copies.
+            planes = torch.from_numpy(region).reshape(1, -1, *region.shape[-2:]).expand(n, -1, -1, -1)
+            sampled = F.grid_sample(planes, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+            out.append(sampled.numpy().reshape(n, *region.shape[:2], py, px))
+        return out[0], out[1]
+
+    def intensity(self, source: np.ndarray) -> np.ndarray:
+        """Contrast, intensity scale, noise and smoothing of ``(n, C, ...YX)`` source patches, in place."""
+        import torch
+
+        c, rng = self.config, self._rng
+        n = source.shape[0]
+        x = torch.from_numpy(source)
+        # Draws for every patch first, so that each patch's parameters do not depend on the others'.
+        gammas = np.where(rng.random(n) < c.contrast_prob, rng.uniform(*c.contrast_gamma, size=n), np.nan)
+        factors = np.where(
+            rng.random(n) < c.intensity_scale_prob,
+            1.0 + rng.uniform(-c.intensity_scale_factors, c.intensity_scale_factors, size=n),
+            np.nan,
+        )
+        stds = np.where(rng.random(n) < c.noise_prob, rng.uniform(0.0, c.noise_std, size=n), np.nan)
+        sigmas = np.where(rng.random(n)[:, None] < c.smooth_prob, rng.uniform(*c.smooth_sigma, size=(n, 2)), np.nan)
+        for k in range(n):
+            patch = x[k]  # a view: every step below works in place
+            if not np.isnan(gammas[k]):
+                lo, hi = patch.min(), patch.max()
+                span = hi - lo
+                patch.sub_(lo).div_(span + 1e-7).pow_(float(gammas[k])).mul_(span).add_(lo)
+            if not np.isnan(factors[k]):
+                patch.mul_(float(factors[k]))
+            if not np.isnan(stds[k]):
+                patch.add_(torch.randn(patch.shape, generator=self._torch_gen), alpha=float(stds[k]))
+            if not np.isnan(sigmas[k, 0]):
+                from monai.networks.layers import GaussianFilter  # here: importing MONAI costs seconds
+
+                planes = patch.reshape(1, -1, *patch.shape[-2:])
+                smoothed = GaussianFilter(2, sigma=(float(sigmas[k, 0]), float(sigmas[k, 1])))(planes)
+                patch.copy_(smoothed.reshape(patch.shape))
+        return source
 
 
 def build_augmentation(
-    config: AugmentationConfig, seed: int | None = None, output_yx: tuple[int, int] | None = None
+    config: AugmentationConfig, output_yx: tuple[int, int], seed: int | None = None
 ) -> YXAugmentation:
-    """The training augmentation (see :class:`YXAugmentation`), seeded when ``seed`` is given.
-
-    ``output_yx`` makes the affine sample only the central output window (cheaper than resampling
-    the whole context crop and cropping afterwards).
-    """
-    aug = YXAugmentation(config, output_yx)
-    if seed is not None:
-        aug.set_random_state(seed)
-    return aug
-
-
-def _crop_context(spec: PatchSpec, aug: AugmentationConfig | None) -> tuple[int, int]:
-    """Crop size read around a patch so that rotations and zooms do not pull in padding."""
-    if aug is None or aug.affine_prob == 0:
-        return spec.yx_patch
-    factor = math.sqrt(2) / min(1.0, aug.scale_range[0])
-    return tuple(int(math.ceil(p * factor)) for p in spec.yx_patch)
-
-
-def _center_crop(x: np.ndarray, yx: tuple[int, int]) -> np.ndarray:
-    y0 = (x.shape[-2] - yx[0]) // 2
-    x0 = (x.shape[-1] - yx[1]) // 2
-    return x[..., y0 : y0 + yx[0], x0 : x0 + yx[1]]
+    """The training augmentation for ``output_yx`` patches (see :class:`YXAugmentation`), seeded when given."""
+    return YXAugmentation(config, output_yx).set_random_state(seed)
 
 
 # ----------------------------------------------------------------------------------------- sampling
@@ -296,46 +353,86 @@ class PatchSampler:
     def sample(self, name: str, n: int, seed: int, augment: bool = True) -> dict[str, np.ndarray]:
         """``n`` patches from one random (t, z window) of FOV ``name``.
 
+        Only what the patches need is read: the source window and, for 2D targets, the target's centre slice.
+        Patches are cut (or, when augmenting, resampled) from the raw region and normalised afterwards, which
+        equals normalising first because both the statistics and the interpolation are linear.
+
         Returns
         -------
         dict
             ``source`` (n, Cs, Z, Y, X) and ``target`` (n, Ct, Z', Y, X) float32, normalised.
+        """
+        return self.start(name, n, seed, augment)()
+
+    def sample_many(self, requests: Iterable[tuple[str, int, int, bool]]) -> Iterator[dict[str, Any]]:
+        """``sample(*request)`` for each request, reading the next region while the current one is cut."""
+        return prefetched(self.start(*request) for request in requests)
+
+    def start(self, name: str, n: int, seed: int, augment: bool = True) -> Callable[[], dict[str, np.ndarray]]:
+        """Draw a sample's region and start reading it; return the function that cuts the patches.
+
+        ``start(...)()`` equals ``sample(...)``; between the two calls the engine reads in the background.
         """
         rng = np.random.default_rng(seed)
         plate, spec = self.plate, self.spec
         t_n, _, z_n, y_n, x_n = plate.info(name).shape
         t = int(rng.integers(0, t_n))
         z0 = int(rng.integers(0, z_n - spec.z_window + 1))
-        channels = list(spec.source_channels) + list(spec.target_channels)
-        slab = plate.read(name, t, plate.channel_indices(channels), slice(z0, z0 + spec.z_window))
-        params = normalization_params(plate.normalization(name), channels, self.normalization)
-        slab = normalize(slab.astype(np.float32), params)
+        zc = z0 + spec.z_window // 2
+        window = slice(z0, z0 + spec.z_window)
+        target_z = slice(zc, zc + 1) if spec.target_2d else window
+        source = plate.fetch(name, t, plate.channel_indices(list(spec.source_channels)), window)
+        target = plate.fetch(name, t, plate.channel_indices(list(spec.target_channels)), target_z)
         fg = None
         if self.fg_min_fraction > 0 or self.fg_weighted:
-            zc = z0 + spec.z_window // 2
-            fg = plate.read(name, t, [0], slice(zc, zc + 1), array=FG_MASK_KEY)[0, 0] > 0
+            fg = plate.fetch(name, t, [0], slice(zc, zc + 1), array=FG_MASK_KEY)
+        return lambda: self._cut(name, n, rng, source(), target(), None if fg is None else fg()[0, 0] > 0, augment)
+
+    def _cut(
+        self,
+        name: str,
+        n: int,
+        rng: np.random.Generator,
+        source: np.ndarray,
+        target: np.ndarray,
+        fg: np.ndarray | None,
+        augment: bool,
+    ) -> dict[str, np.ndarray]:
+        spec = self.spec
+        origins = self._origins(fg, source.shape[-2:], n, rng)
         aug = self.augmentation if augment else None
-        transform = (
-            build_augmentation(aug, seed=int(rng.integers(2**31)), output_yx=spec.yx_patch) if aug is not None else None
-        )
-        ctx = _crop_context(spec, aug)
-        ns = len(spec.source_channels)
-        zc = spec.z_window // 2
-        sources, targets = [], []
-        for y0, x0 in self._origins(fg, (y_n, x_n), n, rng):
-            # Grow the crop around the patch for affine context, clipped to the image.
-            cy0 = max(0, min(y0 - (ctx[0] - spec.yx_patch[0]) // 2, y_n - ctx[0]))
-            cx0 = max(0, min(x0 - (ctx[1] - spec.yx_patch[1]) // 2, x_n - ctx[1]))
-            crop = slab[:, :, cy0 : cy0 + ctx[0], cx0 : cx0 + ctx[1]]
-            # Spatial transforms share one grid, so the target keeps the full window until after them.
-            src, tgt = crop[:ns], crop[ns:]
-            if transform is not None:
-                out = transform({"source": src, "target": tgt})
-                src, tgt = out["source"], out["target"]
-            if spec.target_2d:
-                tgt = tgt[:, zc : zc + 1]
-            if src.shape[-2:] != spec.yx_patch:
-                src, tgt = _center_crop(src, spec.yx_patch), _center_crop(tgt, spec.yx_patch)
-            sources.append(np.ascontiguousarray(src, dtype=np.float32))
-            targets.append(np.ascontiguousarray(tgt, dtype=np.float32))
-        return {"source": np.stack(sources), "target": np.stack(targets)}
+        if aug is None:
+            source, target = _cut(source, origins, spec.yx_patch), _cut(target, origins, spec.yx_patch)
+        else:
+            transform = build_augmentation(aug, spec.yx_patch, seed=int(rng.integers(2**63)))
+            source, target = transform.spatial(_float32(source), _float32(target), origins)
+        meta = self.plate.normalization(name)
+        normalize_inplace(source, normalization_params(meta, spec.source_channels, self.normalization), 1)
+        normalize_inplace(target, normalization_params(meta, spec.target_channels, self.normalization), 1)
+        if aug is not None:
+            transform.intensity(source)
+        return {"source": source, "target": target}
+
+
+def prefetched(started: Iterable[Callable[[], Any]]) -> Iterator[Any]:
+    """Finish each started read (``PatchSampler.start``) one step behind: the next read is started, so its
+    region is fetched in the background, before the current one is cut."""
+    pending = None
+    for nxt in started:  # drawing from ``started`` starts the next read
+        if pending is not None:
+            yield pending()
+        pending = nxt
+    if pending is not None:
+        yield pending()
+
+
+def _float32(x: np.ndarray) -> np.ndarray:
+    return x if x.dtype == np.float32 and x.flags.c_contiguous else np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _cut(region: np.ndarray, origins: list[tuple[int, int]], yx: tuple[int, int]) -> np.ndarray:
+    """``(n, C, Z, Py, Px)`` float32 crops of a ``(C, Z, Y, X)`` region at ``origins``."""
+    out = np.empty((len(origins), *region.shape[:2], *yx), dtype=np.float32)
+    for k, (y0, x0) in enumerate(origins):
+        out[k] = region[..., y0 : y0 + yx[0], x0 : x0 + yx[1]]
+    return out

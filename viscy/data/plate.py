@@ -13,6 +13,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -315,6 +316,22 @@ class Plate:
         CorruptDataError
             If a chunk cannot be decoded; names the position, region and fix.
         """
+        return self.fetch(name, t, channels, z, y, x, array)()
+
+    def fetch(
+        self,
+        name: str,
+        t: int = 0,
+        channels: list[int] | None = None,
+        z: slice = slice(None),
+        y: slice = slice(None),
+        x: slice = slice(None),
+        array: str | None = None,
+    ) -> Callable[[], np.ndarray]:
+        """Start reading what :meth:`read` reads; return a function that waits for the region.
+
+        With the tensorstore engine the region is fetched and decoded in the background meanwhile.
+        """
         if array is None or array == self.image_key(name):
             arr, array = self.image(name), self.image_key(name)
         else:
@@ -325,14 +342,25 @@ class Plate:
             sel_c: slice | list[int] = slice(channels[0], channels[-1] + 1)
         else:
             sel_c = slice(None) if channels is None else channels
-        try:
-            return arr[t, sel_c, z, y, x]
-        except ChunkReadError as exc:
-            raise CorruptDataError(
+        def corrupt(exc: ChunkReadError) -> CorruptDataError:
+            return CorruptDataError(
                 f"cannot decode data of {self.root}/{name}/{array} at t={t}, c={channels}, z={z}, y={y}, x={x}: "
                 f"{exc}. The chunk is corrupt or truncated: re-copy the position from its source, or exclude it "
                 "with the positions key"
-            ) from None
+            )
+
+        try:
+            pending = arr.fetch((t, sel_c, z, y, x))
+        except ChunkReadError as exc:
+            raise corrupt(exc) from None
+
+        def wait() -> np.ndarray:
+            try:
+                return pending()
+            except ChunkReadError as exc:
+                raise corrupt(exc) from None
+
+        return wait
 
     @staticmethod
     def _check_channels(n_channels: int, channels: list[int]) -> list[int]:

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import subprocess
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,6 +143,77 @@ def _epoch_callbacks():
     return EpochEvents()
 
 
+TIMINGS = "timings/rank0.json"  # a folder: rank 0 uploads folders to URI storage
+
+
+def _phase_timers(path: Path, loop_started: float) -> tuple[Any, Any]:
+    """Two callbacks that time rank 0's phases into ``path`` (``timings/rank0.json``): one before Ray's report
+    callback and one after it, so the checkpoint save and report are measured on their own.
+
+    ``fit_started`` / ``train_started``: Lightning's fit and train starts (between them the first batch
+    arrives: Lightning fetches it before the first epoch starts). Per epoch: ``data_start_s`` (epoch start to
+    the first batch: the dataset execution starting), ``train_s`` (the epoch's steps after the first),
+    ``steps``, ``val_s`` (the validation loop, figures included), ``report_s`` (checkpoint save, report and
+    barrier) and ``epoch_s``. Wall-clock stamps (``time.time``) compare with the driver's.
+    """
+    import lightning.pytorch as pl
+
+    state: dict[str, Any] = {"loop_started": loop_started, "epochs": []}
+
+    def save() -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        tmp.replace(path)
+
+    class Before(pl.Callback):
+        def on_fit_start(self, trainer, pl_module) -> None:
+            state["fit_started"] = time.time()
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            state["train_started"] = time.time()
+
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            self.epoch = {"epoch": trainer.current_epoch, "started": time.time(), "steps": 0}
+            state["epochs"].append(self.epoch)
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            now = time.time()
+            if batch_idx == 0:
+                self.epoch["data_start_s"] = now - self.epoch["started"]
+            elif batch_idx == 1:
+                self.steady_from = now
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.epoch["steps"] = batch_idx + 1
+            if batch_idx >= 1:
+                self.epoch["train_s"] = time.time() - self.steady_from
+
+        def on_validation_epoch_start(self, trainer, pl_module) -> None:
+            self.val_started = time.time()
+
+        def on_validation_epoch_end(self, trainer, pl_module) -> None:
+            self.epoch["val_s"] = time.time() - self.val_started
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            self.epoch["report_started"] = time.time()
+
+    before = Before()
+
+    class After(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            now = time.time()
+            before.epoch["report_s"] = now - before.epoch.pop("report_started")
+            before.epoch["epoch_s"] = now - before.epoch["started"]
+            save()
+
+        def on_fit_end(self, trainer, pl_module) -> None:
+            state["fit_ended"] = time.time()
+            save()
+
+    return before, After()
+
+
 def _metric_history(replay: bool):
     import lightning.pytorch as pl
 
@@ -177,6 +249,7 @@ def _metric_history(replay: bool):
 
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Worker function: build the module, loggers and Lightning trainer, then fit (resuming if Ray has a checkpoint)."""
+    loop_started = time.time()  # before the heavy imports, which are part of the worker group's start
     import lightning.pytorch as pl
     import ray.train
     from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, RayTrainReportCallback, prepare_trainer
@@ -218,11 +291,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         logger = TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="")
     # EpochEvents after ThroughputCallback, so the epoch's samples/s is in the event.
     report = RayTrainReportCallback()
+    timers = _phase_timers(run_dir / TIMINGS, loop_started) if ray.train.get_context().get_world_rank() == 0 else ()
     callbacks: list[pl.Callback] = [
         ThroughputCallback(),
         _epoch_callbacks(),
         _metric_history(bool(loop_config.get("replay_history"))),
+        *timers[:1],
         report,
+        *timers[1:],
     ]
     steps = loop_config["steps"]
     trainer = pl.Trainer(
@@ -243,7 +319,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     trainer = prepare_trainer(trainer)
     bs = config.data.batch_size
     train_dl = RayShardIterable(ray.train.get_dataset_shard("train"), bs, shuffle_buffer=4 * bs)
-    val_dl = RayShardIterable(ray.train.get_dataset_shard("val"), bs) if steps["val_steps"] else None
+    val_dl = None
+    if steps["val_steps"]:
+        val_dl = RayShardIterable(ray.train.get_dataset_shard("val"), bs, cache=bool(steps.get("val_cache")))
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
@@ -434,8 +512,6 @@ class _EpochPrinter:
         self.first_epoch: int | None = None
 
     def __call__(self, event: dict[str, Any]) -> None:
-        import time
-
         m, epoch = event["metrics"], int(event["epoch"])
         now = time.monotonic()
         if self.first_epoch is None:
@@ -504,6 +580,7 @@ def run_train(
     from viscy.testing import forwarded
     from viscy.train.datasource import build_datasets, list_fovs
 
+    started = time.time()
     tc = config.trainer
     name, storage, run_dir = run_paths(config)
     check_run_dir(run_dir, storage, name, tc.resume)
@@ -512,7 +589,9 @@ def run_train(
     if tc.precision == "16-mixed" and not tc.use_gpu:
         warnings.warn("precision 16-mixed needs a GPU; workers will train in 32", stacklevel=2)
 
+    ray_called = time.time()
     ensure_ray()
+    ray_ready = time.time()
     check_cluster_resources(tc)
     shared = check_shared_path(storage, "trainer.storage_path")
     # On small nodes the per-operator reservation keeps Ray Data to about one read task at a time.
@@ -589,6 +668,7 @@ def run_train(
     printer = None if quiet else _EpochPrinter(tc.max_epochs, channels, score)
     if printer is not None:
         on_event("train_epoch", printer)
+    fit_called = time.time()
     try:
         result = trainer.fit()
         if result.error is not None:
@@ -603,10 +683,20 @@ def run_train(
         if printer is not None:
             on_event("train_epoch", None)
             printer.close()
+    fit_returned = time.time()
     exported = export_best(result, score, run_dir, card, score_order)
     best, card = exported if exported is not None else (None, card)
     metrics = card.training.get("metrics", {})
     epochs = int((result.metrics or {}).get("epoch", -1)) + 1
+    # Wall-clock stamps of the driver's phases, beside rank 0's (timings/rank0.json).
+    info["timings"] = {
+        "started": started,
+        "ray_start_s": ray_ready - ray_called,
+        "fit_called": fit_called,
+        "fit_returned": fit_returned,
+        "finished": time.time(),
+    }
+    (run_dir / RUN_INFO).write_text(json.dumps(info, indent=2))
     upload_run_files(run_dir, storage, name, dirs=False)
     summary = TrainResult(run_dir, best, metrics, epochs, card, storage, result)
     say(
