@@ -6,6 +6,10 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+# Settings of a cluster viscy starts for itself (never of one it joins).
+PRIVATE_CLUSTER_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+IDLE_WORKER_KEEP_MS = 60_000
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""
@@ -48,13 +52,20 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         # Workers find the state API through RAY_API_SERVER_ADDRESS. Without it they read the address file a
         # `ray start` left in /tmp/ray (stale, or another cluster's), and Ray Train's placement-group cleaner
         # then cannot remove a stopped Tune trial's reservation.
+        # On this private single-node cluster: no node can be preempted, so Ray Train's preemption watcher
+        # (one more process importing Ray Train) is off, in this process and in every worker (tune trials).
         port = free_port()
+        private_env = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}", **PRIVATE_CLUSTER_ENV}
+        os.environ.update(PRIVATE_CLUSTER_ENV)
         ray.init(
             address="local",
             num_cpus=num_cpus,
             dashboard_host="127.0.0.1",
             dashboard_port=port,
-            runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+            runtime_env={"env_vars": private_env},
+            # Ray kills a worker idle for 1 s once more processes run than the node has CPUs (always, with
+            # Train's actors): the read workers warmed while the worker group starts must outlive that wait.
+            _system_config={"idle_worker_killing_time_threshold_ms": IDLE_WORKER_KEEP_MS},
             **kwargs,
         )
     import ray.data  # noqa: F401  (configures Ray Data's loggers, which quiet_loggers then routes)

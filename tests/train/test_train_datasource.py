@@ -32,8 +32,15 @@ def plate(tmp_path_factory, ray_local):
 
 
 def _data(plate, **kw) -> DataConfig:
-    base = {"data_path": [str(plate)], "z_window_size": 3, "target_2d": True, "yx_patch_size": (16, 16),
-            "patches_per_stack": 4, "batch_size": 4, "val_fraction": 0.34}
+    base = {
+        "data_path": [str(plate)],
+        "z_window_size": 3,
+        "target_2d": True,
+        "yx_patch_size": (16, 16),
+        "patches_per_stack": 4,
+        "batch_size": 4,
+        "val_fraction": 0.34,
+    }
     return DataConfig.model_validate(base | kw)
 
 
@@ -142,3 +149,56 @@ def test_training_read_order_changes_every_pass_validation_order_does_not(plate,
             assert passes[0] != passes[1]
         else:
             assert passes[0] == passes[1] == [(r.fov, r.seed) for r in reads]
+
+
+def test_next_pass_started_early_yields_the_same_pass(plate):
+    _, val, _, _ = build_datasets(_data(plate), world_size=2, reads_per_fov=1, val_reads_per_fov=1, seed=0)
+    batches = RayShardIterable(val.iterator(), 4)
+    plain = list(batches)
+    batches.start_next_pass()
+    batches.start_next_pass()  # once started, a second call changes nothing
+    early = list(batches)
+    assert len(early) == len(plain) == 2
+    np.testing.assert_array_equal(_sorted_rows_of(early), _sorted_rows_of(plain))
+    assert len(list(batches)) == 2  # the pass after an early one starts as usual
+
+
+def test_next_pass_of_an_empty_shard_and_errors(plate):
+    import ray.data
+
+    empty = RayShardIterable(ray.data.from_items([{"source": np.zeros(2, np.float32)}]).iterator(), 4)
+    empty.start_next_pass()
+    assert list(empty) == []  # fewer rows than a batch: nothing, as a plain pass
+
+    def explode(batch):
+        raise ValueError("unreadable chunk")
+
+    failing = RayShardIterable(ray.data.range(8).map_batches(explode).iterator(), 4)
+    failing.start_next_pass()
+    with pytest.raises(Exception, match="unreadable chunk"):
+        list(failing)
+
+
+def test_cached_validation_is_not_restarted(plate):
+    _, val, _, _ = build_datasets(_data(plate), world_size=2, reads_per_fov=1, val_reads_per_fov=1, seed=0)
+    cached = RayShardIterable(val.iterator(), 4, cache=True)
+    once = list(cached)
+    cached.start_next_pass()
+    assert cached._next is None
+    assert all(a is b for a, b in zip(once, list(cached), strict=True))
+
+
+def test_warm_read_workers_open_the_plates(plate, tmp_path):
+    import ray
+
+    import viscy.train.datasource as datasource
+
+    data = _data(plate)
+    pids = ray.get(datasource.warm_read_workers(data, 2))
+    assert len(pids) == 2 and all(isinstance(p, int) for p in pids)
+    # the sampler it cached in that worker is the one a read task of the same config uses
+    assert datasource._warm_read_worker(data, augment=True) is not None
+    assert (str(plate), data.model_dump_json(), True) in datasource._SAMPLERS
+    # best effort: a plate this worker cannot open is left to the read task's own error
+    missing = data.model_copy(update={"data_path": [tmp_path / "absent.zarr"]})
+    assert ray.get(datasource.warm_read_workers(missing, 1)) == [None]

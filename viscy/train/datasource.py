@@ -13,7 +13,9 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
+import os
 import secrets
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,6 +197,56 @@ def patch_dataset(reads: list[Read], data: DataConfig, augment: bool):
     return ray.data.read_datasource(patch_datasource(reads, data, augment), override_num_blocks=tasks)
 
 
+def _warm_read_worker(data: DataConfig, augment: bool) -> int | None:
+    """Import the read path and open every plate, in a Ray worker that Ray Data's read tasks then reuse.
+
+    Returns the worker's pid, or None where a plate could not be opened here: the warm-up is best effort, and
+    the read tasks report such a plate with their own error.
+    """
+    import ray.data.block  # noqa: F401  (what a read task imports to build its blocks)
+
+    try:
+        for plate in data.data_path:
+            _sampler(str(plate), data, augment).plate  # noqa: B018  (opens it)
+    except Exception:
+        return None
+    return os.getpid()
+
+
+def warm_read_workers(data: DataConfig, count: int) -> list[Any]:
+    """Start ``count`` Ray workers that import the read path and open the plates, without waiting for them.
+
+    A Ray Data read task runs in an idle worker of the job when there is one. Warmed while Ray Train starts its
+    worker group, the first epoch's reads do not wait for new processes to import torch and tensorstore and
+    open the plates. The tasks take no CPU, so they never delay the worker group's placement.
+    """
+    import ray
+
+    warm = ray.remote(num_cpus=0, max_retries=0)(_warm_read_worker).options(runtime_env=_read_task_runtime_env())
+    augment = data.augmentation is not None
+    return [warm.remote(data, augment) for _ in range(count)]
+
+
+def _read_task_runtime_env() -> dict[str, Any] | None:
+    """The runtime env of Ray Train's read tasks: what its controller gets, which its actors pass on.
+
+    Ray reuses an idle worker only for tasks of the same runtime env. Ray Train gives its controller the
+    driver's Ray Train settings as env vars (and Ray's blocking-get warning off); the dataset coordinators
+    that launch the read tasks inherit them. Private Ray names: without them, no env (the warm-up misses).
+    """
+    try:
+        from ray._common.constants import RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR
+        from ray.train.v2._internal.constants import (
+            DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
+            get_env_vars_to_propagate,
+        )
+    except ImportError:
+        return None
+    env_vars = get_env_vars_to_propagate()
+    env_vars.setdefault(RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR, DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)
+    return {"env_vars": env_vars}
+
+
 # Validation crops are fixed: a worker keeps its share in memory up to this size instead of re-reading it.
 VAL_CACHE_BYTES = 1 << 30
 
@@ -248,24 +300,61 @@ class RayShardIterable(torch.utils.data.IterableDataset):
     """Re-iterable view of a Ray Train dataset shard: each ``iter`` is one pass (one epoch) of torch batches.
 
     With ``cache``, the first complete pass is kept and replayed (fixed validation crops are read once, not
-    every epoch).
+    every epoch). :meth:`start_next_pass` starts the next pass's execution in the background (called when a
+    training epoch's batches are done, so the next epoch's first batch is read during validation).
     """
 
     def __init__(self, shard: Any, batch_size: int, shuffle_buffer: int = 0, cache: bool = False) -> None:
         self.shard, self.batch_size, self.shuffle_buffer, self.cache = shard, batch_size, shuffle_buffer, cache
         self._cached: list[Any] | None = None
+        self._next: tuple[threading.Thread, dict[str, Any]] | None = None
+
+    def _batches(self):
+        return self.shard.iter_torch_batches(
+            batch_size=self.batch_size,
+            drop_last=True,
+            local_shuffle_buffer_size=self.shuffle_buffer or None,
+            dtypes=torch.float32,
+        )
+
+    def start_next_pass(self) -> None:
+        """Start the next pass and fetch its first batch in a background thread (no-op once cached)."""
+        if self._cached is not None or self._next is not None:
+            return
+        started: dict[str, Any] = {}
+
+        def fetch() -> None:
+            batches = iter(self._batches())
+            started["batches"] = batches
+            try:
+                started["first"] = next(batches)
+            except BaseException as exc:  # StopIteration included: re-raised where the pass is consumed
+                started["error"] = exc
+
+        thread = threading.Thread(target=fetch, name="viscy-next-pass", daemon=True)
+        thread.start()
+        self._next = (thread, started)
+
+    def _pass(self):
+        if self._next is None:
+            yield from self._batches()
+            return
+        thread, started = self._next
+        self._next = None
+        thread.join()
+        if isinstance(started.get("error"), StopIteration):
+            return
+        if "error" in started:
+            raise started["error"]
+        yield started["first"]
+        yield from started["batches"]
 
     def __iter__(self):
         if self._cached is not None:
             yield from self._cached
             return
         kept: list[Any] = []
-        for batch in self.shard.iter_torch_batches(
-            batch_size=self.batch_size,
-            drop_last=True,
-            local_shuffle_buffer_size=self.shuffle_buffer or None,
-            dtypes=torch.float32,
-        ):
+        for batch in self._pass():
             if self.cache:
                 kept.append(batch)
             yield batch

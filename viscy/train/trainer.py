@@ -25,6 +25,8 @@ from viscy.errors import ViscyError
 from viscy.models.card import ModelCard
 
 BEST_MODEL = "best_model.pt"
+HEALTH_CHECK_INTERVAL_S = "0.5"
+MAX_WARM_READ_WORKERS = 8
 RUN_INFO = "run_info.json"
 
 
@@ -141,6 +143,29 @@ def _epoch_callbacks():
                 emit_event("train_epoch", epoch=trainer.current_epoch, max_epochs=trainer.max_epochs, metrics=metrics)
 
     return EpochEvents()
+
+
+def _next_pass_callback(train_data: Any):
+    """Start the next epoch's training stream when this epoch's batches are done (before validation).
+
+    Each epoch re-executes the Ray Data pipeline; starting it during validation takes its start (coordinator
+    round trips, the first read) off the next epoch's critical path. Not after the last epoch.
+    """
+    import lightning.pytorch as pl
+
+    class NextPass(pl.Callback):
+        def _start(self, trainer) -> None:
+            if trainer.current_epoch + 1 < trainer.max_epochs and not trainer.should_stop:
+                train_data.start_next_pass()
+
+        def on_validation_epoch_start(self, trainer, pl_module) -> None:
+            if not trainer.sanity_checking:
+                self._start(trainer)
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:  # runs without validation too
+            self._start(trainer)
+
+    return NextPass()
 
 
 TIMINGS = "timings/rank0.json"  # a folder: rank 0 uploads folders to URI storage
@@ -301,6 +326,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         *timers[1:],
     ]
     steps = loop_config["steps"]
+    bs = config.data.batch_size
+    train_dl = RayShardIterable(ray.train.get_dataset_shard("train"), bs, shuffle_buffer=4 * bs)
+    val_dl = None
+    if steps["val_steps"]:
+        val_dl = RayShardIterable(ray.train.get_dataset_shard("val"), bs, cache=bool(steps.get("val_cache")))
+    callbacks.append(_next_pass_callback(train_dl))
     trainer = pl.Trainer(
         max_epochs=tc.max_epochs,
         accelerator="gpu" if tc.use_gpu else "cpu",
@@ -317,11 +348,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         log_every_n_steps=max(1, min(50, steps["train_steps"])),
     )
     trainer = prepare_trainer(trainer)
-    bs = config.data.batch_size
-    train_dl = RayShardIterable(ray.train.get_dataset_shard("train"), bs, shuffle_buffer=4 * bs)
-    val_dl = None
-    if steps["val_steps"]:
-        val_dl = RayShardIterable(ray.train.get_dataset_shard("val"), bs, cache=bool(steps.get("val_cache")))
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
@@ -578,7 +604,7 @@ def run_train(
     from viscy.console import failure_message, log_path, on_event, place_log
     from viscy.ray_utils import check_shared_path, ensure_ray
     from viscy.testing import forwarded
-    from viscy.train.datasource import build_datasets, list_fovs
+    from viscy.train.datasource import build_datasets, list_fovs, warm_read_workers
 
     started = time.time()
     tc = config.trainer
@@ -589,6 +615,9 @@ def run_train(
     if tc.precision == "16-mixed" and not tc.use_gpu:
         warnings.warn("precision 16-mixed needs a GPU; workers will train in 32", stacklevel=2)
 
+    # Ray Train's controller polls its workers at this interval (default 2 s), so a run ended up to that much
+    # before fit() returned; the controller reads it from the driver's environment.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", HEALTH_CHECK_INTERVAL_S)
     ray_called = time.time()
     ensure_ray()
     ray_ready = time.time()
@@ -668,6 +697,9 @@ def run_train(
     printer = None if quiet else _EpochPrinter(tc.max_epochs, channels, score)
     if printer is not None:
         on_event("train_epoch", printer)
+    # Reads of the first epoch start in warm workers; free CPUs bound how many run at once.
+    free_cpus = ray.cluster_resources().get("CPU", 1) - tc.num_workers * tc.cpus_per_worker
+    warm_read_workers(config.data, int(min(max(free_cpus, 1), MAX_WARM_READ_WORKERS)))
     fit_called = time.time()
     try:
         result = trainer.fit()
