@@ -324,10 +324,9 @@ class RayShardIterable(torch.utils.data.IterableDataset):
         started: dict[str, Any] = {}
 
         def fetch() -> None:
-            batches = iter(self._batches())
-            started["batches"] = batches
             try:
-                started["first"] = next(batches)
+                started["batches"] = iter(self._batches())
+                started["first"] = next(started["batches"])
             except BaseException as exc:  # StopIteration included: re-raised where the pass is consumed
                 started["error"] = exc
 
