@@ -67,7 +67,14 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(plate, tmp_
     while time.monotonic() < deadline and proc.poll() is None:
         trials = {d.name: _reports(d) for d in exp.glob("trial_*")}
         finished = {k: v for k, v in trials.items() if v and v[-1].get("epochs_done") == 3}
-        started = [k for k, v in trials.items() if v and k not in finished]
+        # The running trial is seen by the epochs its training run began (the hook writes them straight into the
+        # run directory; Tune's results reach the experiment directory only when Tune syncs them, which lagged a
+        # whole short trial once): past epoch 0, its first checkpoint is stored.
+        started = [
+            f"trial_{run.name}"
+            for run in sorted((exp / "runs").glob("*"))
+            if f"trial_{run.name}" not in finished and max(_epoch_starts(run), default=-1) >= 1
+        ]
         if finished and started:
             break
         time.sleep(0.5)
