@@ -138,6 +138,65 @@ def test_flips_and_rot90_are_exact_pixel_permutations():
             assert any(np.allclose(patch, a, atol=1e-4) for a in allowed)
 
 
+def _grid_sample_reference(region: np.ndarray, affines: np.ndarray, yx: tuple[int, int]) -> np.ndarray:
+    """torch's bilinear ``grid_sample`` (reflection, ``align_corners=False``) at the affines' input positions."""
+    import torch
+    import torch.nn.functional as F
+
+    (py, px), (h, w) = yx, region.shape[-2:]
+    v, u = np.meshgrid(np.arange(py), np.arange(px), indexing="ij")
+    out = []
+    for affine in affines:
+        x_in, y_in = (affine[:, :2] @ np.stack([u.ravel(), v.ravel()]) + affine[:, 2:]).reshape(2, py, px)
+        grid = np.stack([(2 * x_in + 1) / w - 1, (2 * y_in + 1) / h - 1], axis=-1)[None].astype(np.float32)
+        planes = torch.from_numpy(region.reshape(1, -1, h, w))
+        sampled = F.grid_sample(planes, torch.from_numpy(grid), "bilinear", "reflection", align_corners=False)
+        out.append(sampled.numpy().reshape(*region.shape[:2], py, px))
+    return np.stack(out)
+
+
+def test_resampling_equals_torch_grid_sample_including_the_reflected_border():
+    img = _region(3)
+    # Patches nearly the image's size, zoomed out: their windows reach past the border into its reflection.
+    aug = AugmentationConfig(affine_prob=1.0, scale_range=(1.2, 1.6), **SPATIAL_ONLY)
+    origins = [(0, 0), (16, 16), (8, 4), (0, 16)]
+    yx, (h, w) = (64, 80), img.shape[-2:]
+    affines = build_augmentation(aug, yx, seed=9).affines(origins, (h, w))
+    corners = [a[:, :2] @ [[0, 79, 0, 79], [0, 0, 63, 63]] + a[:, 2:] for a in affines]
+    assert all(c.min() < 0 or c[0].max() > w - 1 or c[1].max() > h - 1 for c in corners)
+    src, _ = build_augmentation(aug, yx, seed=9).spatial(img, img[:1], origins)
+    np.testing.assert_allclose(src, _grid_sample_reference(img, affines, yx), atol=2e-4)
+
+
+@pytest.mark.parametrize("yx", [(32, 32), (24, 40)])
+def test_whole_pixel_transforms_are_copies_equal_to_resampling(yx):
+    import cv2
+
+    from viscy.data.patches import _pixel_window
+
+    img = _region(4)
+    (py, px), (h, w) = yx, img.shape[-2:]
+    turns = [np.linalg.matrix_power(np.array([[0, -1], [1, 0]]), k) for k in range(4)]
+    mats = [t @ f for t in turns for f in (np.eye(2), np.diag([-1.0, 1.0]))]  # all 8 flips and turns
+    copied = 0
+    for mat in mats:
+        ex, ey = np.abs(mat) @ [px - 1, py - 1]  # the window's extent in the input
+        for x0, y0 in ((0, 0), (w - 1 - ex, h - 1 - ey), (5, 7), (w - ex, 0)):
+            corner = np.array([x0, y0]) + np.where(mat @ [px - 1, py - 1] < 0, -(mat @ [px - 1, py - 1]), 0)
+            affine = np.hstack([mat, corner[:, None]]).astype(np.float64)
+            window = _pixel_window(affine, yx, (h, w))
+            if x0 + ex >= w:
+                assert window is None  # one pixel past the border: resampled, not copied
+                continue
+            copied += 1
+            flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+            planes = [cv2.warpAffine(p, affine, (px, py), flags=flags) for p in img.reshape(-1, h, w)]
+            expected = np.stack(planes).reshape(*img.shape[:2], py, px)
+            np.testing.assert_allclose(window(img), expected, atol=1e-6)
+    assert copied == 24
+    assert _pixel_window(np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.0]]), yx, (h, w)) is None  # half-pixel shift
+
+
 def test_intensity_transforms_follow_monai_definitions():
     from monai.transforms import AdjustContrast
 
@@ -163,6 +222,19 @@ def test_intensity_transforms_follow_monai_definitions():
         x.copy()
     )
     assert smooth.reshape(6, 2, -1).std(axis=2).max() < x.reshape(6, 2, -1).std(axis=2).min()
+
+
+@pytest.mark.parametrize("sigmas", [(0.25, 1.0), (0.7, 0.4)])
+def test_smoothing_equals_monai_gaussian_filter(sigmas):
+    import torch
+    from monai.networks.layers import GaussianFilter
+
+    from viscy.data.patches import _smooth
+
+    patch = _region(5)
+    expected = GaussianFilter(2, sigma=sigmas)(torch.from_numpy(patch.reshape(1, -1, 80, 96))).numpy()
+    _smooth(patch, *sigmas)
+    np.testing.assert_allclose(patch, expected.reshape(patch.shape), atol=1e-5)
 
 
 def test_sampler_augments_the_source_intensity_only(synth_plate):

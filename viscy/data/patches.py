@@ -179,50 +179,58 @@ class YXAugmentation:
             mats[k] = m
         return mats
 
-    def grid(self, origins: list[tuple[int, int]], image_yx: tuple[int, int]):
-        """Sampling grids ``(n, Py, Px, 2)`` for the patches whose unaugmented corners are ``origins``.
+    def affines(self, origins: list[tuple[int, int]], image_yx: tuple[int, int]) -> np.ndarray:
+        """``(n, 2, 3)`` maps from output pixel ``(x, y)`` to input pixel position, one per patch.
 
         Each patch turns about its own centre, moved inwards (where the image allows) so that its
         transformed window stays inside the image rather than in the reflected border.
         """
-        import torch
-
         (py, px), (h, w) = self.output_yx, image_yx
         mats = self.matrices(len(origins))
         half = 0.5 * np.abs(mats) @ np.array([px, py], dtype=np.float64)  # (n, 2) half extents, x and y
-        centres = np.empty((len(origins), 2))
+        maps = np.empty((len(origins), 2, 3))
         for k, (y0, x0) in enumerate(origins):
+            centre = np.empty(2)
             for axis, (start, size, full) in enumerate(((x0, px, w), (y0, py, h))):
                 lo, hi = half[k, axis], full - half[k, axis]
-                centre = start + size / 2
-                centres[k, axis] = full / 2 if lo > hi else min(max(centre, lo), hi)
-        # Output pixel centres relative to the patch centre, in (x, y) order.
-        oy = torch.arange(py, dtype=torch.float32) + (0.5 - py / 2)
-        ox = torch.arange(px, dtype=torch.float32) + (0.5 - px / 2)
-        offsets = torch.stack(torch.meshgrid(ox, oy, indexing="xy"), dim=-1).reshape(-1, 2)  # (py*px, 2)
-        # Pixel position -> grid_sample's [-1, 1] coordinates, folded into the matrices and centres.
-        scale = np.array([2.0 / w, 2.0 / h])
-        mats_t = torch.from_numpy((mats * scale[None, :, None]).transpose(0, 2, 1).astype(np.float32))
-        shift = torch.from_numpy((centres * scale - 1.0).astype(np.float32))
-        return (torch.matmul(offsets, mats_t) + shift[:, None]).reshape(len(origins), py, px, 2)
+                mid = start + size / 2
+                centre[axis] = full / 2 if lo > hi else min(max(mid, lo), hi)
+            # Pixel centres sit at integers; the patch's corner pixel is half a pixel off its corner.
+            maps[k, :, :2] = mats[k]
+            maps[k, :, 2] = mats[k] @ np.array([0.5 - px / 2, 0.5 - py / 2]) + centre - 0.5
+        return maps
 
     def spatial(
         self, source: np.ndarray, target: np.ndarray, origins: list[tuple[int, int]]
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Resample ``(C, Z, Y, X)`` float32 source and target regions into ``(n, C, Z, Py, Px)`` patches."""
+        """Resample ``(C, Z, Y, X)`` float32 source and target regions into ``(n, C, Z, Py, Px)`` patches.
+
+        Bilinear with OpenCV's ``warpAffine``, one call per patch and plane, reflecting at the image border
+        (``BORDER_REFLECT`` repeats the edge pixel, as ``grid_sample``'s reflection with ``align_corners=False``
+        does). A patch that is only flipped or turned by 90 degrees lands on whole pixels and is copied.
+        """
+        import cv2
         import torch
-        import torch.nn.functional as F
 
         if source.shape[-2:] != target.shape[-2:]:
             raise ValueError(f"source {source.shape} and target {target.shape} must share their YX shape")
-        grid = self.grid(origins, source.shape[-2:])
+        # OpenCV gets the thread budget torch has (one per CPU a Ray task holds), not one per core.
+        cv2.setNumThreads(torch.get_num_threads())
+        maps = self.affines(origins, source.shape[-2:])
         n, (py, px) = len(origins), self.output_yx
+        options = {"flags": cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, "borderMode": cv2.BORDER_REFLECT}
         out = []
         for region in (source, target):
-            # Every patch samples the same region: an expanded view, not n copies.
-            planes = torch.from_numpy(region).reshape(1, -1, *region.shape[-2:]).expand(n, -1, -1, -1)
-            sampled = F.grid_sample(planes, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-            out.append(sampled.numpy().reshape(n, *region.shape[:2], py, px))
+            planes = region.reshape(-1, *region.shape[-2:])
+            sampled = np.empty((n, len(planes), py, px), dtype=np.float32)
+            for k in range(n):
+                window = _pixel_window(maps[k], (py, px), region.shape[-2:])
+                if window is not None:
+                    sampled[k] = window(planes)
+                    continue
+                for p, plane in enumerate(planes):
+                    cv2.warpAffine(plane, maps[k], (px, py), dst=sampled[k, p], **options)
+            out.append(sampled.reshape(n, *region.shape[:2], py, px))
         return out[0], out[1]
 
     def intensity(self, source: np.ndarray) -> np.ndarray:
@@ -252,12 +260,46 @@ class YXAugmentation:
             if not np.isnan(stds[k]):
                 patch.add_(torch.randn(patch.shape, generator=self._torch_gen), alpha=float(stds[k]))
             if not np.isnan(sigmas[k, 0]):
-                from monai.networks.layers import GaussianFilter  # here: importing MONAI costs seconds
-
-                planes = patch.reshape(1, -1, *patch.shape[-2:])
-                smoothed = GaussianFilter(2, sigma=(float(sigmas[k, 0]), float(sigmas[k, 1])))(planes)
-                patch.copy_(smoothed.reshape(patch.shape))
+                _smooth(source[k], float(sigmas[k, 0]), float(sigmas[k, 1]))
         return source
+
+
+def _pixel_window(
+    affine: np.ndarray, output_yx: tuple[int, int], image_yx: tuple[int, int]
+) -> Callable[[np.ndarray], np.ndarray] | None:
+    """The exact copy an ``affine`` (output ``(x, y)`` -> input pixel) amounts to when it only flips, turns by 90
+    degrees and shifts by whole pixels inside the image, as a function of ``(..., Y, X)`` planes; else ``None``."""
+    if not np.allclose(affine, np.round(affine), rtol=0, atol=1e-9):
+        return None
+    (a, b, tx), (c, d, ty) = np.round(affine).astype(int)
+    transposed = a == 0
+    if transposed:  # the input's x follows the output's y, and its y the output's x
+        if abs(b) != 1 or abs(c) != 1 or d != 0:
+            return None
+    elif abs(a) != 1 or abs(d) != 1 or b != 0 or c != 0:
+        return None
+    (py, px), (h, w) = output_yx, image_yx
+    x_steps, y_steps = (py, px) if transposed else (px, py)  # along the input's x and y axes
+    x_step, y_step = (b, c) if transposed else (a, d)
+    x_end, y_end = tx + x_step * (x_steps - 1), ty + y_step * (y_steps - 1)
+    if min(tx, x_end) < 0 or max(tx, x_end) >= w or min(ty, y_end) < 0 or max(ty, y_end) >= h:
+        return None
+    xs = slice(tx, None if x_end + x_step < 0 else x_end + x_step, x_step)
+    ys = slice(ty, None if y_end + y_step < 0 else y_end + y_step, y_step)
+    if transposed:
+        return lambda planes: planes[..., ys, xs].swapaxes(-1, -2)
+    return lambda planes: planes[..., ys, xs]
+
+
+def _smooth(patch: np.ndarray, sigma_y: float, sigma_x: float) -> None:
+    """MONAI's ``GaussianFilter`` (erf kernels truncated at 4 sigma, zeros outside) on each YX plane, in place,
+    through OpenCV's separable filter: 15 times faster than MONAI's convolution on one thread."""
+    import cv2
+    from monai.networks.layers.convutils import gaussian_1d  # here: importing MONAI costs seconds
+
+    kernel_y, kernel_x = (gaussian_1d(s, truncated=4.0, approx="erf").numpy() for s in (sigma_y, sigma_x))
+    for plane in patch.reshape(-1, *patch.shape[-2:]):
+        cv2.sepFilter2D(plane, -1, kernel_x, kernel_y, dst=plane, borderType=cv2.BORDER_CONSTANT)
 
 
 def build_augmentation(
