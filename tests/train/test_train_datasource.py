@@ -12,7 +12,6 @@ from viscy.config import DataConfig, PreprocessConfig
 from viscy.data.preprocess import run_preprocess
 from viscy.errors import DataError
 from viscy.train.datasource import (
-    RayShardIterable,
     build_datasets,
     list_fovs,
     patch_dataset,
@@ -20,6 +19,7 @@ from viscy.train.datasource import (
     plan_reads,
     split_fovs,
 )
+from viscy.train.shard import RayShardIterable
 
 POSITIONS = tuple(("A", str(c), str(f)) for c in (1, 2) for f in range(3))
 
@@ -202,3 +202,24 @@ def test_warm_read_workers_open_the_plates(plate, tmp_path):
     # best effort: a plate this worker cannot open is left to the read task's own error
     missing = data.model_copy(update={"data_path": [tmp_path / "absent.zarr"]})
     assert ray.get(datasource.warm_read_workers(missing, 1)) == [None]
+
+
+def test_read_path_does_not_import_torch(plate):
+    """Ray Data's coordinators unpickle the datasource, and a flips-only read needs neither torch nor OpenCV."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+import numpy as np
+from viscy.config import AugmentationConfig, DataConfig
+from viscy.train.datasource import Read, read_patches
+aug = AugmentationConfig(affine_prob=0, contrast_prob=0, intensity_scale_prob=0, noise_prob=0, smooth_prob=0)
+data = DataConfig(data_path=[{str(plate)!r}], z_window_size=3, target_2d=True, yx_patch_size=[16, 16],
+                  augmentation=aug)
+batch = read_patches(Read({str(plate)!r}, "A/1/0", 4, 7), data, augment=True)
+assert batch["source"].shape[0] == 4 and np.isfinite(batch["source"]).all()
+print(sorted(m for m in ("torch", "cv2") if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -13,6 +13,8 @@ This module holds the project's only implementation of normalisation and augment
 from __future__ import annotations
 
 import math
+import os
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,10 +153,9 @@ class YXAugmentation:
 
     def set_random_state(self, seed: int | None) -> YXAugmentation:
         """Seed every random draw (``None``: fresh entropy)."""
-        import torch
-
         self._rng = np.random.default_rng(seed)
-        self._torch_gen = torch.Generator().manual_seed(int(self._rng.integers(2**63)))
+        self._noise_seed = int(self._rng.integers(2**63))
+        self._noise_gen = None  # a torch.Generator, made when noise is first drawn: torch is imported lazily
         return self
 
     def matrices(self, n: int) -> np.ndarray:
@@ -209,22 +210,22 @@ class YXAugmentation:
         (``BORDER_REFLECT`` repeats the edge pixel, as ``grid_sample``'s reflection with ``align_corners=False``
         does). A patch that is only flipped or turned by 90 degrees lands on whole pixels and is copied.
         """
-        import cv2
-        import torch
-
         if source.shape[-2:] != target.shape[-2:]:
             raise ValueError(f"source {source.shape} and target {target.shape} must share their YX shape")
-        # OpenCV gets the thread budget torch has (one per CPU a Ray task holds), not one per core.
-        cv2.setNumThreads(torch.get_num_threads())
         maps = self.affines(origins, source.shape[-2:])
         n, (py, px) = len(origins), self.output_yx
-        options = {"flags": cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, "borderMode": cv2.BORDER_REFLECT}
+        windows = [_pixel_window(m, (py, px), source.shape[-2:]) for m in maps]
+        if any(w is None for w in windows):
+            import cv2
+
+            # OpenCV gets the threads a Ray task's CPUs allow, not one per core.
+            cv2.setNumThreads(cpu_threads())
+            options = {"flags": cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, "borderMode": cv2.BORDER_REFLECT}
         out = []
         for region in (source, target):
             planes = region.reshape(-1, *region.shape[-2:])
             sampled = np.empty((n, len(planes), py, px), dtype=np.float32)
-            for k in range(n):
-                window = _pixel_window(maps[k], (py, px), region.shape[-2:])
+            for k, window in enumerate(windows):
                 if window is not None:
                     sampled[k] = window(planes)
                     continue
@@ -235,11 +236,8 @@ class YXAugmentation:
 
     def intensity(self, source: np.ndarray) -> np.ndarray:
         """Contrast, intensity scale, noise and smoothing of ``(n, C, ...YX)`` source patches, in place."""
-        import torch
-
         c, rng = self.config, self._rng
         n = source.shape[0]
-        x = torch.from_numpy(source)
         # Draws for every patch first, so that each patch's parameters do not depend on the others'.
         gammas = np.where(rng.random(n) < c.contrast_prob, rng.uniform(*c.contrast_gamma, size=n), np.nan)
         factors = np.where(
@@ -249,6 +247,13 @@ class YXAugmentation:
         )
         stds = np.where(rng.random(n) < c.noise_prob, rng.uniform(0.0, c.noise_std, size=n), np.nan)
         sigmas = np.where(rng.random(n)[:, None] < c.smooth_prob, rng.uniform(*c.smooth_sigma, size=(n, 2)), np.nan)
+        if np.isnan(np.stack([gammas, factors, stds, sigmas[:, 0]])).all():
+            return source  # nothing drawn: torch is not even imported (a read task may not need it)
+        import torch
+
+        x = torch.from_numpy(source)
+        if self._noise_gen is None:
+            self._noise_gen = torch.Generator().manual_seed(self._noise_seed)
         for k in range(n):
             patch = x[k]  # a view: every step below works in place
             if not np.isnan(gammas[k]):
@@ -258,10 +263,18 @@ class YXAugmentation:
             if not np.isnan(factors[k]):
                 patch.mul_(float(factors[k]))
             if not np.isnan(stds[k]):
-                patch.add_(torch.randn(patch.shape, generator=self._torch_gen), alpha=float(stds[k]))
+                patch.add_(torch.randn(patch.shape, generator=self._noise_gen), alpha=float(stds[k]))
             if not np.isnan(sigmas[k, 0]):
                 _smooth(source[k], float(sigmas[k, 0]), float(sigmas[k, 1]))
         return source
+
+
+def cpu_threads() -> int:
+    """Threads a compute library may use in this process: torch's setting once torch is loaded, else
+    ``OMP_NUM_THREADS`` (which Ray sets to a task's CPUs), else one per core."""
+    if "torch" in sys.modules:
+        return int(sys.modules["torch"].get_num_threads())
+    return int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
 
 
 def _pixel_window(

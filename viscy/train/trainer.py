@@ -280,8 +280,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, RayTrainReportCallback, prepare_trainer
 
     from viscy.testing import adopt
-    from viscy.train.datasource import RayShardIterable
     from viscy.train.module import ThroughputCallback, VSModule, resolve_precision
+    from viscy.train.shard import RayShardIterable
 
     adopt(loop_config.get("test_hook"))
     config = TrainConfig.model_validate(loop_config["config"])
