@@ -297,10 +297,23 @@ def _pixel_window(
     x_end, y_end = tx + x_step * (x_steps - 1), ty + y_step * (y_steps - 1)
     if min(tx, x_end) < 0 or max(tx, x_end) >= w or min(ty, y_end) < 0 or max(ty, y_end) >= h:
         return None
+    if transposed:
+        rows, cols = slice(min(ty, y_end), max(ty, y_end) + 1), slice(min(tx, x_end), max(tx, x_end) + 1)
+
+        def turned(planes: np.ndarray) -> np.ndarray:
+            import cv2  # its transpose: 8x numpy's copy of a transposed view
+
+            crop = planes[..., rows, cols]
+            flat = crop.reshape(-1, *crop.shape[-2:])
+            out = np.empty((len(flat), *crop.shape[:-3:-1]), dtype=planes.dtype)
+            for plane, dst in zip(flat, out, strict=True):
+                cv2.transpose(plane, dst=dst)
+            out = out.reshape(*crop.shape[:-2], *out.shape[-2:])
+            return out[..., :: -1 if x_step < 0 else 1, :: -1 if y_step < 0 else 1]
+
+        return turned
     xs = slice(tx, None if x_end + x_step < 0 else x_end + x_step, x_step)
     ys = slice(ty, None if y_end + y_step < 0 else y_end + y_step, y_step)
-    if transposed:
-        return lambda planes: planes[..., ys, xs].swapaxes(-1, -2)
     return lambda planes: planes[..., ys, xs]
 
 
