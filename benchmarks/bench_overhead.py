@@ -215,7 +215,7 @@ ROWS = [
     ("fixed_per_epoch_s", "per epoch: fixed cost, epoch minus steps x step (s)"),
     ("step_s", "steady-state step (s)"),
     ("samples_per_s", "steady-state samples/s"),
-    ("after_fit_s", "after fit: best model export (s)"),
+    ("after_fit_s", "after fit: Ray Train returns, best model export (s)"),
 ]
 
 
