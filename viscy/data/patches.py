@@ -5,8 +5,9 @@ This module holds the project's only implementation of normalisation and augment
 - ``normalization_params`` / ``normalize`` / ``denormalize``: ``(x - subtrahend) / (divisor + eps)`` with
   statistics read from VisCy's zattrs layout (FOV- or dataset-level, median/iqr or mean/std);
 - ``build_augmentation``: seeded, batched YX augmentation of all the patches of one read (flips, rot90 and
-  affine composed into one ``grid_sample`` from the full-resolution region, jointly for ``source`` and
-  ``target``; contrast, intensity scale, Gaussian noise and smoothing on the source only);
+  affine composed into one OpenCV ``warpAffine`` per patch and plane from the full-resolution region,
+  jointly for ``source`` and ``target``; contrast, intensity scale, Gaussian noise and smoothing on the
+  source only);
 - ``PatchSampler``: reads one region per call and cuts many patches from it (VisCy's patches-per-stack).
 """
 
@@ -139,11 +140,12 @@ class YXAugmentation:
 
     Spatial transforms act in the YX plane only and identically on source and target: random flips along Y
     and X, a random multiple of 90 degrees, and a random affine (rotation, per-axis zoom, shear) compose into
-    one matrix per patch. Every patch of a read is then resampled straight from the full-resolution region in
-    a single ``torch.nn.functional.grid_sample`` call (bilinear, reflection at the image border), so only
-    output pixels are computed and nothing is cropped or copied first. Intensity transforms act on the
-    source only and follow MONAI's definitions (``AdjustContrast``, ``RandScaleIntensity``,
-    ``RandGaussianNoise`` with a sampled std); the smoothing is MONAI's ``GaussianFilter``.
+    one matrix per patch. Every patch of a read is then resampled straight from the full-resolution region
+    (bilinear, reflection at the image border, as ``torch.nn.functional.grid_sample`` defines them), so only
+    output pixels are computed and nothing is cropped first; a patch only flipped or turned is copied.
+    Intensity transforms act on the source only and follow MONAI's definitions (``AdjustContrast``,
+    ``RandScaleIntensity``, ``RandGaussianNoise`` with a sampled std); the smoothing is MONAI's
+    ``GaussianFilter`` (its kernels, applied by OpenCV).
     """
 
     def __init__(self, config: AugmentationConfig, output_yx: tuple[int, int]) -> None:
