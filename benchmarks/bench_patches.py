@@ -74,8 +74,8 @@ def main() -> None:
         ray.shutdown()
         names = Plate(path).positions
         bytes_per_patch = 3 * 5 * 256 * 256 * 4
-        # The bound is read between the measurements too and its best pass kept: a pass slowed by the
-        # machine's load would otherwise flatter every ratio.
+        # The bound is read between the measurements too and its best pass kept: a process's first pass runs
+        # 3-4x slower than the next ones (load or not), and dividing by it would flatter every ratio.
         bounds = [raw_read_bound(path, names, bytes_per_patch)]
         norm = [NormalizationConfig()]
         rates = {}
