@@ -27,3 +27,33 @@ def test_joining_a_cluster_without_token_auth(tmp_path):
         forced = subprocess.run([sys.executable, "-c", JOIN], env=client | {"RAY_AUTH_MODE": "token"},
                                 capture_output=True, text=True, timeout=180)
         assert forced.returncode != 0
+
+
+STOP = """
+import atexit, time
+import psutil
+from viscy.ray_utils import ensure_ray, stop_autoscaler_monitor
+ensure_ray(num_cpus=1)
+import ray
+processes = ray._private.worker._global_node.all_processes
+monitor, gcs = processes["monitor"][0].process, processes["gcs_server"][0].process
+time.sleep(2)
+idle = [p for p in psutil.Process().children(recursive=True) if "IDLE" in p.name()]
+stop_autoscaler_monitor()
+print("monitor", monitor.poll() is not None, "gcs", gcs.poll() is None, "idle", len(idle))
+atexit._run_exitfuncs()
+left = [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+print("left", len(left))
+"""
+
+
+def test_own_cluster_stops_its_autoscaler_monitor_first_and_prestarts_no_idle_workers():
+    """The monitor goes before the GCS (Ray's order would leave it hanging on the gone GCS until killed), and
+    the cluster starts no idle workers that this job's runtime env could never use."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", STOP], env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert "monitor True gcs True idle 0" in lines, done.stdout
+    assert lines[-1] == "left 0", done.stdout
+    assert "autoscaler failed" not in done.stdout + done.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -63,15 +64,37 @@ def ensure_ray(num_cpus: int | None = None) -> None:
             dashboard_host="127.0.0.1",
             dashboard_port=port,
             runtime_env={"env_vars": private_env},
-            # Ray kills a worker idle for 1 s once more processes run than the node has CPUs (always, with
-            # Train's actors): the read workers warmed while the worker group starts must outlive that wait.
-            _system_config={"idle_worker_killing_time_threshold_ms": IDLE_WORKER_KEEP_MS},
+            _system_config={
+                # Ray kills a worker idle for 1 s once more processes run than the node has CPUs (always, with
+                # Train's actors): the read workers warmed while the worker group starts must outlive that wait.
+                "idle_worker_killing_time_threshold_ms": IDLE_WORKER_KEEP_MS,
+                # Ray starts one idle worker per CPU for the first driver, but only a job without a runtime env
+                # can use them (this one has env vars): they would only take CPU while the cluster starts.
+                "prestart_worker_first_driver": False,
+            },
             **kwargs,
         )
+        atexit.register(stop_autoscaler_monitor)  # atexit runs it before Ray's own shutdown (registered earlier)
     import ray.data  # noqa: F401  (configures Ray Data's loggers, which quiet_loggers then routes)
 
     quiet_loggers()
     route_worker_logs()
+
+
+def stop_autoscaler_monitor() -> None:
+    """Stop the autoscaler monitor of the cluster this process started, before Ray's shutdown does.
+
+    Ray's shutdown stops the GCS first; the monitor, told to stop after it, reports its own end to the gone
+    GCS and is killed only after a 1 s timeout, so every command would exit 1 s later. A single-node cluster's
+    monitor holds nothing: it is killed (told to stop, it would report an autoscaler failure to the driver).
+    """
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)  # None once Ray shut down
+    for info in (getattr(node, "all_processes", None) or {}).get("monitor", []):
+        if info.process.poll() is None:
+            info.process.kill()
+            info.process.wait(timeout=5)
 
 
 def as_completed(refs: list, desc: str, unit: str, progress: bool = True) -> Iterator[tuple[Any, Any]]:
