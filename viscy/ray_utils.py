@@ -89,9 +89,10 @@ def stop_autoscaler_monitor() -> None:
     monitor holds nothing: it is killed (told to stop, it would report an autoscaler failure to the driver).
     """
     import ray
+    from ray._private.ray_constants import PROCESS_TYPE_MONITOR
 
     node = getattr(ray._private.worker, "_global_node", None)  # None once Ray shut down
-    for info in (getattr(node, "all_processes", None) or {}).get("monitor", []):
+    for info in (getattr(node, "all_processes", None) or {}).get(PROCESS_TYPE_MONITOR, []):
         if info.process.poll() is None:
             info.process.kill()
             info.process.wait(timeout=5)
