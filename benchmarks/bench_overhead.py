@@ -4,8 +4,9 @@ Both train the demo's model (``viscy.train.demo_settings``: 2D U-Net, 96² patch
 workers, 10 steps per epoch, 3 validation batches, figures every 4 epochs) on the demo plate, for the same
 epochs, with the same ``VSModule``, each as the command a user runs, from a fresh process:
 
-1. ``viscy train --config <the demo config>``: config check, Ray start, Ray Train worker group (2 × 0.5 CPU,
-   gloo DDP), Ray Data patch streams, a checkpoint and report every epoch, the self-describing best model;
+1. ``viscy train --config <the demo config>``: config check (Ray starts meanwhile), Ray Train worker group
+   (2 × 0.5 CPU, gloo DDP), Ray Data patch streams, a checkpoint and report every epoch, the self-describing
+   best model;
 2. the baseline, ``python bench_overhead.py --lightning-run <config> <dir>``: one process, Lightning's own
    loop, a torch ``DataLoader`` with 2 worker processes over ``PatchSampler`` (VisCy's layout), global batch
    16, a Lightning checkpoint every epoch.
@@ -204,7 +205,7 @@ def run_lightning(config: TrainConfig, out: Path, loader_workers: int = 2) -> di
 
 ROWS = [
     ("wall_s", "in-process wall time, call to return (s)"),
-    ("ray_start_s", "Ray start (s)"),
+    ("ray_start_s", "Ray start, what the driver waited for (s)"),
     ("before_fit_s", "start of the call to fit start, driver (s)"),
     ("worker_group_start_s", "worker group start: fit() to Lightning fit start (s)"),
     ("first_batch_s", "Lightning fit start to the first batch (s)"),

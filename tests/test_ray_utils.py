@@ -57,3 +57,35 @@ def test_own_cluster_stops_its_autoscaler_monitor_first_and_prestarts_no_idle_wo
     assert "monitor True gcs True idle 0" in lines, done.stdout
     assert lines[-1] == "left 0", done.stdout
     assert "autoscaler failed" not in done.stdout + done.stderr
+
+
+EARLY = """
+import atexit, signal, sys, threading
+import psutil
+from viscy.cli import main
+args = ["train", "--data.data_path", "x.zarr", "--model.name", "unet2d", "--data.yx_patch_size", "96", "96"]
+print("bad key", main(args + ["--trainer.bogus", "1"]), "ray imported", "ray" in sys.modules)
+print("misfit model", main(args + ["--model.kwargs.num_blocks", "6"]))
+import ray
+started = [t for t in threading.enumerate() if t.name == "viscy-ray-start"]
+print("ray started", ray.is_initialized(), "thread", len(started), "sigterm", signal.getsignal(signal.SIGTERM) not in (
+    signal.SIG_DFL, None))
+atexit._run_exitfuncs()
+left = [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+print("left", len(left))
+"""
+
+
+def test_train_starts_ray_during_the_model_check_only_for_a_config_with_valid_keys():
+    """A key error is named without starting Ray; once the keys are valid, Ray starts in the background while
+    the model check imports torch, and a command that fails that check still shuts the cluster down."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", EARLY], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert "bad key 2 ray imported False" in lines, done.stdout
+    assert "misfit model 2" in lines, done.stdout
+    assert "ray started True thread 1 sigterm True" in lines, done.stdout
+    assert lines[-1] == "left 0", done.stdout
+    assert "unknown key 'trainer.bogus'" in done.stderr and "not a multiple of the model's YX multiple" in done.stderr
+    assert "SIGTERM handler is not set" not in done.stderr

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from viscy.config import ConfigError, describe_schema, load_config, parse_overrides
+from viscy.ray_utils import start_ray_in_background
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,8 @@ class Verb:
     details: str = ""
     # Leave without the interpreter's teardown (after every atexit handler): torch, Lightning and Ray loaded.
     skip_teardown: bool = False
+    # Start Ray in the background once the config's keys and values are valid, during its model check.
+    start_ray_early: bool = False
 
 
 VERBS: list[Verb] = [
@@ -72,6 +75,7 @@ VERBS: list[Verb] = [
         "Resume an interrupted run: viscy train --config x.yaml --trainer.run_name NAME --trainer.resume true\n"
         "Examples: configs/demo.yaml (CPU, minutes), configs/vscyto2d_finetune.yaml, configs/vscyto3d.yaml.",
         skip_teardown=True,
+        start_ray_early=True,
     ),
     Verb(
         "tune",
@@ -210,12 +214,19 @@ def main(argv: list[str] | None = None) -> int:
 
     start_log(name, is_verbose)
     try:
-        config = load_config(_load(verb.schema), config_path, parse_overrides(rest))
+        schema, overrides = _load(verb.schema), parse_overrides(rest)
+        if verb.start_ray_early:
+            # Key and value errors are named before Ray starts; Ray then starts during the model check.
+            load_config(schema, config_path, overrides, check_model=False)
+            start_ray_in_background()
+        config = load_config(schema, config_path, overrides)
     except ConfigError as exc:
         print(f"viscy {name}: {exc}", file=sys.stderr)
         code = 2
     else:
         code = _run_verb(verb, config)
+    if verb.start_ray_early:
+        _settle_ray_start(name)
     if console_script and verb.skip_teardown:
         _exit_without_teardown(code)
     return code
@@ -244,6 +255,17 @@ def _run_verb(verb: Verb, config: Any) -> int:
         print(f"viscy {name}: error: {failure_message(exc)}\n  (traceback: {log_path()})", file=sys.stderr)
         return 1
     return 0
+
+
+def _settle_ray_start(name: str) -> None:
+    """Wait for a background Ray start the verb ended before using, so the exit handlers can shut it down."""
+    import logging
+
+    from viscy.ray_utils import settle_background_start
+
+    error = settle_background_start()
+    if error is not None:
+        logging.getLogger("viscy").warning("viscy %s: Ray's start failed too: %s", name, error)
 
 
 def _exit_without_teardown(code: int) -> NoReturn:

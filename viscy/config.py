@@ -22,12 +22,15 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_serializer,
     model_validator,
 )
 
 CONFIG_FILENAME = "viscy_config.yaml"
+# Validation-context key: False skips the model checks, which import torch and the model's libraries.
+CHECK_MODEL = "check_model"
 
 
 class ConfigError(ValueError):
@@ -378,8 +381,19 @@ class TrainConfig(StrictModel):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @model_validator(mode="after")
-    def _model_matches_data(self) -> TrainConfig:
-        """The model's spec (built on the meta device, no weights) must fit the data section."""
+    def _resume_names_its_run(self) -> TrainConfig:
+        if self.trainer.resume and self.trainer.run_name is None:
+            raise ValueError("trainer.resume needs trainer.run_name (the run to continue)")
+        return self
+
+    @model_validator(mode="after")
+    def _model_matches_data(self, info: ValidationInfo) -> TrainConfig:
+        """The model's spec (built on the meta device, no weights) must fit the data section.
+
+        Skipped under the validation context ``{"check_model": False}`` (:func:`load_config`'s first pass).
+        """
+        if (info.context or {}).get(CHECK_MODEL, True) is False:
+            return self
         from viscy.errors import ModelError
         from viscy.models import model_spec, resolve_model_source, training_kwargs
 
@@ -958,8 +972,12 @@ def load_config(
     schema: type[TConfig],
     path: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
+    check_model: bool = True,
 ) -> TConfig:
     """Load a YAML file (optional), apply dotted overrides, validate against ``schema``.
+
+    ``check_model=False`` checks everything but whether the model fits the data (which builds the model, so
+    imports torch and its libraries): a fast first pass that names key and value errors within a second.
 
     Raises
     ------
@@ -983,7 +1001,7 @@ def load_config(
     for dotted, value in (overrides or {}).items():
         set_dotted(tree, dotted, value)
     try:
-        return schema.model_validate(tree)
+        return schema.model_validate(tree, context={CHECK_MODEL: check_model})
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, schema)) from None
 

@@ -21,8 +21,67 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+_START_THREAD = "viscy-ray-start"
+_background_start: dict[str, Any] = {}
+
+
+def start_ray_in_background() -> None:
+    """Begin :func:`ensure_ray` in a background thread, so Ray starts while this process goes on with checks.
+
+    Ray's start mostly waits on the processes it launches (GCS, dashboard, raylet), so it overlaps the config
+    check's torch and model imports. The next :func:`ensure_ray` waits for it and raises what it raised;
+    :func:`settle_background_start` waits for it on a path that ends before. The thread then stays blocked
+    for the life of the process: Ray's head processes are killed when the thread that started them ends.
+    """
+    import logging
+    import signal
+    import sys
+    import threading
+
+    ray = sys.modules.get("ray")  # not imported here: the thread imports it
+    if _background_start or (ray is not None and ray.is_initialized()):
+        return
+    if threading.current_thread() is threading.main_thread():
+        # What ray.init sets up in the main thread only: on SIGTERM (`ray job stop`) exit through the atexit
+        # handlers, so Ray shuts down; the warning it logs when called from another thread is then moot.
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+    logging.getLogger("ray._private.worker").addFilter(
+        lambda record: not str(record.msg).startswith("SIGTERM handler is not set")
+    )
+    ready = threading.Event()
+
+    def start() -> None:
+        try:
+            ensure_ray()
+        except BaseException as exc:  # noqa: BLE001  (re-raised in the thread that waits for it)
+            _background_start["error"] = exc
+        ready.set()
+        threading.Event().wait()
+
+    _background_start["ready"] = ready
+    threading.Thread(target=start, name=_START_THREAD, daemon=True).start()
+
+
+def settle_background_start() -> BaseException | None:
+    """Wait for a Ray start begun by :func:`start_ray_in_background`; return what it raised (None if fine).
+
+    A command that ends before its :func:`ensure_ray` calls this first, so its exit handlers shut down a
+    started cluster instead of racing ``ray.init``.
+    """
+    import threading
+
+    ready = _background_start.get("ready")
+    if ready is None or threading.current_thread().name == _START_THREAD:
+        return None
+    ready.wait()
+    return _background_start.pop("error", None)
+
+
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Join the cluster at ``RAY_ADDRESS`` or start a local one, once per process.
+
+    If :func:`start_ray_in_background` began it, wait for that start instead (``num_cpus`` is then Ray's
+    default, the node's CPUs) and raise what it raised.
 
     A local cluster that viscy starts uses Ray's token authentication. When joining a cluster, the client
     follows that cluster's mode: export ``RAY_AUTH_MODE=token`` for a token-protected cluster (Ray's default
@@ -31,6 +90,9 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     The dashboard stays on: Ray Train/Tune need its state API to clean up placement groups. What workers
     print goes to the log file (:mod:`viscy.console`), not the console.
     """
+    error = settle_background_start()
+    if error is not None:
+        raise error
     joining = bool(os.environ.get("RAY_ADDRESS"))
     # Not joining, ``import viscy`` has set RAY_AUTH_MODE=token (Ray reads it at import): our own cluster
     # gets token auth; joining, the user's setting for that cluster stands.

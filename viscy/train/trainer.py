@@ -58,9 +58,7 @@ def run_paths(config: TrainConfig) -> tuple[str, str, Path]:
     """(run name, absolute storage path or URI, local directory for figures/logs/exports)."""
     tc = config.trainer
     name = tc.run_name
-    if name is None:
-        if tc.resume:
-            raise ConfigError("trainer.resume needs trainer.run_name (the run to continue)")
+    if name is None:  # a resumed run has one (TrainerConfig checks)
         name = f"{config.model.name}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
     return (name, *storage_location(tc.storage_path, name))
 
@@ -579,8 +577,9 @@ def run_train(
 ) -> TrainResult:
     """Train with Ray Train on the local Ray cluster (or ``RAY_ADDRESS``); write the self-describing best model.
 
-    Everything that can be checked before Ray starts is checked first (model against data, run directory,
-    plates and channels); the worker-group request is checked against the cluster right after Ray is up.
+    Everything that can be checked without Ray is checked first (model against data, run directory, plates
+    and channels; ``viscy train`` starts Ray in the background meanwhile); the worker-group request is
+    checked against the cluster right after Ray is up.
 
     Parameters
     ----------
