@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from viscy.config import ConfigError, describe_schema, load_config, parse_overrides
-from viscy.ray_utils import start_ray_in_background
+from viscy.ray_utils import settle_background_start, start_ray_in_background
 
 
 @dataclass(frozen=True)
@@ -260,8 +260,6 @@ def _run_verb(verb: Verb, config: Any) -> int:
 def _settle_ray_start(name: str) -> None:
     """Wait for a background Ray start the verb ended before using, so the exit handlers can shut it down."""
     import logging
-
-    from viscy.ray_utils import settle_background_start
 
     error = settle_background_start()
     if error is not None:

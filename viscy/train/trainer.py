@@ -58,7 +58,7 @@ def run_paths(config: TrainConfig) -> tuple[str, str, Path]:
     """(run name, absolute storage path or URI, local directory for figures/logs/exports)."""
     tc = config.trainer
     name = tc.run_name
-    if name is None:  # a resumed run has one (TrainerConfig checks)
+    if name is None:  # a resumed run has one (TrainConfig checks)
         name = f"{config.model.name}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
     return (name, *storage_location(tc.storage_path, name))
 
