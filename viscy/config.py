@@ -736,16 +736,36 @@ class SegmenterSettings(StrictModel):
     diameter: float | None = Field(
         None, gt=0, description="Default object diameter in pixels (null: Cellpose's default / 15 px classical)."
     )
+    min_diameter: float = Field(
+        4.0, gt=0, description="Smallest diameter a request may ask for (Cellpose upsamples by 30/diameter)."
+    )
+    max_diameter: float = Field(
+        400.0, gt=0, description="Largest diameter a request may ask for (classical smoothing grows with it)."
+    )
+
+    @model_validator(mode="after")
+    def _diameter_range(self) -> SegmenterSettings:
+        if self.min_diameter > self.max_diameter:
+            raise ValueError(
+                f"segmenter.min_diameter ({self.min_diameter}) is above max_diameter ({self.max_diameter})"
+            )
+        if self.diameter is not None and not self.min_diameter <= self.diameter <= self.max_diameter:
+            raise ValueError(f"segmenter.diameter ({self.diameter}) is outside [min_diameter, max_diameter] "
+                             f"([{self.min_diameter}, {self.max_diameter}])")
+        return self
 
 
 class IngressSettings(StrictModel):
     """The HTTP ``Ingress`` deployment (decoding, validation, composition)."""
 
     num_cpus: float = Field(0.25, ge=0, description="CPUs reserved per replica.")
-    max_ongoing_requests: int = Field(32, ge=1, description="Requests one replica handles at once.")
+    max_ongoing_requests: int = Field(
+        4, ge=1, description="Requests one replica handles at once (each may hold one image in memory)."
+    )
     max_queued_requests: int = Field(
         64, ge=-1, description="Requests waiting beyond that before 503 answers (-1: no limit)."
     )
+    retry_after_s: float = Field(5.0, ge=0, description="Retry-After of the 503 answered when the queue is full.")
     autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings)
 
 
@@ -766,9 +786,28 @@ class ServeConfig(StrictModel):
         None, description="Environment variable holding a bearer token; requests without it get 401."
     )
     auth_token_file: Path | None = Field(None, description="File holding the bearer token (e.g. a mounted secret).")
-    max_request_mb: float = Field(512.0, gt=0, description="Largest request body; larger ones get 413.")
+    allow_unauthenticated_network: bool = Field(
+        False, description="Allow a non-loopback host without a token (anyone who reaches the port can use it)."
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Extra Host header names accepted on a loopback bind (e.g. a reverse proxy's); other names "
+        "get 403, so web pages cannot reach the server through DNS rebinding.",
+    )
+    max_request_mb: float = Field(
+        256.0, gt=0, description="Largest request body; larger ones get 413 (default: the largest image as float64)."
+    )
     max_image_pixels: int = Field(
-        64 * 2048 * 2048, ge=1, description="Largest image (C x Z x Y x X values); larger ones get 413."
+        8 * 2048 * 2048, ge=1, description="Largest image (C x Z x Y x X values); larger ones get 413."
+    )
+    max_planes: int = Field(
+        64, ge=1, description="Most Z planes one request may send (each plane is stained and segmented on its own)."
+    )
+    max_tiles: int = Field(
+        2048, ge=1, description="Most model tiles one request may make (Z windows x YX tiles); more get 413."
+    )
+    request_timeout_s: float | None = Field(
+        300.0, gt=0, description="End-to-end limit of one HTTP request (Serve's proxy answers 408 and cancels it)."
     )
     ingress: IngressSettings = Field(default_factory=IngressSettings)
     stainer: StainerSettings = Field(default_factory=StainerSettings)
@@ -801,7 +840,7 @@ class ServeConfig(StrictModel):
         merged: dict[str, Any] = dict(app.get("args") or {})
         merged.setdefault("app_name", app.get("name", "viscy"))
         merged.setdefault("route_prefix", app.get("route_prefix", "/"))
-        for key in ("host", "port"):
+        for key in ("host", "port", "request_timeout_s"):
             if key in http:
                 merged.setdefault(key, http[key])
         for key, value in data.items():  # overrides beside the Ray layout win over args
@@ -817,6 +856,28 @@ class ServeConfig(StrictModel):
         if not value.startswith("/"):
             raise ValueError("route_prefix must start with '/', e.g. / or /viscy")
         return value.rstrip("/") or "/"
+
+    @model_validator(mode="after")
+    def _no_open_network_bind(self) -> ServeConfig:
+        has_token = self.auth_token_env is not None or self.auth_token_file is not None
+        if not is_loopback(self.host) and not has_token and not self.allow_unauthenticated_network:
+            raise ValueError(
+                f"host {self.host} exposes the API to the network without a token; set auth_token_env or "
+                "auth_token_file, or bind 127.0.0.1, or (on a network you trust) allow_unauthenticated_network: true"
+            )
+        return self
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback name or address (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class InferConfig(StrictModel):

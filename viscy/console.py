@@ -7,17 +7,21 @@ instead of the console. Workers talk to the driver's console through :func:`emit
 the driver turns into a progress bar or a one-line summary (see :func:`on_event`). With ``--verbose`` (or
 ``VISCY_VERBOSE=1``) everything also goes to the console, as Ray prints it.
 
-A stage writes its log next to its output by calling :func:`place_log` once the output directory exists.
+A stage writes its log next to its output by calling :func:`place_log` once the output directory exists. Until
+then the log is a private file in the temporary directory: created exclusively under a name no one can predict,
+mode 0600, so another user can neither read it nor plant a link where it will be written.
 """
 
 from __future__ import annotations
 
 import collections
 import datetime as _dt
+import errno
 import json
 import logging
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import threading
@@ -25,7 +29,7 @@ import uuid
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 EVENT_TAG = "@viscy-event "
 VERBOSE_ENV = "VISCY_VERBOSE"
@@ -50,14 +54,17 @@ def log_path() -> Path | None:
 def start_log(verb: str, is_verbose: bool = False) -> Path:
     """Send logging and non-viscy warnings of this process to a fresh log file; return its path.
 
-    The file starts in the temporary directory; :func:`place_log` moves it next to the stage's output.
+    The file starts in the temporary directory as ``viscy-<verb>-<time>-<pid>-<random>.log``, readable by the
+    user only (mode 0600) and created exclusively (never through a link); :func:`place_log` moves it next to the
+    stage's output.
     """
     if is_verbose:
         os.environ[VERBOSE_ENV] = "1"
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = Path(tempfile.gettempdir()) / f"viscy-{verb}-{stamp}-{os.getpid()}.log"
+    fd, name = tempfile.mkstemp(prefix=f"viscy-{verb}-{stamp}-{os.getpid()}-", suffix=".log")
+    path = Path(name)
     _state.update(verb=verb, placed=False)
-    _open(path)
+    _open(path, os.fdopen(fd, "a", encoding="utf-8"))
     logging.getLogger().setLevel(logging.INFO)
     quiet_loggers()
     warnings.showwarning = _show_warning
@@ -83,21 +90,27 @@ def quiet_loggers() -> None:
         lg.propagate = True
 
 
-def _open(path: Path) -> None:
+def _open(path: Path, stream: TextIO) -> None:
+    """Log to ``stream``, open on the file at ``path`` (the caller opens it: exclusively, or not via a link)."""
     root = logging.getLogger()
     old = _state["handler"]
     if old is not None:
         root.removeHandler(old)
         old.close()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    handler = logging.FileHandler(path, mode="a", encoding="utf-8", delay=True)
+    handler.setStream(stream)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     _state.update(path=path, handler=handler)
 
 
 def place_log(directory: str | Path, name: str | None = None) -> Path | None:
-    """Move the log file into ``directory`` (once per process: the first stage to call it owns the log)."""
+    """Move the log file into ``directory`` (once per process: the first stage to call it owns the log).
+
+    A resumed run appends to its log there; a new log gets the user's usual permissions (umask), like the
+    results beside it. A log path that is a symbolic link or not a regular file is not written: the log then
+    stays where it is, with a warning.
+    """
     with _lock:
         current = _state["path"]
         if current is None or _state["placed"]:
@@ -105,15 +118,36 @@ def place_log(directory: str | Path, name: str | None = None) -> Path | None:
         target = Path(directory) / (name or f"viscy_{_state['verb']}.log")
         target.parent.mkdir(parents=True, exist_ok=True)
         _state["handler"].flush()
-        if target.exists():  # a resumed run appends to its log
-            with open(target, "a", encoding="utf-8") as out, open(current, encoding="utf-8") as src:
-                shutil.copyfileobj(src, out)
-            current.unlink(missing_ok=True)
-        else:
-            shutil.move(str(current), str(target))
-        _open(target)
+        try:
+            out = _open_regular_for_append(target)
+        except OSError as exc:
+            warnings.warn(f"the log stays at {current}: cannot write {target} ({exc.strerror})", stacklevel=2)
+            return current
+        with open(current, encoding="utf-8") as src:
+            shutil.copyfileobj(src, out)
+        out.flush()
+        _open(target, out)
+        current.unlink(missing_ok=True)
         _state["placed"] = True
         return target
+
+
+def _open_regular_for_append(path: Path) -> TextIO:
+    """``path`` opened for appending (created if absent), never through a symbolic link and only if a regular file.
+
+    Raises
+    ------
+    OSError
+        If ``path`` is a link (``ELOOP``), a FIFO without a reader, or not a regular file.
+    """
+    # O_NONBLOCK: opening a FIFO planted at the path must fail, not hang (it is a no-op for regular files)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    fd = os.open(path, flags, 0o666)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "a", encoding="utf-8")
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -68,6 +68,30 @@ def test_every_ray_container_reads_the_serve_token_from_the_secret() -> None:
         assert "serve" in {p["name"] for p in container["ports"]}
 
 
+def test_every_pod_and_container_of_any_generated_manifest_runs_restricted() -> None:
+    """For any image, not only the committed file's: tests/clusters/test_cluster_files.py checks that one."""
+    restricted = {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    cluster = kuberay.rayservice_manifest(SERVE_YAML, image="reg/viscy:9.9.9-cpu")["spec"]["rayClusterConfig"]
+    assert cluster["autoscalerOptions"] == {"securityContext": restricted}
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        pod = group["template"]["spec"]
+        assert pod["securityContext"] == {
+            "runAsNonRoot": True,
+            "runAsUser": 1000,
+            "runAsGroup": 100,
+            "fsGroup": 100,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        }
+        assert [c["securityContext"] for c in pod["containers"]] == [restricted]
+    first = kuberay.container_security_context()
+    first["capabilities"]["drop"].append("x")
+    assert kuberay.container_security_context() == restricted, "each call returns a fresh mapping"
+
+
 def test_a_configured_token_and_absolute_paths_are_kept(tmp_path: Path) -> None:
     raw = yaml.safe_load((ROOT / SERVE_YAML).read_text())
     args = raw["applications"][0]["args"]
@@ -79,7 +103,7 @@ def test_a_configured_token_and_absolute_paths_are_kept(tmp_path: Path) -> None:
     out = serve["applications"][0]["args"]
     assert out["models"] == ["/opt/models/a.onnx", "/mnt/shared/rel/b.onnx"]
     assert out["auth_token_env"] == "MY_TOKEN"
-    assert serve["http_options"] == {"host": "0.0.0.0", "port": 8000}
+    assert serve["http_options"] == {"host": "0.0.0.0", "port": 8000, "request_timeout_s": 300}
 
 
 def test_gpu_image_follows_the_cpu_tag() -> None:

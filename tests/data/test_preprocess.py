@@ -124,3 +124,61 @@ def test_sparse_grid_warns_with_a_better_spacing(tmp_path, ray_local):
     true = Plate(path).read("A/1/0", 0, Plate(path).channel_indices(["Nuclei"]), slice(None)).std()
     assert abs(fine - true) / true < 0.05  # the 4-pixel grid is close to every pixel; 32 need not be
     assert abs(fine - true) <= abs(coarse - true)
+
+
+def _files(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_fg_mask_rerun_replaces_only_a_mask_viscy_wrote(tmp_path):
+    import shutil
+
+    import zarr
+
+    from viscy.data.ngff import delete_attr
+    from viscy.data.preprocess import MASK_ATTR, write_fg_mask
+
+    path = write_iohub_plate(tmp_path / "p.zarr", positions=(("A", "1", "0"),))
+    mask = path / "A/1/0/fg_mask"
+    with Plate(path) as plate:
+        write_fg_mask(plate, "A/1/0", 1, 1.0)
+        assert MASK_ATTR in _attrs(mask)
+        write_fg_mask(plate, "A/1/0", 1, 1.0)  # viscy's own mask is replaced
+        delete_attr(mask, MASK_ATTR)  # as written before the marker: channel, otsu_threshold, sigma only
+        write_fg_mask(plate, "A/1/0", 1, 1.0)
+        assert MASK_ATTR in _attrs(mask) and not (path / "A/1/0/fg_mask.partial").exists()
+
+    # a user's array named fg_mask is refused by preprocess before anything is written, and left as it was
+    shutil.rmtree(mask)
+    users = zarr.open_group(str(path / "A/1/0"), mode="r+").create_dataset("fg_mask", data=np.ones((1, 1, 3, 64, 64)))
+    users.attrs["note"] = "hand-drawn"
+    before = _files(mask)
+    cfg = PreprocessConfig(data_path=path, fg_mask=ForegroundMaskConfig(channel="Nuclei"))
+    refused = r"A/1/0/fg_mask exists and was not written by viscy preprocess.*Move or rename"
+    with pytest.raises(DataError, match=refused):
+        run_preprocess(cfg, progress=False)
+    with Plate(path) as plate, pytest.raises(DataError, match="not written by viscy preprocess"):
+        write_fg_mask(plate, "A/1/0", 1, 1.0)  # the task checks again
+    assert _files(mask) == before
+    assert "normalization" not in _attrs(path) and "normalization" not in _attrs(path / "A/1/0")
+    assert not (path / "A/1/0/fg_mask.partial").exists()
+
+
+@pytest.mark.parametrize("key", ["fg_mask", "fg_mask.partial"])
+def test_fg_mask_is_never_replaced_through_a_link(tmp_path, key):
+    from viscy.data.preprocess import write_fg_mask
+
+    path = write_iohub_plate(tmp_path / "p.zarr", positions=(("A", "1", "0"),))
+    with Plate(path) as plate:
+        write_fg_mask(plate, "A/1/0", 1, 1.0)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (path / "A/1/0/fg_mask").rename(elsewhere / "fg_mask")  # a mask viscy wrote, reached through a link
+    (path / "A/1/0" / key).symlink_to(elsewhere / "fg_mask", target_is_directory=True)
+    before = _files(elsewhere)
+    cfg = PreprocessConfig(data_path=path, fg_mask=ForegroundMaskConfig(channel="Nuclei"))
+    with pytest.raises(DataError, match=rf"A/1/0/{key} is a symbolic link.*Remove the link"):
+        run_preprocess(cfg, progress=False)
+    with Plate(path) as plate, pytest.raises(DataError, match="is a symbolic link"):
+        write_fg_mask(plate, "A/1/0", 1, 1.0)
+    assert _files(elsewhere) == before and (path / "A/1/0" / key).is_symlink()

@@ -310,3 +310,35 @@ def test_killed_overwrite_keeps_old_plate_and_rerun_completes(tmp_path: Path) ->
     ref = write_synthetic_plate(_small(tmp_path, "ref.zarr", cols=["1", "2", "3"], seed=9))
     for fov in fovs:
         assert all(np.array_equal(x, y) for x, y in zip(_read(ref, fov), _read(config.output, fov), strict=True))
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_a_linked_output_or_sibling_is_refused_and_never_deleted_through(tmp_path: Path) -> None:
+    from viscy.data.replace import swap_in
+
+    real = write_synthetic_plate(_small(tmp_path, "real.zarr"))
+    before = _tree(real)
+    link = tmp_path / "link.zarr"
+    link.symlink_to(real, target_is_directory=True)
+    for attempt in (_small(tmp_path, "link.zarr", overwrite=True, seed=5), _small(tmp_path, "link.zarr", seed=5)):
+        with pytest.raises(DataError, match=r"link.zarr is a symbolic link .*never through a link.*rm .*link.zarr"):
+            write_synthetic_plate(attempt)
+    with pytest.raises(DataError, match="is a symbolic link"):  # the swap itself refuses as well
+        swap_in(tmp_path / "nothing.zarr", link, synth.is_synth_store, "synth.swap")
+    assert link.is_symlink() and _tree(real) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.zarr", "real.zarr"]
+
+    # a link left at <output>.viscy-old (as a swap through a link used to leave) stops every rerun with the fix
+    out = write_synthetic_plate(_small(tmp_path, "out.zarr"))
+    old = tmp_path / "out.zarr.viscy-old"
+    old.symlink_to(real, target_is_directory=True)
+    with pytest.raises(DataError, match=r"out.zarr.viscy-old is a symbolic link"):
+        write_synthetic_plate(_small(tmp_path, "out.zarr", overwrite=True, seed=5))
+    assert old.is_symlink() and _tree(real) == before and synth.is_synth_store(out)
+    old.unlink()  # the fix the message names; the rerun then replaces the plate
+    write_synthetic_plate(_small(tmp_path, "out.zarr", overwrite=True, seed=5))
+    assert zarr.open_group(str(out), mode="r").attrs["viscy_synth"]["seed"] == 5
+    assert _tree(real) == before

@@ -113,3 +113,41 @@ def test_cli_reports_errors(tmp_path: Path, predicted_plate: Path, capsys) -> No
     assert not out.exists()
     assert main(["evaluate", "--help"]) == 0
     assert "segmentation.use_ground_truth_labels" in capsys.readouterr().out
+
+
+def test_rerun_never_deletes_or_writes_through_a_linked_folder(tmp_path: Path) -> None:
+    from viscy.evaluate.run import check_output_dir, prepare_output_dir
+
+    out = tmp_path / "eval"
+    planned = ["viscy_config.yaml", "figures/metric_distributions.png", "summary.json"]
+    prepare_output_dir(out, check_output_dir(out, planned), planned)  # a previous evaluation's marker
+    (out / "figures").mkdir()
+    for name in planned:
+        (out / name).write_text("written by viscy")
+    assert check_output_dir(out, planned) == sorted(planned)
+
+    # the figures folder becomes a link to a folder of the user's that holds a file of the same name
+    users = tmp_path / "users_figures"
+    (out / "figures").rename(users)
+    (users / "metric_distributions.png").write_text("the user's")
+    (out / "figures").symlink_to(users, target_is_directory=True)
+    with pytest.raises(DataError, match=r"symbolic link\(s\) figures where viscy evaluate writes or removes"):
+        check_output_dir(out, planned)
+    with pytest.raises(DataError, match="symbolic link"):
+        prepare_output_dir(out, sorted(planned), planned)  # checked again right before removing
+    assert (users / "metric_distributions.png").read_text() == "the user's"
+    assert (out / "summary.json").read_text() == "written by viscy"  # nothing removed either
+
+    # a link at a temporary name viscy writes, or at a new output file, is refused too
+    (out / "figures").unlink()
+    (out / "figures").mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (out / "summary.json.tmp").symlink_to(victim)
+    with pytest.raises(DataError, match=r"summary.json.tmp"):
+        check_output_dir(out, planned)
+    (out / "summary.json.tmp").unlink()
+    (out / "metrics.csv").symlink_to(tmp_path / "would_be_created.csv")
+    with pytest.raises(DataError, match=r"holds metrics.csv, which the previous viscy evaluation there did not write"):
+        check_output_dir(out, [*planned, "metrics.csv"])
+    assert victim.read_text() == "precious" and not (tmp_path / "would_be_created.csv").exists()

@@ -34,6 +34,20 @@ def test_classical_blank_image() -> None:
     assert segment(np.zeros((32, 32), np.float32)).max() == 0
 
 
+def test_classical_does_not_depend_on_the_intensity_scale(tmp_path: Path) -> None:
+    """The same nuclei at any scale, down to subnormal float32 values (which once smoothed to NaN)."""
+    path = synth_plate(tmp_path / "p.zarr", yx=(64, 64))
+    segment = get_segmenter(SegmentationConfig(method="classical"))
+    with Plate(path) as plate:
+        nuclei = plate.read(plate.positions[0], 0, plate.channel_indices(["Nuclei"]))[0, 0].astype(np.float32)
+    masks = segment(nuclei)
+    assert masks.max() > 0
+    for scale in (1e-30, 1e30):
+        np.testing.assert_array_equal(segment(nuclei * np.float32(scale)), masks)
+    subnormal = np.random.default_rng(0).integers(1, 20, size=(34, 35)).astype(np.int32).view(np.float32)
+    assert segment(subnormal).shape == (34, 35)
+
+
 def test_unknown_segmenter_and_bad_cellpose_model(tmp_path: Path) -> None:
     config = SegmentationConfig(method="classical")
     object.__setattr__(config, "method", "stardist")  # bypass validation to reach the registry check

@@ -342,3 +342,26 @@ def test_store_ownership_marker(tmp_path):
     assert verdicts == {
         "plain.zarr": False, "input.zarr": False, "legacy.zarr": True, "flagged.zarr": True, "dir": False
     }
+
+
+def test_a_linked_output_store_is_refused_before_anything_is_written(tmp_path):
+    """A link to a viscy store at output (or its .viscy-old) would be swapped and deleted through: refused."""
+    import zarr
+
+    from tests.conftest import write_iohub_plate
+    from viscy.data.plate import Plate
+    from viscy.errors import DataError
+    from viscy.predict.writer import check_output
+
+    source = Plate(write_iohub_plate(tmp_path / "input.zarr", (1, 1, 1, 16, 16), positions=(("A", "1", "0"),)))
+    store = write_iohub_plate(tmp_path / "real.zarr", (1, 1, 1, 16, 16), channel_names=("Nuclei_prediction",))
+    zarr.open_group(str(store), mode="r+").attrs["viscy_prediction"] = {"fingerprint": "fp", "store": True}
+    files = {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}
+    for linked in ("pred.zarr", "pred.zarr.viscy-old", "pred.zarr.viscy-partial"):
+        (tmp_path / linked).symlink_to(store, target_is_directory=True)
+        for overwrite in (True, False):
+            with pytest.raises(DataError, match=rf"{linked} is a symbolic link .*never through a link"):
+                check_output(source, ["A/1/0"], tmp_path / "pred.zarr", ["Nuclei"], "fp", overwrite)
+        (tmp_path / linked).unlink()
+    assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["input.zarr", "real.zarr"]

@@ -7,6 +7,7 @@ that fit a 2-core machine, a short autoscaling window, and Cellpose with a rando
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from dataclasses import dataclass
@@ -22,6 +23,9 @@ from tests.ray_head import BIN, Head, free_ports, ray_head
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN_ENV = "VISCY_TEST_SERVE_TOKEN"
 TOKEN = "s3cret-token-for-tests"
+# What must never reach a client: tracebacks, server paths, Ray's process names and wrapped errors.
+LEAKS = re.compile(r'Traceback|File "|site-packages|/(?:work|tmp|home|usr|opt|root|proc)/|pid=|ray::|RayTaskError'
+                   r"|ip=\d|node_id|numpy\.core|_private")
 
 
 @dataclass(frozen=True)
@@ -67,10 +71,11 @@ def serve_args(models: Path, cellpose: Path | None) -> dict:
     return {
         "models": [str(models)],
         "max_request_mb": 20,
+        "max_image_pixels": 2 * 2048 * 2048,
         "stainer": {"num_cpus": 0.5, "max_batch_size": 8, "tile_yx": [512, 512],
                     "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, **fast}},
         "segmenter": {"num_cpus": 0.2, "cellpose_model": str(cellpose) if cellpose else None},
-        "ingress": {"num_cpus": 0.1},
+        "ingress": {"num_cpus": 0.1, "max_queued_requests": 8},
     }
 
 

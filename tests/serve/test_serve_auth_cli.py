@@ -45,11 +45,22 @@ def test_cli_serve_with_token_then_infer_then_ctrl_c(server: Server, tmp_path: P
         assert f"at {url}" in banner and "auth: bearer token required" in banner
         assert "Phase3D -> Nuclei, Membrane" in banner
 
-        # auth on: no token, a wrong token and a wrong scheme get 401; healthz stays open for probes
-        assert requests.get(f"{url}/healthz", timeout=10).json()["auth"] is True
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}):
-            r = requests.get(f"{url}/v1/models", headers=headers, timeout=10)
-            assert r.status_code == 401 and "bearer token" in r.json()["detail"]
+        # auth on: healthz stays open for probes but tells only readiness without the token
+        assert requests.get(f"{url}/healthz", timeout=10).json() == {"status": "ok"}
+        full = requests.get(f"{url}/healthz", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10).json()
+        assert full["auth"] is True and full["models"] == ["stain2d"]
+        # no token, a wrong token and a wrong scheme get 401 before anything is parsed or looked up: an unknown
+        # model, a bad query value, a nested statistics header and a corrupt body all answer the same
+        stain = f"{url}/v1/stain"
+        probes = [("GET", f"{url}/v1/models", {}), ("POST", f"{stain}?model=nope", {}),
+                  ("POST", f"{url}/v1/segment?channel=abc&diameter=1e9", {}),
+                  ("POST", stain, {"X-Viscy-Statistics": "[" * 10_000}),
+                  ("POST", stain, {"Content-Type": "image/tiff"}), ("GET", f"{url}/v1/nothing-here", {})]
+        for auth in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}):
+            for method, probe_url, headers in probes:
+                r = requests.request(method, probe_url, headers={**headers, **auth}, data=b"II*\0junk", timeout=10)
+                assert r.status_code == 401, (method, probe_url, r.status_code, r.text)
+                assert "bearer token" in r.json()["detail"] and "stain2d" not in r.text
         image = phase_image((64, 64))
         with pytest.raises(ServeError, match="401"):
             ServeClient(url, token="wrong").stain(image)
@@ -105,7 +116,7 @@ def test_bad_serve_configs_fail_before_anything_starts(tmp_path: Path) -> None:
 
 def test_token_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from viscy.config import ConfigError, ServeConfig
-    from viscy.serve.app import read_token
+    from viscy.serve.gate import read_token
 
     assert read_token(ServeConfig(models=[tmp_path])) is None
     secret = tmp_path / "token"

@@ -75,3 +75,32 @@ def test_ray_serve_config_errors(tmp_path: Path) -> None:
     path.write_text("applications:\n  - import_path: viscy.serve.app:build_app\n    args: {models: [m], gpus: 1}\n")
     with pytest.raises(ConfigError, match="unknown key 'gpus'"):
         load_config(ServeConfig, path)
+
+
+def test_a_network_bind_needs_a_token_or_an_explicit_flag(tmp_path: Path) -> None:
+    from viscy.config import is_loopback
+
+    assert all(is_loopback(h) for h in ("127.0.0.1", "127.8.9.1", "::1", "[::1]", "localhost"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "10.0.0.5", "example.org", ""))
+    with pytest.raises(ConfigError, match="without a token") as err:
+        load_config(ServeConfig, None, {"models": [str(tmp_path)], "host": "0.0.0.0"})
+    assert "allow_unauthenticated_network" in str(err.value)
+    assert load_config(ServeConfig, None, {"models": [str(tmp_path)], "host": "0.0.0.0",
+                                           "auth_token_env": "TOKEN"}).host == "0.0.0.0"
+    assert load_config(ServeConfig, None, {"models": [str(tmp_path)], "host": "0.0.0.0",
+                                           "allow_unauthenticated_network": True}).allow_unauthenticated_network
+    with pytest.raises(ConfigError, match="outside"):
+        load_config(ServeConfig, None, {"models": [str(tmp_path)], "segmenter.diameter": 1000})
+    with pytest.raises(ConfigError, match="above max_diameter"):
+        load_config(ServeConfig, None, {"models": [str(tmp_path)], "segmenter.min_diameter": 50,
+                                        "segmenter.max_diameter": 10})
+
+
+def test_model_calls_count_z_windows_tiles_and_tta() -> None:
+    from viscy.predict.tiling import TilingOptions, count_model_calls
+
+    opts = TilingOptions(in_depth=5, out_depth=1, yx_multiple=16, tile_yx=(512, 512), overlap=0.25)
+    assert count_model_calls(1, (512, 512), opts) == 1
+    assert count_model_calls(7, (2048, 2048), opts) == 7 * 25
+    assert count_model_calls(3, (8, 8), opts) == 3
+    assert count_model_calls(2, (1024, 1024), TilingOptions(tile_yx=(512, 512), overlap=0.0, tta="rot90")) == 32

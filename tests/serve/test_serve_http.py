@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -179,7 +180,7 @@ def _bad_requests(url: str) -> list[tuple[str, dict, int, str]]:
         ("missing X-Shape", dict(url=stain, data=body, headers={"Content-Type": RAW, "X-Dtype": "float32"}), 400,
          "X-Shape"),
         ("five dimensions", dict(url=stain, data=body, headers={**headers, "X-Shape": "1,1,1,32,32"}), 422,
-         "cannot take"),
+         "dimension"),
         ("wrong channel count", dict(url=stain, data=np.zeros((2, 1, 32, 32), np.float32).tobytes(),
                                      headers={**headers, "X-Shape": "2,1,32,32"}), 422, "channel"),
         ("too few Z for 2.5D", dict(url=f"{url}/v1/stain?model=stain25d", data=body, headers=headers), 422,
@@ -211,7 +212,7 @@ def _bad_requests(url: str) -> list[tuple[str, dict, int, str]]:
                                                         headers=headers), 422, "denormalize"),
         ("unserved segmentation method", dict(url=f"{url}/v1/segment?method=watershed", data=body,
                                               headers=headers), 400, "watershed"),
-        ("negative diameter", dict(url=f"{url}/v1/segment?diameter=-3", data=body, headers=headers), 400,
+        ("negative diameter", dict(url=f"{url}/v1/segment?diameter=-3", data=body, headers=headers), 422,
          "diameter"),
         ("unknown segment channel", dict(url=f"{url}/v1/stain-and-segment?model=stain2d&segment_channel=DAPI",
                                          data=body, headers=headers), 422, "DAPI"),
@@ -293,3 +294,47 @@ def test_denormalize_with_sent_statistics(server: Server) -> None:
     sent_normalised = client.stain(((image - 5.0) / (2.0 + EPS)).astype(np.float32), model="stain2d",
                                    normalize=False)
     np.testing.assert_allclose(sent_normalised.array, normalised.array, atol=1e-5)
+
+
+def test_a_full_queue_answers_503_with_retry_after_and_then_serves(server: Server) -> None:
+    """4 requests in the Ingress and 8 queued (the test config): the rest are refused at once, not left to hang."""
+    body, headers = raw(phase_image((1024, 1024), seed=5))
+
+    def post(_: int) -> requests.Response:
+        return requests.post(f"{server.url}/v1/stain?model=stain2d", data=body, headers=headers, timeout=300)
+
+    with ThreadPoolExecutor(24) as pool:
+        answers = list(pool.map(post, range(24)))
+    statuses = sorted(r.status_code for r in answers)
+    busy = [r for r in answers if r.status_code == 503]
+    assert set(statuses) <= {200, 503} and busy and statuses.count(200) >= 4, statuses
+    assert all(r.headers.get("retry-after") == "5" for r in busy), busy[0].headers
+    assert post(0).status_code == 200
+
+
+def test_an_abandoned_request_stops_costing_the_segmenter(server: Server) -> None:
+    """A client that leaves mid-request: the segmenter stops before its next plane, so the next request waits
+    for one plane, not for the whole stack the first one sent."""
+    import socket
+    from urllib.parse import urlsplit
+
+    phase = phase_image((8, 1024, 1024), seed=7)  # uint16, so that 8 planes fit the test's 20 MiB body limit
+    stack = np.clip(phase * 1000 + 20000, 0, 65535).astype(np.uint16)
+    body, headers = raw(stack)
+    url = f"{server.url}/v1/segment?method=classical"
+    t0 = time.monotonic()
+    assert requests.post(url, data=body, headers=headers, timeout=300).status_code == 200
+    whole = time.monotonic() - t0
+    one_body, one_headers = raw(stack[0])
+
+    host = urlsplit(server.url)
+    with socket.create_connection((host.hostname, host.port), timeout=10) as sock:
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        sock.sendall(f"POST {urlsplit(url).path}?{urlsplit(url).query} HTTP/1.1\r\nHost: {host.netloc}\r\n{head}"
+                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+        time.sleep(whole / 4)  # the segmenter is inside the stack now
+    t0 = time.monotonic()
+    assert requests.post(url, data=one_body, headers=one_headers, timeout=300).status_code == 200
+    after = time.monotonic() - t0
+    print(f"8 planes: {whole:.1f} s; one plane right after an abandoned 8-plane request: {after:.1f} s")
+    assert after < whole / 2, f"the abandoned request kept the segmenter busy: {after:.1f} s of {whole:.1f} s"

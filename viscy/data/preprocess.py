@@ -10,7 +10,8 @@ image. The driver then writes, exactly as VisCy does::
 
 NGFF 0.5 (zarr v3) plates get the same keys at the top level of ``zarr.json``'s ``attributes`` (beside the
 NGFF ``ome`` block, where iohub 0.3 and VisCy put them) and a zarr v3 ``fg_mask``. Pixel data are never modified;
-rerunning gives the same values (the sampling grid is deterministic).
+rerunning gives the same values (the sampling grid is deterministic). A rerun replaces only an ``fg_mask`` viscy
+preprocess wrote (its ``viscy_preprocess`` attribute); any other array of that name, or a symbolic link, is refused.
 """
 
 from __future__ import annotations
@@ -27,13 +28,17 @@ from typing import Any
 import numpy as np
 
 from viscy.config import PreprocessConfig
-from viscy.data.ngff import create_v3_array, write_attrs
+from viscy.data.ngff import create_v3_array, read_node, write_attrs
 from viscy.data.plate import FG_MASK_KEY, Plate
 from viscy.errors import DataError, ViscyError
 
 STAT_KEYS = ("mean", "std", "median", "iqr", "min", "max", "p1", "p5", "p95", "p99", "p95_p5", "p99_p1")
 # Per-FOV cap on values returned to the driver for dataset-level statistics (bounds driver memory).
 MAX_SAMPLES_PER_FOV = 200_000
+# Marks an fg_mask (and its partial) as viscy preprocess's: only such an array is ever replaced.
+MASK_ATTR = "viscy_preprocess"
+# The attributes of an fg_mask written before the marker existed (exactly these, and only viscy wrote them).
+LEGACY_MASK_ATTRS = {"channel", "otsu_threshold", "sigma"}
 
 
 def compute_statistics(values: np.ndarray) -> dict[str, float]:
@@ -79,20 +84,59 @@ def _subsample(values: np.ndarray, limit: int) -> np.ndarray:
     return values[idx]
 
 
+def is_viscy_fg_mask(path: Path) -> bool:
+    """Whether ``path`` is a real (not linked) zarr array that viscy preprocess wrote as a foreground mask."""
+    if path.is_symlink():
+        return False
+    node = read_node(path)
+    if node is None or node.node_type != "array":
+        return False
+    return MASK_ATTR in node.attrs or set(node.attrs) == LEGACY_MASK_ATTRS
+
+
+def _fov_group(plate: Plate, name: str) -> Path:
+    return plate.root / name if plate.kind == "hcs" else plate.root
+
+
+def check_fg_masks(plate: Plate, names: list[str]) -> None:
+    """Refuse before anything is written if an ``fg_mask`` (or ``fg_mask.partial``) of ``names`` is not viscy's.
+
+    Raises
+    ------
+    DataError
+        Naming the first such array (or symbolic link) and the fix.
+    """
+    for name in names:
+        for key in (FG_MASK_KEY, f"{FG_MASK_KEY}.partial"):
+            path = _fov_group(plate, name) / key
+            if path.is_symlink():
+                raise DataError(
+                    f"{path} is a symbolic link; viscy preprocess never replaces or deletes through a link. Remove "
+                    "the link (its target is untouched) and rerun, or run without fg_mask"
+                )
+            if path.exists() and not is_viscy_fg_mask(path):
+                raise DataError(
+                    f"{path} exists and was not written by viscy preprocess (its attributes have no '{MASK_ATTR}' "
+                    "marker); viscy never replaces or deletes it. Move or rename it and rerun, or run without fg_mask"
+                )
+
+
 def write_fg_mask(plate: Plate, name: str, channel: int, sigma: float) -> float:
     """Otsu foreground mask of one channel, written as uint8 array ``fg_mask`` (T, 1, Z, Y, X).
 
     The mask is written to a temporary array and renamed when complete, so a killed run never leaves a
-    mask that looks finished. NGFF 0.4 plates get a zarr v2 array, NGFF 0.5 plates a zarr v3 one.
+    mask that looks finished. NGFF 0.4 plates get a zarr v2 array, NGFF 0.5 plates a zarr v3 one. Both carry
+    the ``viscy_preprocess`` marker; an existing mask without it is refused (:func:`check_fg_masks`).
     """
     from skimage.filters import gaussian, threshold_otsu
 
+    check_fg_masks(plate, [name])  # again in the task: the driver's check may be minutes old
     shape = plate.info(name).shape
     t_n, _, z_n, y_n, x_n = shape
     # Threshold from a grid sample of the whole FOV so all slices share one threshold.
     sample = plate.read(name, 0, [channel], slice(None), slice(None, None, 4), slice(None, None, 4))
     threshold = float(threshold_otsu(gaussian(sample[0].astype(np.float32), sigma=sigma / 4, channel_axis=None)))
-    group_path = plate.root / name if plate.kind == "hcs" else plate.root
+    group_path = _fov_group(plate, name)
     tmp_key = f"{FG_MASK_KEY}.partial"
     mask_shape, mask_chunks = (t_n, 1, z_n, y_n, x_n), (1, 1, 1, y_n, x_n)
     if plate.zarr_format == 3:
@@ -118,6 +162,8 @@ def write_fg_mask(plate: Plate, name: str, channel: int, sigma: float) -> float:
         def write(t: int, z: int, mask: np.ndarray) -> None:
             mask_arr[t, 0, z] = mask
 
+    # the marker before any pixel: a partial left by a killed run is recognisably viscy's
+    write_attrs(group_path / tmp_key, MASK_ATTR, {"array": FG_MASK_KEY})
     for t in range(t_n):
         for z in range(z_n):
             img = plate.read(name, t, [channel], slice(z, z + 1))[0, 0].astype(np.float32)
@@ -126,6 +172,7 @@ def write_fg_mask(plate: Plate, name: str, channel: int, sigma: float) -> float:
     for key, value in mask_attrs.items():
         write_attrs(group_path / tmp_key, key, value)
     final = group_path / FG_MASK_KEY
+    check_fg_masks(plate, [name])  # checked before writing; checked again before deleting
     if final.exists():
         shutil.rmtree(final)
     os.replace(group_path / tmp_key, final)
@@ -254,7 +301,8 @@ def run_preprocess(config: PreprocessConfig, progress: bool = True) -> Preproces
     Raises
     ------
     DataError
-        If the plate, channels or positions are invalid, or every FOV was skipped.
+        If the plate, channels or positions are invalid, an ``fg_mask`` in the way is not viscy's, or every FOV
+        was skipped.
     """
     import ray
 
@@ -265,6 +313,8 @@ def run_preprocess(config: PreprocessConfig, progress: bool = True) -> Preproces
         plate.channel_indices(config.fg_mask.channel)
     names = plate.select(config.positions)
     plate.check_consistent(names)
+    if config.fg_mask is not None:
+        check_fg_masks(plate, names)
     _warn_sparse_grid(plate.info(names[0]).shape[-2:], config.grid_spacing)
     fg = config.fg_mask
     started = time.perf_counter()

@@ -44,7 +44,7 @@ from scipy import ndimage as ndi
 from skimage.segmentation import find_boundaries
 
 from viscy.config import SynthConfig, save_config
-from viscy.data.replace import siblings, swap_in
+from viscy.data.replace import refuse_links, siblings, swap_in
 from viscy.errors import DataError
 from viscy.testing import hook
 
@@ -397,9 +397,10 @@ def write_synthetic_plate(config: SynthConfig, progress: bool = False) -> Path:
     ------
     DataError
         If ``config.output`` exists and ``config.overwrite`` is false, or it (or a sibling in the way) is
-        not something viscy synth wrote; nothing is touched then.
+        not something viscy synth wrote or is a symbolic link; nothing is touched then.
     """
     out = Path(config.output)
+    refuse_links(out)
     partial, old = siblings(out)
     # a swap cut short leaves the previous plate at <output>.viscy-old: it still counts as the output
     current = out if out.exists() else old if old.exists() else None

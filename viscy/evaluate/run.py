@@ -568,13 +568,30 @@ def check_output_dir(out: Path, planned: list[str]) -> list[str]:
             f"output_dir {out} is not empty and is not a viscy evaluation (it has no {MARKER_NAME}); viscy "
             "never overwrites files it did not write: choose another output_dir (absent or empty)"
         )
-    clash = [f for f in planned if (out / f).exists() and f not in previous]
+    linked = _linked_paths(out, [*previous, *planned])
+    if linked:
+        raise DataError(
+            f"output_dir {out} holds symbolic link(s) {', '.join(linked)} where viscy evaluate writes or removes "
+            "files; viscy never writes or deletes through a link. Remove the link(s) (their targets are untouched) "
+            "or choose another output_dir"
+        )
+    clash = [f for f in planned if ((out / f).exists() or (out / f).is_symlink()) and f not in previous]
     if clash:
         raise DataError(
             f"output_dir {out} holds {', '.join(clash)}, which the previous viscy evaluation there did not write; "
             "choose another output_dir, or move those files away"
         )
     return previous
+
+
+def _linked_paths(out: Path, files: list[str]) -> list[str]:
+    """Folders inside ``out`` on the way to ``files``, and temporary names viscy writes, that are symbolic links.
+
+    Leaves ``files`` themselves alone: removing or renaming over a link never touches its target.
+    """
+    folders = {parent for f in files for parent in Path(f).parents if parent != Path(".")}
+    temporaries = {Path(f + ".tmp") for f in [*files, MARKER_NAME]}
+    return sorted(p.as_posix() for p in folders | temporaries if (out / p).is_symlink())
 
 
 def _write_marker(out: Path, files: list[str]) -> None:
@@ -590,7 +607,16 @@ def _write_marker(out: Path, files: list[str]) -> None:
 
 
 def prepare_output_dir(out: Path, previous: list[str], planned: list[str]) -> None:
-    """Create ``out`` and replace a previous evaluation: list every file in the marker, then remove the old ones."""
+    """Create ``out`` and replace a previous evaluation: list every file in the marker, then remove the old ones.
+
+    Raises
+    ------
+    DataError
+        If a folder or temporary name in ``out`` became a symbolic link since :func:`check_output_dir`.
+    """
+    linked = _linked_paths(out, [*previous, *planned])
+    if linked:  # checked before writing; checked again before deleting
+        raise DataError(f"output_dir {out} now holds symbolic link(s) {', '.join(linked)}; nothing was removed")
     out.mkdir(parents=True, exist_ok=True)
     # The marker covers old and new files until the old ones are gone, so an interrupted rerun stays replaceable.
     _write_marker(out, [*previous, *planned])

@@ -71,6 +71,12 @@ def classical_nuclei(image: np.ndarray, diameter: float = CLASSICAL_DEFAULT_DIAM
     img = np.asarray(image, dtype=np.float32)
     if img.ndim != 2:
         raise ValueError(f"classical segmentation needs a 2D image, got shape {img.shape}")
+    lo, hi = float(img.min()), float(img.max())
+    if not hi > lo:
+        return np.zeros(img.shape, dtype=np.int32)
+    # Otsu and the watershed do not depend on the intensity scale; scaling to [0, 1] first keeps an image of
+    # tiny (subnormal) float32 values from smoothing to NaN.
+    img = ((img.astype(np.float64) - lo) / (hi - lo)).astype(np.float32)
     smooth = gaussian(img, sigma=max(diameter / 15.0, 0.5), preserve_range=True)
     if np.ptp(smooth) <= 0:
         return np.zeros(img.shape, dtype=np.int32)

@@ -286,10 +286,16 @@ def predict_plane_stack(stack: np.ndarray, predict_fn: PredictFn, opts: TilingOp
 
 
 def tile_grid(shape_yx: Sequence[int], opts: TilingOptions) -> list[tuple[int, int]]:
-    """Tile origins in the padded image (for reporting and tests)."""
+    """Tile origins in the padded image."""
     py, px = (round_up(s, opts.yx_multiple) for s in shape_yx)
     if opts.tile_yx is None:
         return [(0, 0)]
     ty = min(round_up(opts.tile_yx[0], opts.yx_multiple), py)
     tx = min(round_up(opts.tile_yx[1], opts.yx_multiple), px)
     return [(a, b) for a in tile_starts(py, ty, opts.overlap) for b in tile_starts(px, tx, opts.overlap)]
+
+
+def count_model_calls(n_z: int, shape_yx: Sequence[int], opts: TilingOptions) -> int:
+    """How many tiles the model runs on for a ``(C, n_z, Y, X)`` stack: Z windows x YX tiles x TTA transforms."""
+    windows = len(z_windows(n_z, opts.in_depth, opts.out_depth, opts.z_stride))
+    return windows * len(tile_grid(shape_yx, opts)) * len(tta_transforms(opts.tta))

@@ -45,7 +45,7 @@ from viscy.data.ngff import (
     write_v3_group,
 )
 from viscy.data.plate import IMAGE_KEY, Plate
-from viscy.data.replace import siblings, swap_in
+from viscy.data.replace import refuse_links, siblings, swap_in
 from viscy.errors import DataError
 
 ATTR = "viscy_prediction"
@@ -204,9 +204,10 @@ def check_output(
     Raises
     ------
     DataError
-        If anything viscy did not write is in the way (even with ``overwrite``), predictions exist from
-        another job and ``overwrite`` is false, or the same job's store is of another NGFF ``version`` than the
-        one asked for (``None``: not checked) and ``overwrite`` is false.
+        If anything viscy did not write is in the way (even with ``overwrite``), ``output`` (or its
+        ``.viscy-partial``/``.viscy-old``) is a symbolic link, predictions exist from another job and
+        ``overwrite`` is false, or the same job's store is of another NGFF ``version`` than the one asked for
+        (``None``: not checked) and ``overwrite`` is false.
     """
     names = prediction_names(targets)
     if output is not None:
@@ -250,6 +251,7 @@ def _store_version(path: Path) -> str | None:
 
 
 def _check_store(output: Path, fingerprint: str, overwrite: bool, version: str | None = None) -> str:
+    refuse_links(output)
     partial, old = siblings(output)
     # a swap cut short leaves the old store at <output>.viscy-old: it still counts as the output
     current = output if output.exists() else old if old.exists() else None

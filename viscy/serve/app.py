@@ -18,12 +18,14 @@
 
 import asyncio
 import base64
-import hmac
 import io
 import logging
 import math
 import os
+import re
+import threading
 import time
+import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
@@ -55,9 +57,11 @@ from viscy.serve.codecs import (
     negotiate,
     parse_statistics,
 )
-from viscy.serve.models import ServedModel, find_models
+from viscy.serve.gate import Gate, current_gate, install_gate
+from viscy.serve.models import MIN_YX, ServedModel, find_models
 
-log = logging.getLogger("viscy.serve")
+# Ray Serve writes this logger to the replica's own log file (logs/serve/replica_<app>_<deployment>_<id>.log).
+log = logging.getLogger("ray.serve")
 API_VERSION = "v1"
 
 BODY_DOC = {
@@ -73,8 +77,29 @@ BODY_DOC = {
     }
 }
 
+QUERY_PARAMETERS = {
+    "model": "Model name (GET /v1/models); default: the only one served.",
+    "normalize": "true (default): normalise as training did; false: the image is sent normalised.",
+    "denormalize": "true: answer in the targets' raw units (needs their statistics in X-Viscy-Statistics).",
+    "method": "Segmentation method: classical or cellpose (when served); default: the server's.",
+    "diameter": "Object diameter in pixels, within the server's [min_diameter, max_diameter] (4-400 by default).",
+    "channel": "Channel index of a (C, Z, Y, X) image to segment (default 0).",
+    "segment_channel": "Predicted channel to segment (default: the model's first target).",
+}
+REQUEST_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# Cellpose resizes a plane so that objects of the requested diameter become this many pixels across.
+CELLPOSE_DIAMETER = 30.0
+
+
+def query_doc(*names: str) -> dict[str, Any]:
+    """OpenAPI entries of the query parameters a route reads itself (after the auth check)."""
+    return {"parameters": [{"name": n, "in": "query", "required": False, "description": QUERY_PARAMETERS[n],
+                            "schema": {"type": "string"}} for n in names]}
+
+
 api = FastAPI(
     title="viscy serve",
+    redirect_slashes=False,  # a redirect would echo the client's Host header back as a Location
     version=API_VERSION,
     description=(
         "Virtual staining (ONNX models exported by `viscy export`) and instance segmentation over HTTP.\n\n"
@@ -141,16 +166,28 @@ class VirtualStainer:
         return out
 
     async def predict(self, name: str, image: np.ndarray) -> np.ndarray:
-        """Predict a normalised ``(C, Z, Y, X)`` image; returns ``(C', Z, Y, X)`` float32."""
+        """Predict a normalised ``(C, Z, Y, X)`` image; returns ``(C', Z, Y, X)`` float32.
+
+        A cancelled request (the client left, or the proxy's timeout) stops before its next batch of tiles.
+        """
         from viscy.predict.tiling import predict_plane_stack
 
         loop = asyncio.get_running_loop()
+        cancelled = threading.Event()
 
         def predict_fn(batch: np.ndarray) -> np.ndarray:
+            if cancelled.is_set():
+                raise asyncio.CancelledError
             futures = [asyncio.run_coroutine_threadsafe(self._run_tiles((name, tile)), loop) for tile in batch]
             return np.stack([f.result() for f in futures])
 
-        return await loop.run_in_executor(self.tiling_pool, predict_plane_stack, image, predict_fn, self.options[name])
+        try:
+            return await loop.run_in_executor(
+                self.tiling_pool, predict_plane_stack, image, predict_fn, self.options[name]
+            )
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
 
 
 # -------------------------------------------------------------------------------------- segmenter
@@ -167,13 +204,18 @@ class Segmenter:
         if self.settings.cellpose_model:
             cached_cellpose(self.settings.cellpose_model, self.settings.gpu)  # loaded before the replica is healthy
             self.methods.append("cellpose")
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="viscy-segment")
 
     def available(self) -> list[str]:
         """The methods this replica serves."""
         return list(self.methods)
 
-    def segment(self, stack: np.ndarray, method: str, diameter: float | None) -> np.ndarray:
-        """Label every slice of a ``(Z, Y, X)`` float image; returns int32 ``(Z, Y, X)``."""
+    async def segment(self, stack: np.ndarray, method: str, diameter: float | None) -> np.ndarray:
+        """Label every slice of a ``(Z, Y, X)`` float image; returns int32 ``(Z, Y, X)``.
+
+        Planes run one at a time on the replica's segmentation thread; a cancelled request stops between
+        planes (a plane already running finishes: neither Cellpose nor scikit-image can be interrupted).
+        """
         from viscy.config import SegmentationConfig
         from viscy.evaluate.segment import get_segmenter
 
@@ -184,7 +226,9 @@ class Segmenter:
             gpu=self.settings.gpu,
         )
         segment = get_segmenter(config)
-        return np.stack([segment(plane) for plane in stack]).astype(np.int32)
+        loop = asyncio.get_running_loop()
+        planes = [await loop.run_in_executor(self.pool, segment, plane) for plane in stack]
+        return np.stack(planes).astype(np.int32)
 
 
 # ---------------------------------------------------------------------------------------- previews
@@ -233,34 +277,8 @@ def preview(image: np.ndarray, pred: np.ndarray, masks: np.ndarray, served: Serv
 
 
 # ---------------------------------------------------------------------------------------- ingress
-def read_token(config: ServeConfig) -> str | None:
-    """The bearer token from ``auth_token_file`` or ``auth_token_env`` (None: auth off).
-
-    Raises
-    ------
-    ConfigError
-        If a token source is configured but missing or empty (never fall back to an open server).
-    """
-    if config.auth_token_file is not None:
-        path = Path(config.auth_token_file)
-        if not path.is_file():
-            raise ConfigError(f"auth_token_file {path} does not exist on the server")
-        token = path.read_text().strip()
-        if not token:
-            raise ConfigError(f"auth_token_file {path} is empty")
-        return token
-    if config.auth_token_env is not None:
-        token = os.environ.get(config.auth_token_env, "").strip()
-        if not token:
-            raise ConfigError(
-                f"auth_token_env is {config.auth_token_env} but that variable is unset or empty where the server runs"
-            )
-        return token
-    return None
-
-
-def _error(status: int, detail: str) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=status)
+def _error(status: int, detail: str, request_id: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail, "request_id": request_id}, status_code=status, headers=headers)
 
 
 def _timing(parts: dict[str, float]) -> str:
@@ -274,7 +292,55 @@ def _bool(value: str | None, name: str, default: bool) -> bool:
         return True
     if value.lower() in ("0", "false", "no"):
         return False
-    raise PayloadError(400, f"query parameter {name}={value!r} must be true or false")
+    raise PayloadError(400, f"query parameter {name}={value[:40]!r} must be true or false")
+
+
+def _error_of(exc: BaseException) -> BaseException:
+    """The error a deployment raised, out of Ray's wrapping (whose text carries a traceback, paths and pids)."""
+    from ray.exceptions import RayTaskError
+
+    while isinstance(exc, RayTaskError) and exc.cause is not None and exc.cause is not exc:
+        exc = exc.cause
+    return exc
+
+
+@api.middleware("http")
+async def gatekeeper(request: Request, call_next) -> Response:
+    """Host check and auth before any route reads anything; every error becomes JSON with a request id.
+
+    Input errors are 4xx naming the problem; anything else is a 500 with a fixed text and the request id,
+    whose traceback goes to the replica log under that id.
+    """
+    # Ray Serve's proxy gives every request an id (the client's own x-request-id, if it sent one) and writes it
+    # in its access logs and the answer's x-request-id header: the same id names the failure in the replica log.
+    request_id = request.headers.get("x-request-id", "")
+    if not REQUEST_ID.fullmatch(request_id):
+        request_id = uuid.uuid4().hex
+    root = request.scope.get("root_path", "")
+    path = request.scope["path"]
+    path = path[len(root):] if root and path.startswith(root) else path
+    try:
+        gate = current_gate()
+        if gate is None:
+            raise PayloadError(503, "the server is starting; retry in a few seconds")
+        gate.check(request, path or "/")
+        response = await call_next(request)
+    except Exception as raised:  # noqa: BLE001 - nothing but a fixed text may reach the client
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+        from starlette.requests import ClientDisconnect
+
+        exc = _error_of(raised)
+        if isinstance(exc, PayloadError):
+            return _error(exc.status, str(exc), request_id)
+        if isinstance(exc, BackPressureError | DeploymentUnavailableError):
+            retry = getattr(exc, "retry_after_s", None) or 5
+            return _error(503, "the server is busy; retry later", request_id,
+                          {"Retry-After": str(math.ceil(retry))})
+        if isinstance(exc, ClientDisconnect):
+            return _error(400, "the client disconnected before the body arrived", request_id)
+        log.error("request %s failed", request_id, exc_info=raised)
+        return _error(500, f"internal error; the server logged it as request {request_id}", request_id)
+    return response
 
 
 @serve.deployment(name="Ingress")
@@ -283,21 +349,30 @@ class Ingress:
     """HTTP front: auth, size limits, decoding, validation, normalisation and composition."""
 
     def __init__(self, stainer: DeploymentHandle, segmenter: DeploymentHandle, config: dict[str, Any]) -> None:
+        from viscy.predict.tiling import TilingOptions
+
         self.config = ServeConfig(**config)
         self.stainer = stainer
         self.segmenter = segmenter
         self.models = find_models(self.config.models)
-        self.token = read_token(self.config)
         self.max_bytes = int(self.config.max_request_mb * 1024 * 1024)
+        s = self.config.stainer
+        self.tiling = {
+            name: TilingOptions.for_model(m.spec, s.tile_yx, overlap=s.tile_overlap, blend=s.blend)
+            for name, m in self.models.items()
+        }
+        install_gate(Gate.for_config(self.config))
 
     # ------------------------------------------------------------------------------ plumbing
-    def _authorize(self, request: Request) -> None:
-        if self.token is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
-            raise PayloadError(401, "missing or wrong bearer token; send Authorization: Bearer <token>")
+    @staticmethod
+    def _query(request: Request, allowed: tuple[str, ...]) -> dict[str, str]:
+        """The query parameters, refusing any this route does not take (a typo must not pass silently)."""
+        q = request.query_params
+        unknown = sorted(k for k in q if k not in allowed)
+        if unknown:
+            raise PayloadError(400, f"unknown query parameter(s) {', '.join(k[:40] for k in unknown[:5])}; "
+                                    f"this route takes {', '.join(allowed)}")
+        return {k: q[k] for k in allowed if k in q}
 
     async def _body(self, request: Request) -> bytes:
         length = request.headers.get("content-length")
@@ -313,15 +388,18 @@ class Ingress:
         return b"".join(chunks)
 
     async def _image(self, request: Request) -> np.ndarray:
-        self._authorize(request)
         body = await self._body(request)
         h = request.headers
+        limit = self.config.max_image_pixels
 
         def decode() -> np.ndarray:
-            image = decode_image(body, h.get("content-type"), h.get("x-dtype"), h.get("x-shape"))
-            if image.size > self.config.max_image_pixels:
-                raise PayloadError(413, f"image of {image.size} values is over max_image_pixels "
-                                        f"({self.config.max_image_pixels}); send a smaller image or tile it")
+            image = decode_image(body, h.get("content-type"), h.get("x-dtype"), h.get("x-shape"), limit)
+            planes = math.prod(image.shape[:-2])
+            if planes > self.config.max_planes:
+                raise PayloadError(413, f"the image has {planes} planes (shape {image.shape}), over max_planes "
+                                        f"({self.config.max_planes}); send fewer Z slices per request")
+            if min(image.shape[-2:]) < MIN_YX:
+                raise PayloadError(422, f"image YX {image.shape[-2:]} is too small; send at least {MIN_YX} x {MIN_YX}")
             if image.dtype.kind == "f" and not np.isfinite(image).all():
                 raise PayloadError(422, "the image holds NaN or infinite values; replace them before sending")
             return image
@@ -334,20 +412,28 @@ class Ingress:
                 return next(iter(self.models.values()))
             raise PayloadError(400, f"name a model with ?model=NAME; served: {', '.join(self.models)}")
         if name not in self.models:
-            raise PayloadError(404, f"unknown model {name!r}; served: {', '.join(self.models)} (GET /v1/models)")
+            raise PayloadError(404, f"unknown model {name[:60]!r}; served: {', '.join(self.models)} (GET /v1/models)")
         return self.models[name]
 
-    async def _stain(self, request: Request, model: str | None) -> tuple[ServedModel, np.ndarray, dict, dict]:
-        q = request.query_params
-        served = self._model(model)
+    def _check_tiles(self, served: ServedModel, x: np.ndarray) -> None:
+        from viscy.predict.tiling import count_model_calls
+
+        tiles = count_model_calls(x.shape[1], x.shape[-2:], self.tiling[served.name])
+        if tiles > self.config.max_tiles:
+            raise PayloadError(413, f"the image of shape {x.shape} makes {tiles} model tiles, over max_tiles "
+                                    f"({self.config.max_tiles}); send fewer slices or a smaller image")
+
+    async def _stain(self, request: Request, q: dict[str, str]) -> tuple[ServedModel, np.ndarray, dict, dict]:
+        served = self._model(q.get("model"))
         normalize = _bool(q.get("normalize"), "normalize", True)
         denorm = _bool(q.get("denormalize"), "denormalize", False)
         stats = parse_statistics(request.headers.get("x-viscy-statistics"))
         t0 = time.perf_counter()
         image = await self._image(request)
+        x = served.as_czyx(image)
+        self._check_tiles(served, x)
 
         def prepare() -> tuple[np.ndarray, str]:
-            x = served.as_czyx(image)
             if normalize:
                 return served.normalize(x, stats)
             return x.astype(np.float32, copy=False), "none (sent normalised)"
@@ -374,21 +460,30 @@ class Ingress:
         method = method or self.config.segmenter.default_method
         if method not in methods:
             hint = " (set segmenter.cellpose_model in the serve config)" if method == "cellpose" else ""
-            raise PayloadError(400, f"segmentation method {method!r} is not served; available: "
+            raise PayloadError(400, f"segmentation method {method[:40]!r} is not served; available: "
                                     f"{', '.join(methods)}{hint}")
+        diameter = diameter or self.config.segmenter.diameter
+        if method == "cellpose" and diameter is not None:
+            # Cellpose resizes each plane so that objects are 30 px across: the resized stack must fit too.
+            scale = CELLPOSE_DIAMETER / diameter
+            resized = stack.shape[0] * math.ceil(stack.shape[1] * scale) * math.ceil(stack.shape[2] * scale)
+            if resized > self.config.max_image_pixels:
+                raise PayloadError(413, f"diameter={diameter:g} makes Cellpose resize the image by {scale:.2f} to "
+                                        f"{resized} values, over max_image_pixels ({self.config.max_image_pixels}); "
+                                        "send a larger diameter or a smaller image")
         return await self.segmenter.segment.remote(stack.astype(np.float32, copy=False), method, diameter)
 
-    @staticmethod
-    def _diameter(request: Request) -> float | None:
-        value = request.query_params.get("diameter")
+    def _diameter(self, q: dict[str, str]) -> float | None:
+        value = q.get("diameter")
         if value is None:
             return None
+        lo, hi = self.config.segmenter.min_diameter, self.config.segmenter.max_diameter
         try:
-            d = float(value)
+            d = float(value[:32])
         except ValueError:
-            raise PayloadError(400, f"diameter={value!r} must be a number of pixels") from None
-        if not np.isfinite(d) or d <= 0:
-            raise PayloadError(400, f"diameter={value!r} must be a positive number of pixels")
+            raise PayloadError(400, f"diameter={value[:32]!r} must be a number of pixels") from None
+        if not np.isfinite(d) or not lo <= d <= hi:
+            raise PayloadError(422, f"diameter={value[:32]!r} is outside the served range [{lo:g}, {hi:g}] pixels")
         return d
 
     @staticmethod
@@ -398,15 +493,6 @@ class Ingress:
         timing = {**timing, "encode": time.perf_counter() - t0}
         return Response(body, media_type=kind, headers={**headers, **extra, "Server-Timing": _timing(timing)})
 
-    async def _guard(self, handler) -> Response:
-        try:
-            return await handler()
-        except PayloadError as exc:
-            return _error(exc.status, str(exc))
-        except Exception as exc:  # noqa: BLE001 - a bug must answer JSON, not crash the replica
-            log.exception("request failed")
-            return _error(500, f"internal error ({type(exc).__name__}: {exc}); details are in the serve replica log")
-
     # ------------------------------------------------------------------------------ endpoints
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> HTMLResponse:
@@ -414,106 +500,100 @@ class Ingress:
         return HTMLResponse(resources.files("viscy.serve").joinpath("page.html").read_text())
 
     @api.get("/healthz")
-    async def healthz(self) -> Response:
-        """200 when every model and segmenter is loaded, else 503."""
+    async def healthz(self, request: Request) -> Response:
+        """200 when every model and segmenter is loaded, else 503; details only with the token (if one is set)."""
         try:
             info = await asyncio.wait_for(self.stainer.info.remote(), timeout=10)
             methods = await asyncio.wait_for(self.segmenter.available.remote(), timeout=10)
-        except Exception as exc:  # noqa: BLE001
-            return _error(503, f"not ready: {type(exc).__name__}: {exc}")
+        except Exception:  # noqa: BLE001
+            log.warning("healthz: a deployment did not answer", exc_info=True)
+            return JSONResponse({"status": "not ready"}, status_code=503)
+        gate = current_gate()
+        if gate is None or not gate.authorized(request):
+            return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "ok", "models": list(self.models), "providers": info["providers"],
-                             "segmentation": methods, "auth": self.token is not None})
+                             "segmentation": methods, "auth": gate.token is not None})
 
     @api.get(f"/{API_VERSION}/models")
-    async def list_models(self, request: Request) -> Response:
+    async def list_models(self) -> Response:
         """Served models: name, channels, input/output depth, YX multiple and normalisation."""
-        async def run() -> Response:
-            self._authorize(request)
-            methods = await self.segmenter.available.remote()
-            return JSONResponse({"models": [m.describe() for m in self.models.values()], "segmentation": methods})
+        methods = await self.segmenter.available.remote()
+        return JSONResponse({"models": [m.describe() for m in self.models.values()], "segmentation": methods})
 
-        return await self._guard(run)
-
-    @api.post(f"/{API_VERSION}/stain", openapi_extra=BODY_DOC)
-    async def stain(self, request: Request, model: str | None = None) -> Response:
+    @api.post(f"/{API_VERSION}/stain", openapi_extra=BODY_DOC | query_doc("model", "normalize", "denormalize"))
+    async def stain(self, request: Request) -> Response:
         """Predict the model's target channels. Query: model, normalize (true), denormalize (false).
 
         Statistics for normalisation come from the ``X-Viscy-Statistics`` header (JSON, e.g. the plate's
         stored fov_statistics) or the image itself. Answer: ``(C', [Z,] Y, X)`` float32 in the Accept encoding.
         """
-        async def run() -> Response:
-            accept = negotiate(request.headers.get("accept"), media_type(request.headers.get("content-type")),
-                               ARRAY_ANSWERS)
-            _, pred, timing, extra = await self._stain(request, model)
-            return await self._respond(pred, accept, extra["headers"], timing)
+        q = self._query(request, ("model", "normalize", "denormalize"))
+        accept = negotiate(request.headers.get("accept"), media_type(request.headers.get("content-type")),
+                           ARRAY_ANSWERS)
+        _, pred, timing, extra = await self._stain(request, q)
+        return await self._respond(pred, accept, extra["headers"], timing)
 
-        return await self._guard(run)
-
-    @api.post(f"/{API_VERSION}/segment", openapi_extra=BODY_DOC)
-    async def segment(self, request: Request, method: str | None = None, channel: int = 0) -> Response:
+    @api.post(f"/{API_VERSION}/segment", openapi_extra=BODY_DOC | query_doc("method", "diameter", "channel"))
+    async def segment(self, request: Request) -> Response:
         """Instance labels (int32, 0 = background) of an image: ``(Y, X)`` or ``(Z, Y, X)``.
 
         Query: method (classical | cellpose), diameter (pixels), channel (index for (C, Z, Y, X) input).
         """
-        async def run() -> Response:
-            accept = negotiate(request.headers.get("accept"), media_type(request.headers.get("content-type")),
-                               ARRAY_ANSWERS)
-            diameter = self._diameter(request)
-            t0 = time.perf_counter()
-            image = await self._image(request)
-            if image.ndim == 4:
-                if not 0 <= channel < image.shape[0]:
-                    raise PayloadError(422, f"channel={channel} but the image has {image.shape[0]} channel(s)")
-                stack = image[channel]
-            elif image.ndim in (2, 3):
-                stack = image[None] if image.ndim == 2 else image
-            else:
-                raise PayloadError(422, f"cannot segment an image of shape {image.shape}; send (Y, X), (Z, Y, X) "
-                                        "or (C, Z, Y, X) with ?channel=")
-            if min(stack.shape[-2:]) < 8:
-                raise PayloadError(422, f"image YX {stack.shape[-2:]} is too small; send at least 8 x 8")
-            t1 = time.perf_counter()
-            masks = await self._segment(stack, method, diameter)
-            t2 = time.perf_counter()
-            masks = masks[0] if image.ndim == 2 else masks
-            return await self._respond(masks, accept, {"X-Viscy-Objects": str(int(masks.max()))},
-                                 {"decode": t1 - t0, "segment": t2 - t1})
+        q = self._query(request, ("method", "diameter", "channel"))
+        accept = negotiate(request.headers.get("accept"), media_type(request.headers.get("content-type")),
+                           ARRAY_ANSWERS)
+        diameter = self._diameter(q)
+        channel_text = q.get("channel", "0")
+        if not channel_text.isdigit() or len(channel_text) > 3:
+            raise PayloadError(400, f"channel={channel_text[:20]!r} must be a channel index (0, 1, ...)")
+        channel = int(channel_text)
+        t0 = time.perf_counter()
+        image = await self._image(request)
+        if image.ndim == 4:
+            if channel >= image.shape[0]:
+                raise PayloadError(422, f"channel={channel} but the image has {image.shape[0]} channel(s)")
+            stack = image[channel]
+        else:
+            stack = image[None] if image.ndim == 2 else image
+        t1 = time.perf_counter()
+        masks = await self._segment(stack, q.get("method"), diameter)
+        t2 = time.perf_counter()
+        masks = masks[0] if image.ndim == 2 else masks
+        return await self._respond(masks, accept, {"X-Viscy-Objects": str(int(masks.max()))},
+                                   {"decode": t1 - t0, "segment": t2 - t1})
 
-        return await self._guard(run)
-
-    @api.post(f"/{API_VERSION}/stain-and-segment", openapi_extra=BODY_DOC)
-    async def stain_and_segment(self, request: Request, model: str | None = None, method: str | None = None,
-                                segment_channel: str | None = None) -> Response:
+    @api.post(f"/{API_VERSION}/stain-and-segment",
+              openapi_extra=BODY_DOC | query_doc("model", "method", "diameter", "segment_channel", "normalize",
+                                                 "denormalize"))
+    async def stain_and_segment(self, request: Request) -> Response:
         """Stain, then segment one predicted channel, in one request.
 
         Answer ``application/x-npz`` (default) with arrays ``stain`` (float32), ``masks`` (int32) and
         ``channels``; or ``application/json`` with PNG previews and timings (what the page shows).
         """
-        async def run() -> Response:
-            accept = negotiate(request.headers.get("accept"), NPZ, (NPZ, JSON))
-            diameter = self._diameter(request)
-            served, pred, timing, extra = await self._stain(request, model)
-            channel = segment_channel or served.target_channels[0]
-            if channel not in served.target_channels:
-                raise PayloadError(422, f"segment_channel {channel!r} is not predicted by {served.name!r}; "
-                                        f"choose one of {served.target_channels}")
-            ci = served.target_channels.index(channel)
-            plane = pred[ci] if pred.ndim == 4 else pred[ci][None]
-            t0 = time.perf_counter()
-            masks = await self._segment(plane, method, diameter)
-            timing["segment"] = time.perf_counter() - t0
-            masks = masks if pred.ndim == 4 else masks[0]
-            headers = {**extra["headers"], "X-Viscy-Segmented": channel, "X-Viscy-Objects": str(int(masks.max()))}
-            if accept == JSON:
-                answer = await asyncio.to_thread(preview, extra["image"], pred, masks, served, channel, timing)
-                return JSONResponse(answer, headers=headers)
-            t1 = time.perf_counter()
-            arrays = {"stain": pred, "masks": masks, "channels": np.array(served.target_channels)}
-            body = await asyncio.to_thread(encode_npz, arrays)
-            timing["encode"] = time.perf_counter() - t1
-            return Response(body, media_type=NPZ, headers={**headers, "Server-Timing": _timing(timing)})
-
-        return await self._guard(run)
+        q = self._query(request, ("model", "method", "diameter", "segment_channel", "normalize", "denormalize"))
+        accept = negotiate(request.headers.get("accept"), NPZ, (NPZ, JSON))
+        diameter = self._diameter(q)
+        served, pred, timing, extra = await self._stain(request, q)
+        channel = q.get("segment_channel") or served.target_channels[0]
+        if channel not in served.target_channels:
+            raise PayloadError(422, f"segment_channel {channel[:40]!r} is not predicted by {served.name!r}; "
+                                    f"choose one of {served.target_channels}")
+        ci = served.target_channels.index(channel)
+        plane = pred[ci] if pred.ndim == 4 else pred[ci][None]
+        t0 = time.perf_counter()
+        masks = await self._segment(plane, q.get("method"), diameter)
+        timing["segment"] = time.perf_counter() - t0
+        masks = masks if pred.ndim == 4 else masks[0]
+        headers = {**extra["headers"], "X-Viscy-Segmented": channel, "X-Viscy-Objects": str(int(masks.max()))}
+        if accept == JSON:
+            answer = await asyncio.to_thread(preview, extra["image"], pred, masks, served, channel, timing)
+            return JSONResponse(answer, headers=headers)
+        t1 = time.perf_counter()
+        arrays = {"stain": pred, "masks": masks, "channels": np.array(served.target_channels)}
+        body = await asyncio.to_thread(encode_npz, arrays)
+        timing["encode"] = time.perf_counter() - t1
+        return Response(body, media_type=NPZ, headers={**headers, "Server-Timing": _timing(timing)})
 
 
 # ---------------------------------------------------------------------------------------- builder
@@ -547,10 +627,13 @@ def build_app(args: dict[str, Any] | ServeConfig):
             "autoscaling_config": settings.autoscaling.model_dump(),
         }
 
+    ingress = config.ingress
+
     stainer = VirtualStainer.options(**options(config.stainer)).bind(
         model_paths, config.stainer.model_dump(mode="json")
     )
     segmenter = Segmenter.options(**options(config.segmenter)).bind(config.segmenter.model_dump(mode="json"))
-    return Ingress.options(**options(config.ingress), max_queued_requests=config.ingress.max_queued_requests).bind(
-        stainer, segmenter, config.model_dump(mode="json")
-    )
+    return Ingress.options(
+        **options(ingress), max_queued_requests=ingress.max_queued_requests,
+        backpressure_config={"status_code": 503, "retry_after_s": ingress.retry_after_s},
+    ).bind(stainer, segmenter, config.model_dump(mode="json"))

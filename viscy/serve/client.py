@@ -18,11 +18,14 @@ Arrays travel as raw bytes with ``X-Dtype``/``X-Shape`` headers (the fast path);
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -127,7 +130,7 @@ class ServeClient:
     @staticmethod
     def _array(r) -> np.ndarray:
         return decode_image(r.content, r.headers.get("content-type"), r.headers.get("x-dtype"),
-                            r.headers.get("x-shape")).copy()
+                            r.headers.get("x-shape"), max_values=sys.maxsize).copy()
 
     @staticmethod
     def _params(**kwargs: Any) -> dict[str, Any]:
@@ -180,11 +183,56 @@ def read_image(path: Path) -> np.ndarray:
         raise DataError(f"image {path} does not exist")
     if kind not in ("image/tiff", "application/x-npy", "image/png"):
         raise DataError(f"cannot read {path.name}: use a .tif, .tiff, .npy or .png image")
-    return decode_image(path.read_bytes(), kind)
+    return decode_image(path.read_bytes(), kind, max_values=sys.maxsize)  # the server applies its own limit
+
+
+# Errors of os.link on filesystems without hard links (exFAT, FAT, some SMB and FUSE mounts).
+NO_HARD_LINKS = {errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
+# O_EXCL and O_NOFOLLOW: a file or link already at the path fails the open; nothing is written through it.
+NEW_FILE_FLAGS = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def partial_path(path: Path) -> Path:
+    """Where :func:`write_output` writes the answer before publishing it at ``path``."""
+    return path.with_name(path.name + ".viscy-partial")
+
+
+def check_new_output(path: Path) -> None:
+    """Refuse an output that exists (a dangling link included) or whose partial file is in the way.
+
+    Raises
+    ------
+    DataError
+        Naming the path and the fix.
+    """
+    if os.path.lexists(path):
+        raise DataError(f"output {path} exists and is never replaced; choose a new name with --output")
+    partial = partial_path(path)
+    if partial.is_symlink():
+        raise DataError(
+            f"{partial} is a symbolic link; viscy infer never writes through a link. Remove the link (its target is "
+            "untouched) and rerun"
+        )
+    if os.path.lexists(partial):
+        raise DataError(
+            f"{partial} exists: left by a viscy infer that was interrupted, or one writing {path.name} now. Remove it "
+            "once no viscy infer writes there, and rerun"
+        )
 
 
 def write_output(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write the answer to a new file (an existing file is never replaced): .tif, .npy or .npz."""
+    """Write the answer to a new file (an existing file is never replaced): .tif, .npy or .npz.
+
+    The answer is written to ``<path>.viscy-partial``, created exclusively and never through a link, and
+    published as ``path`` with a hard link, which fails rather than replace a file that appeared meanwhile.
+    Where the filesystem has no hard links, ``path`` itself is created exclusively and the bytes are copied
+    into it (a run killed during that copy can leave a short ``path``; it is removed on any error).
+
+    Raises
+    ------
+    DataError
+        If the suffix does not fit the arrays, ``path`` or its partial file exists, or either is a link.
+    """
     import tifffile
 
     suffix = path.suffix.lower()
@@ -192,21 +240,61 @@ def write_output(path: Path, arrays: dict[str, np.ndarray]) -> None:
         raise DataError(f"output {path} must end in .tif, .tiff, .npy or .npz")
     if len(arrays) > 1 and suffix == ".npy":
         raise DataError(f"stains and masks need .npz or .tif, not {path.name}")
-    partial = path.with_name(path.name + ".viscy-partial")
-    if suffix == ".npz":
-        with open(partial, "wb") as f:
-            np.savez(f, **arrays)
-    elif suffix == ".npy":
-        with open(partial, "wb") as f:
-            np.save(f, next(iter(arrays.values())), allow_pickle=False)
-    else:
-        with tifffile.TiffWriter(partial) as tif:
-            for name, arr in arrays.items():
-                tif.write(arr, description=name, photometric="minisblack", metadata=None)
+    check_new_output(path)
+    partial = partial_path(path)
     try:
-        os.link(partial, path)  # fails if path appeared meanwhile: never replaces a file
-    finally:
-        partial.unlink()
+        # read back by the copy fallback; opened by name so that tifffile knows the file's name
+        f = open(partial, "w+b", opener=lambda name, _: os.open(name, os.O_RDWR | NEW_FILE_FLAGS, 0o666))
+    except OSError as exc:  # e.g. another writer, or a link, appeared since the check
+        check_new_output(path)
+        raise DataError(f"cannot create {partial}: {exc.strerror}") from exc
+    with f:
+        try:
+            if suffix == ".npz":
+                np.savez(f, **arrays)
+            elif suffix == ".npy":
+                np.save(f, next(iter(arrays.values())), allow_pickle=False)
+            else:
+                with tifffile.TiffWriter(f) as tif:
+                    for name, arr in arrays.items():
+                        tif.write(arr, description=name, photometric="minisblack", metadata=None)
+            f.flush()
+            _publish(partial, f, path)
+        finally:
+            _unlink_if_same(partial, os.fstat(f.fileno()))
+
+
+def _publish(partial: Path, written: BinaryIO, path: Path) -> None:
+    """Make the complete ``partial`` (open as ``written``) appear at ``path``, never replacing anything there."""
+    try:
+        os.link(partial, path, follow_symlinks=False)
+        return
+    except FileExistsError as exc:
+        raise DataError(f"output {path} appeared while the answer was written; it is never replaced") from exc
+    except OSError as exc:
+        if exc.errno not in NO_HARD_LINKS:
+            raise
+    try:
+        fd = os.open(path, os.O_WRONLY | NEW_FILE_FLAGS, 0o666)
+    except FileExistsError as exc:
+        raise DataError(f"output {path} appeared while the answer was written; it is never replaced") from exc
+    with os.fdopen(fd, "wb") as out:
+        try:
+            written.seek(0)
+            shutil.copyfileobj(written, out)
+        except BaseException:
+            _unlink_if_same(path, os.fstat(out.fileno()))
+            raise
+
+
+def _unlink_if_same(path: Path, ours: os.stat_result) -> None:
+    """Remove ``path`` only if it is still the file viscy created (not something swapped in since)."""
+    try:
+        now = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if (now.st_dev, now.st_ino) == (ours.st_dev, ours.st_ino):
+        path.unlink()
 
 
 def run_infer(config: Any) -> Path:
@@ -216,8 +304,7 @@ def run_infer(config: Any) -> Path:
     if default_suffix.lower() == ".png":
         default_suffix = ".tif"
     output = Path(config.output) if config.output else image_path.with_name(f"{image_path.stem}_viscy{default_suffix}")
-    if output.exists():
-        raise DataError(f"output {output} exists and is never replaced; choose a new name with --output")
+    check_new_output(output)
     image = read_image(image_path)
     client = ServeClient(config.url, token=os.environ.get(config.token_env) or None, timeout=config.timeout_s)
     if config.segment_only:

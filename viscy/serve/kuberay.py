@@ -17,7 +17,10 @@ needs changed and nothing else:
   container reads from the Kubernetes Secret ``viscy-serve-token`` (key ``token``).
 
 Ray's own token auth uses KubeRay's ``authOptions`` (mode ``token``, Secret ``viscy-ray-token``, key
-``auth_token``). This module imports no Ray: it only writes YAML.
+``auth_token``). Every pod runs as the image's non-root user and every container, the autoscaler sidecar
+KubeRay adds included, without privilege escalation or capabilities, under the runtime's seccomp profile
+(:func:`pod_security_context`, :func:`container_security_context`). This module imports no Ray: it only
+writes YAML.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ SERVE_TOKEN_SECRET = "viscy-serve-token"  # key token: the HTTP API's bearer tok
 SERVE_TOKEN_ENV = "VISCY_SERVE_TOKEN"
 POD_HOST = "0.0.0.0"
 OUTPUT = "clusters/kuberay/rayservice.yaml"
+RAY_UID, RAY_GID = 1000, 100  # the user `ray` of the rayproject/ray base image, which the Dockerfile keeps
 
 
 class _Literal(str):
@@ -115,6 +119,34 @@ def pod_serve_config(
     return out
 
 
+def container_security_context() -> dict[str, Any]:
+    """The ``securityContext`` of every container: no privilege escalation, no capabilities, seccomp RuntimeDefault.
+
+    The image's passwordless ``sudo`` (Ray's base image) cannot gain root under ``allowPrivilegeEscalation:
+    false``; Ray needs no capability, as it runs unprivileged and binds no port below 1024.
+    """
+    return {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def pod_security_context() -> dict[str, Any]:
+    """The pod ``securityContext``: the image's user ``ray`` (uid 1000, gid 100), never root, seccomp RuntimeDefault.
+
+    ``fsGroup`` gives that group the volumes whose driver applies it (``emptyDir`` such as ``/dev/shm``; NFS-like
+    RWX volumes usually not); the pod-level seccomp profile also covers containers that set none of their own.
+    """
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RAY_UID,
+        "runAsGroup": RAY_GID,
+        "fsGroup": RAY_GID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
 def _container(
     name: str, image: str, resources: dict[str, str], ports: dict[str, int], env: list[dict[str, Any]]
 ) -> dict[str, Any]:
@@ -126,14 +158,15 @@ def _container(
         "env": env,
         "ports": [{"name": n, "containerPort": p} for n, p in ports.items()],
         "resources": {"requests": dict(resources), "limits": dict(resources)},
+        "securityContext": container_security_context(),
         "volumeMounts": [{"name": "shared", "mountPath": SHARED_MOUNT}, {"name": "dshm", "mountPath": "/dev/shm"}],
     }
 
 
 def _pod(container: dict[str, Any], gpu: bool = False) -> dict[str, Any]:
-    """A pod template running ``container`` as the image's non-root user (uid 1000, gid 100)."""
+    """A pod template running ``container`` with :func:`pod_security_context`."""
     spec: dict[str, Any] = {
-        "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 100, "fsGroup": 100},
+        "securityContext": pod_security_context(),
         "containers": [container],
         "volumes": [
             {"name": "shared", "persistentVolumeClaim": {"claimName": SHARED_PVC}},
@@ -191,6 +224,8 @@ def rayservice_manifest(
         "rayVersion": RAY_VERSION,
         "enableInTreeAutoscaling": True,
         "authOptions": {"mode": "token", "secretName": RAY_TOKEN_SECRET},
+        # KubeRay gives the autoscaler sidecar of the head pod no securityContext unless this names one.
+        "autoscalerOptions": {"securityContext": container_security_context()},
         "headGroupSpec": {
             # num-cpus 0: replicas run on workers; the head keeps the GCS, dashboard and Serve controller.
             "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},

@@ -58,14 +58,15 @@ def base_url(config: ServeConfig) -> str:
     return f"http://{host}:{config.port}{prefix}"
 
 
-def _wait_healthy(url: str, timeout: float) -> dict[str, Any]:
+def _wait_healthy(url: str, timeout: float, token: str | None = None) -> dict[str, Any]:
     import requests
 
     deadline = time.monotonic() + timeout
     last = "no answer"
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     while time.monotonic() < deadline:
         try:
-            r = requests.get(f"{url}/healthz", timeout=10)
+            r = requests.get(f"{url}/healthz", timeout=10, headers=headers)
             if r.status_code == 200:
                 return r.json()
             last = f"{r.status_code} {r.text[:200]}"
@@ -112,7 +113,8 @@ def run_serve(config: ServeConfig) -> ServeResult:
         If a configured token source is missing or empty.
     """
     from viscy.ray_utils import ensure_ray
-    from viscy.serve.app import build_app, read_token
+    from viscy.serve.app import build_app
+    from viscy.serve.gate import read_token
     from viscy.serve.models import find_models
 
     t0 = time.perf_counter()
@@ -121,14 +123,19 @@ def run_serve(config: ServeConfig) -> ServeResult:
     joining = bool(os.environ.get("RAY_ADDRESS"))
     if config.detach and not joining:
         raise ConfigError("detach leaves the application on a cluster: set RAY_ADDRESS to one (ray start --head)")
-    if not joining:
-        read_token(config)  # the replicas read it on this machine: fail now rather than in every replica
+    try:
+        token = read_token(config)  # here it also lets healthz tell the details
+    except ConfigError:
+        if not joining:  # the replicas read it on this machine: fail now rather than in every replica
+            raise
+        token = None  # a cluster's replicas read their own
     ensure_ray()
     if not joining:
         check_capacity(config)
     from ray import serve
 
-    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.start(http_options={"host": config.host, "port": config.port,
+                              "request_timeout_s": config.request_timeout_s})
     try:
         serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix, blocking=False)
     except RuntimeError as exc:
@@ -137,7 +144,7 @@ def run_serve(config: ServeConfig) -> ServeResult:
             "/tmp/ray/session_latest/logs/serve/"
         ) from exc
     url = base_url(config)
-    health = _wait_healthy(url, READY_TIMEOUT_S)
+    health = _wait_healthy(url, READY_TIMEOUT_S, token)
     return ServeResult(url, config.app_name, list(models), health, time.perf_counter() - t0)
 
 
@@ -153,7 +160,8 @@ def _describe(result: ServeResult, config: ServeConfig) -> str:
                      f"(Z {m.spec.in_depth}->{m.spec.out_depth}, {provider})")
     lines.append(f"  segmentation: {', '.join(result.health.get('segmentation', []))}")
     lines.append(f"  page {result.url}/   API docs {result.url}/docs   health {result.url}/healthz")
-    lines.append("  auth: bearer token required" if result.health.get("auth")
+    token_set = config.auth_token_env is not None or config.auth_token_file is not None
+    lines.append("  auth: bearer token required" if token_set
                  else "  auth: off (set auth_token_env or auth_token_file to require a bearer token)")
     return "\n".join(lines)
 
