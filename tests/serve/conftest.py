@@ -25,7 +25,7 @@ TOKEN_ENV = "VISCY_TEST_SERVE_TOKEN"
 TOKEN = "s3cret-token-for-tests"
 # What must never reach a client: tracebacks, server paths, Ray's process names and wrapped errors.
 LEAKS = re.compile(r'Traceback|File "|site-packages|/(?:work|tmp|home|usr|opt|root|proc)/|pid=|ray::|RayTaskError'
-                   r"|ip=\d|node_id|numpy\.core|_private")
+                   r"|ip=\d|node_id|numpy\.core|_private|0x[0-9a-fA-F]{6,}|object at ")
 
 
 @dataclass(frozen=True)

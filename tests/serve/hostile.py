@@ -93,6 +93,26 @@ def many_page_tiff(n: int) -> bytes:
     return buf.getvalue()
 
 
+def overlapping_directories_tiff(pages: int, tags: int = 4096) -> bytes:
+    """A TIFF whose page directories, of ``tags`` entries each, start 12 bytes apart and overlap."""
+    size = 8 + 12 * pages + 2 + 12 * tags + 4
+    data = bytearray(size)
+    data[:8] = b"II*\0" + (8).to_bytes(4, "little")
+    for k in range(pages):
+        start = 8 + 12 * k
+        data[start : start + 2] = tags.to_bytes(2, "little")
+        nxt = start + 2 + 12 * tags
+        data[nxt : nxt + 4] = ((start + 12) if k + 1 < pages else 0).to_bytes(4, "little")
+    return bytes(data)
+
+
+def jpeg_tiff(shape: tuple[int, int]) -> bytes:
+    """A TIFF of JPEG-compressed tiles: a codec that carries its own image size."""
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.zeros(shape, np.uint8), tile=(64, 64), compression="jpeg")
+    return buf.getvalue()
+
+
 def bombs(limit: int) -> dict[str, tuple]:
     """Small requests (under 1 MB) that decode, or claim to decode, to several times ``limit`` values."""
     edge = 64 * math.ceil(math.sqrt(4 * limit) / 64)  # an image of about 4x the limit
@@ -104,6 +124,8 @@ def bombs(limit: int) -> dict[str, tuple]:
         "TIFF, 4100 pages": (lambda: many_page_tiff(4100), TIFF, None, None),
         "PNG over the limit": (lambda: png_of((edge, edge)), PNG, None, None),
         "PNG over Pillow's own bomb limit": (lambda: png_of((2 * edge, edge)), PNG, None, None),
+        "TIFF, 200 overlapping directories of 4096 tags": (lambda: overlapping_directories_tiff(200), TIFF, None,
+                                                           None),
         ".npy header of 10^12 values": (lambda: npy_header_only((10**6, 10**6)), NPY, None, None),
         "raw shape whose product overflows int64": (lambda: b"\0" * 16, RAW, "float32", "4294967296,4294967296,16"),
         "raw shape of six dimensions": (lambda: b"\0" * 16, RAW, "float32", "1,1,1,1,2,2"),

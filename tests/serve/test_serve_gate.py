@@ -23,11 +23,9 @@ from viscy.serve.codecs import PayloadError
 from viscy.serve.gate import Gate, current_gate, install_gate
 
 
-@pytest.fixture
-def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def _app(seen: list[str], tmp_path: Path) -> FastAPI:
     app = FastAPI()
     app.middleware("http")(gatekeeper)
-    seen: list[str] = []
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -49,31 +47,66 @@ def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
             raise BackPressureError(num_queued_requests=9, max_queued_requests=8)
         return {"ok": True}
 
-    monkeypatch.setenv("GATE_TEST_TOKEN", "tok")
+    return app
+
+
+@pytest.fixture
+def gate_of():
     previous = current_gate()
-    install_gate(Gate.for_config(ServeConfig(models=[tmp_path], auth_token_env="GATE_TEST_TOKEN")))
-    # "testserver" is the Host of Starlette's client: a name this loopback server does not answer to
-    with TestClient(app, base_url="http://127.0.0.1:8000", raise_server_exceptions=False) as c:
-        yield c, seen
+    yield lambda config: install_gate(Gate.for_config(config))
     if previous is not None:
         install_gate(previous)
+
+
+@pytest.fixture
+def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gate_of):
+    seen: list[str] = []
+    monkeypatch.setenv("GATE_TEST_TOKEN", "tok")
+    gate_of(ServeConfig(models=[tmp_path], auth_token_env="GATE_TEST_TOKEN"))
+    # a client on the network (the token is what protects then)
+    with TestClient(_app(seen, tmp_path), base_url="http://viscy.lab.example:8000", client=("10.0.0.7", 50000),
+                    raise_server_exceptions=False) as c:
+        yield c, seen
 
 
 AUTH = {"Authorization": "Bearer tok"}
 
 
-def test_host_and_token_are_checked_before_any_route_runs(client) -> None:
+def test_the_token_is_checked_before_any_route_runs(client) -> None:
     c, seen = client
-    assert c.post("/v1/route", headers={**AUTH, "Host": "evil.example"}).status_code == 403
-    assert c.post("/v1/route", headers={**AUTH, "Host": "evil.example:8000"}).status_code == 403
     assert c.post("/v1/route", headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert c.post("/v1/route", headers={"Authorization": "Basic tok"}).status_code == 401
     assert c.post("/v1/route?fail=bug").status_code == 401
     assert c.post("/v1/nothing").status_code == 401
     assert seen == []
     assert c.get("/healthz").json() == {"status": "ok"}  # open, and tells nothing but readiness
-    for host in ("localhost:8000", "[::1]:9", "127.0.0.1"):
+    for host in ("viscy.lab.example", "10.0.0.2:8000", "localhost"):  # with a token, any name the cluster uses
         assert c.post("/v1/route", headers={**AUTH, "Host": host}).json() == {"ok": True}
     assert len(seen) == 3
+
+
+def test_without_a_token_only_this_machine_and_plain_host_names_get_answers(tmp_path: Path, gate_of) -> None:
+    seen: list[str] = []
+    gate_of(ServeConfig(models=[tmp_path]))
+    app = _app(seen, tmp_path)
+    with TestClient(app, base_url="http://127.0.0.1:8000", client=("127.0.0.1", 5)) as local:
+        assert local.post("/v1/route").json() == {"ok": True}
+        for host in ("localhost:8000", "[::1]:9", "127.0.0.1", "192.168.1.20:8000"):
+            assert local.post("/v1/route", headers={"Host": host}).status_code == 200, host
+        # DNS rebinding: a page of attacker.example whose name now resolves to 127.0.0.1
+        for host in ("attacker.example", "attacker.example:8000", "127.0.0.1.nip.io", ""):
+            r = local.post("/v1/route", headers={"Host": host})
+            assert r.status_code == 403 and "Host" in r.json()["detail"], host
+    with TestClient(app, base_url="http://10.0.0.5:8000", client=("10.0.0.7", 5)) as remote:
+        r = remote.post("/v1/route")
+        assert r.status_code == 403 and "auth_token_env" in r.json()["detail"]
+        assert remote.get("/healthz").status_code == 403
+    assert len(seen) == 5
+    gate_of(ServeConfig(models=[tmp_path], allow_unauthenticated_network=True, allowed_hosts=["scope.lab"]))
+    with TestClient(app, base_url="http://10.0.0.5:8000", client=("10.0.0.7", 5)) as remote:
+        assert remote.post("/v1/route").status_code == 200
+        assert remote.post("/v1/route", headers={"Host": "scope.lab:8000"}).status_code == 200
+        assert remote.post("/v1/route", headers={"Host": "attacker.example"}).status_code == 403
 
 
 def test_errors_are_json_with_a_request_id_and_never_leak(client) -> None:

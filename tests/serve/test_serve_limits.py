@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.serve.conftest import LEAKS
-from tests.serve.hostile import bombs, encode, mutated, png_of
+from tests.serve.hostile import bombs, encode, jpeg_tiff, mutated, overlapping_directories_tiff, png_of
 from viscy.serve.codecs import INPUT_TYPES, NPY, PNG, RAW, TIFF, PayloadError, decode_image, parse_statistics
 
 LIMIT = 1 << 16  # values: 256 KiB of float32, so a bomb of a few MiB is many times the limit
@@ -89,7 +89,7 @@ def test_bombs_are_refused_from_the_header_with_413_or_422(name: str) -> None:
     assert isinstance(result, PayloadError), f"{name} was decoded to {getattr(result, 'shape', result)}"
     assert result.status in (413, 422), f"{name}: {result.status} {result}"
     assert peak < len(body) + (2 << 20), f"{name}: peak {peak} bytes before refusing"
-    assert any(w in str(result) for w in (str(LIMIT), "dimension", "pages", "tiles")), str(result)
+    assert any(w in str(result) for w in (str(LIMIT), "dimension", "pages", "tiles", "tags")), str(result)
 
 
 def test_images_at_the_limit_still_decode() -> None:
@@ -129,3 +129,42 @@ def test_deeply_nested_or_huge_statistics_are_a_4xx() -> None:
     assert huge.value.status == 431
     with pytest.raises(PayloadError):
         parse_statistics('{"Phase3D": {"median": ' + "9" * 4000 + "}}")
+
+
+def test_tiff_codecs_that_carry_their_own_image_size_are_refused() -> None:
+    """JPEG, JPEG 2000, WebP, LERC ... tiles allocate the size in their own stream, whatever the TIFF says."""
+    with pytest.raises(PayloadError) as exc:
+        decode_image(jpeg_tiff((128, 128)), TIFF, max_values=LIMIT)
+    assert exc.value.status == 415 and "LZW, deflate, zstd or PackBits" in str(exc.value)
+    for codec in ("zlib", "zstd", "lzw", "packbits"):
+        buf = io.BytesIO()
+        arr = np.arange(128 * 128, dtype=np.uint16).reshape(128, 128)
+        tifffile.imwrite(buf, arr, tile=(64, 64), compression=codec)
+        np.testing.assert_array_equal(decode_image(buf.getvalue(), TIFF, max_values=LIMIT), arr)
+
+
+def test_a_long_chain_of_directories_is_refused_before_tifffile_parses_it() -> None:
+    import time
+
+    body = overlapping_directories_tiff(200)
+    t0 = time.perf_counter()
+    with pytest.raises(PayloadError) as exc:
+        decode_image(body, TIFF, max_values=LIMIT)
+    assert exc.value.status == 413 and time.perf_counter() - t0 < 0.5
+
+
+@pytest.mark.parametrize("shape", ["(-2, -2)", "(True, 4)", "(4, 0)"])
+def test_npy_headers_with_impossible_shapes_are_a_400(shape: str) -> None:
+    header = "{'descr': '<f4', 'fortran_order': False, 'shape': " + shape + ", }"
+    header += " " * (63 - len(header) % 64) + "\n"
+    body = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode() + b"\0" * 64
+    with pytest.raises(PayloadError) as exc:
+        decode_image(body, NPY, max_values=LIMIT)
+    assert exc.value.status == 400
+
+
+@pytest.mark.parametrize("x_shape", [",", "x", " , ,", "²,3"])
+def test_x_shapes_without_sizes_are_a_400(x_shape: str) -> None:
+    with pytest.raises(PayloadError) as exc:
+        decode_image(b"\0" * 16, RAW, "float32", x_shape, max_values=LIMIT)
+    assert exc.value.status == 400

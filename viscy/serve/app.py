@@ -356,6 +356,10 @@ class Ingress:
         self.segmenter = segmenter
         self.models = find_models(self.config.models)
         self.max_bytes = int(self.config.max_request_mb * 1024 * 1024)
+        # Decoding, normalising and encoding run here, one thread per request the replica works on: a thread
+        # cannot be stopped, so a cancelled request keeps its thread until its (bounded) work ends, and the
+        # next requests wait for a free one instead of piling up more threads and memory.
+        self.cpu_pool = ThreadPoolExecutor(self.config.ingress.max_ongoing_requests, thread_name_prefix="viscy-cpu")
         s = self.config.stainer
         self.tiling = {
             name: TilingOptions.for_model(m.spec, s.tile_yx, overlap=s.tile_overlap, blend=s.blend)
@@ -374,9 +378,13 @@ class Ingress:
                                     f"this route takes {', '.join(allowed)}")
         return {k: q[k] for k in allowed if k in q}
 
+    async def _cpu(self, fn, *args):
+        """``fn(*args)`` on the replica's CPU threads, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.cpu_pool, fn, *args)
+
     async def _body(self, request: Request) -> bytes:
         length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+        if length is not None and length.isascii() and length.isdecimal() and int(length) > self.max_bytes:
             raise PayloadError(413, f"request body of {int(length)} bytes is over the limit of {self.max_bytes} "
                                     "(max_request_mb); send a smaller image or raise the limit")
         chunks, size = [], 0
@@ -404,7 +412,7 @@ class Ingress:
                 raise PayloadError(422, "the image holds NaN or infinite values; replace them before sending")
             return image
 
-        return await asyncio.to_thread(decode)  # decoding large images must not stall the event loop
+        return await self._cpu(decode)
 
     def _model(self, name: str | None) -> ServedModel:
         if name is None:
@@ -438,7 +446,7 @@ class Ingress:
                 return served.normalize(x, stats)
             return x.astype(np.float32, copy=False), "none (sent normalised)"
 
-        x, source = await asyncio.to_thread(prepare)
+        x, source = await self._cpu(prepare)
         t1 = time.perf_counter()
         pred = await self.stainer.predict.remote(served.name, x)
         t2 = time.perf_counter()
@@ -486,10 +494,10 @@ class Ingress:
             raise PayloadError(422, f"diameter={value[:32]!r} is outside the served range [{lo:g}, {hi:g}] pixels")
         return d
 
-    @staticmethod
-    async def _respond(arr: np.ndarray, accept: str, headers: dict[str, str], timing: dict[str, float]) -> Response:
+    async def _respond(self, arr: np.ndarray, accept: str, headers: dict[str, str], timing: dict[str, float]
+                       ) -> Response:
         t0 = time.perf_counter()
-        body, kind, extra = await asyncio.to_thread(encode_array, arr, accept)
+        body, kind, extra = await self._cpu(encode_array, arr, accept)
         timing = {**timing, "encode": time.perf_counter() - t0}
         return Response(body, media_type=kind, headers={**headers, **extra, "Server-Timing": _timing(timing)})
 
@@ -544,7 +552,7 @@ class Ingress:
                            ARRAY_ANSWERS)
         diameter = self._diameter(q)
         channel_text = q.get("channel", "0")
-        if not channel_text.isdigit() or len(channel_text) > 3:
+        if not (channel_text.isascii() and channel_text.isdecimal()) or len(channel_text) > 3:
             raise PayloadError(400, f"channel={channel_text[:20]!r} must be a channel index (0, 1, ...)")
         channel = int(channel_text)
         t0 = time.perf_counter()
@@ -587,11 +595,11 @@ class Ingress:
         masks = masks if pred.ndim == 4 else masks[0]
         headers = {**extra["headers"], "X-Viscy-Segmented": channel, "X-Viscy-Objects": str(int(masks.max()))}
         if accept == JSON:
-            answer = await asyncio.to_thread(preview, extra["image"], pred, masks, served, channel, timing)
+            answer = await self._cpu(preview, extra["image"], pred, masks, served, channel, timing)
             return JSONResponse(answer, headers=headers)
         t1 = time.perf_counter()
         arrays = {"stain": pred, "masks": masks, "channels": np.array(served.target_channels)}
-        body = await asyncio.to_thread(encode_npz, arrays)
+        body = await self._cpu(encode_npz, arrays)
         timing["encode"] = time.perf_counter() - t1
         return Response(body, media_type=NPZ, headers={**headers, "Server-Timing": _timing(timing)})
 

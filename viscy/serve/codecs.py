@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
+import struct
 from collections.abc import Mapping
 
 import numpy as np
 
+log = logging.getLogger("ray.serve")
 RAW = "application/octet-stream"
 NPY = "application/x-npy"
 NPZ = "application/x-npz"
@@ -34,6 +37,9 @@ MIN_NDIM, MAX_NDIM = 2, 4
 DEFAULT_MAX_VALUES = 8 * 2048 * 2048
 # A TIFF page chain is followed at most this far (each page costs a parse before any pixel is read).
 MAX_TIFF_PAGES = 4096
+MAX_TIFF_TAGS = 32768
+# TIFF compressions accepted: none, LZW, deflate (two codes), PackBits, zstd.
+TIFF_CODECS = frozenset({1, 5, 8, 32946, 32773, 50000})
 MAX_STATISTICS_CHARS = 16384
 SUFFIX_TYPES = {".npy": NPY, ".tif": TIFF, ".tiff": TIFF, ".png": PNG, ".npz": NPZ, ".raw": RAW}
 
@@ -81,7 +87,7 @@ def parse_shape(text: str | None) -> tuple[int, ...]:
         raise PayloadError(400, "raw application/octet-stream bodies need X-Dtype and X-Shape headers, "
                                 "e.g. X-Dtype: float32 and X-Shape: 512,512")
     parts = [v for v in text.replace("x", ",").split(",") if v.strip()]
-    if len(parts) > 2 * MAX_NDIM or any(len(v.strip()) > 12 for v in parts):
+    if not parts or len(parts) > 2 * MAX_NDIM or any(len(v.strip()) > 12 for v in parts):
         raise PayloadError(400, f"X-Shape {text[:40]!r} must list 2 to 4 sizes, e.g. 512,512 or 5,512,512")
     try:
         shape = tuple(int(v) for v in parts)
@@ -92,10 +98,10 @@ def parse_shape(text: str | None) -> tuple[int, ...]:
     return shape
 
 
-def _short(exc: BaseException) -> str:
-    """A parser's message, cut short (a library's text, never a path or traceback of this server)."""
-    text = " ".join(str(exc).split())
-    return text[:160] + ("..." if len(text) > 160 else "")
+def _refusal(status: int, message: str, exc: BaseException) -> PayloadError:
+    """A refusal with viscy's own text: a parser's message (heap addresses, internal names) goes to the log only."""
+    log.info("payload refused (%s): %s: %s", message, type(exc).__name__, " ".join(str(exc).split())[:300])
+    return PayloadError(status, message)
 
 
 def decode_image(
@@ -169,7 +175,9 @@ def _decode_npy(body: bytes, max_values: int) -> np.ndarray:
     except PayloadError:
         raise
     except Exception as exc:  # noqa: BLE001 - any header failure is the client's corrupt payload
-        raise PayloadError(400, f"corrupt .npy header ({_short(exc)}); send the bytes np.save writes") from None
+        raise _refusal(400, "corrupt .npy header; send the bytes np.save writes", exc) from None
+    if not all(type(n) is int and n > 0 for n in shape):
+        raise PayloadError(400, f"corrupt .npy header (shape {str(shape)[:40]}); send the bytes np.save writes")
     _check_dtype(dt)
     check_image_size(tuple(shape), max_values)
     offset = fp.tell()
@@ -181,19 +189,51 @@ def _decode_npy(body: bytes, max_values: int) -> np.ndarray:
     return flat.reshape(shape[::-1]).T if fortran else flat.reshape(shape)
 
 
+def _tiff_directories(body: bytes) -> None:
+    """Walk the TIFF's page chain with ``struct`` (tag counts and next offsets only) and refuse a long one.
+
+    tifffile parses every tag of every page it opens; a chain of overlapping directories of 4,096 tags each
+    costs minutes of CPU in a few hundred KB, so the count is bounded before tifffile reads anything.
+    """
+    order = {b"II": "<", b"MM": ">"}.get(body[:2])
+    if order is None or len(body) < 16:
+        return  # not a TIFF: tifffile says so
+    version = struct.unpack_from(order + "H", body, 2)[0]
+    big = version == 43
+    offset = struct.unpack_from(order + ("Q" if big else "I"), body, 8 if big else 4)[0]
+    count_fmt, entry, next_fmt = (order + "Q", 20, order + "Q") if big else (order + "H", 12, order + "I")
+    pages, tags, seen = 0, 0, set()
+    while offset and offset not in seen and offset + struct.calcsize(count_fmt) <= len(body):
+        seen.add(offset)
+        count = struct.unpack_from(count_fmt, body, offset)[0]
+        pages, tags = pages + 1, tags + count
+        if pages > MAX_TIFF_PAGES or tags > MAX_TIFF_TAGS:
+            raise PayloadError(413, f"the TIFF has over {MAX_TIFF_PAGES} pages or {MAX_TIFF_TAGS} tags; send one "
+                                    "image or stack")
+        end = offset + struct.calcsize(count_fmt) + count * entry
+        if end + struct.calcsize(next_fmt) > len(body):
+            return
+        offset = struct.unpack_from(next_fmt, body, end)[0]
+
+
 def _decode_tiff(body: bytes, max_values: int) -> np.ndarray:
     import tifffile
 
+    _tiff_directories(body)
     try:
         with tifffile.TiffFile(io.BytesIO(body)) as tif:
-            for count, _page in enumerate(tif.pages, start=1):  # lazily: a page chain is read only up to the cap
-                if count > MAX_TIFF_PAGES:
-                    raise PayloadError(413, f"the TIFF has over {MAX_TIFF_PAGES} pages; send one image or stack")
             series = tif.series[0]
             _check_dtype(np.dtype(series.dtype))
             check_image_size(tuple(series.shape), max_values, "TIFF image")
+            pages = [p for p in series.pages if p is not None]
+            # Codecs outside this list (JPEG, JPEG 2000, WebP, JPEG XL, LERC, ...) carry their own image size
+            # and allocate it whatever the TIFF declares; these decode into a buffer of the declared tile size.
+            codecs = {int(p.compression) for p in pages}
+            if not codecs <= TIFF_CODECS:
+                raise PayloadError(415, f"TIFF compression {sorted(codecs - TIFF_CODECS)} is not accepted; "
+                                        "send it uncompressed or with LZW, deflate, zstd or PackBits")
             # What decoding touches: every tile or strip at its full size (a tile may reach past the image).
-            decoded = sum(len(p.dataoffsets) * math.prod(p.chunks) for p in series.pages if p is not None)
+            decoded = sum(len(p.dataoffsets) * math.prod(p.chunks) for p in pages)
             budget = 4 * math.prod(series.shape) + (1 << 20)
             if decoded > budget:
                 raise PayloadError(413, f"the TIFF's tiles or strips decode to {decoded} values for an image of "
@@ -202,8 +242,7 @@ def _decode_tiff(body: bytes, max_values: int) -> np.ndarray:
     except PayloadError:
         raise
     except Exception as exc:  # noqa: BLE001 - any parser failure is the client's corrupt payload
-        raise PayloadError(400, f"corrupt TIFF payload ({_short(exc)}); send a whole .tif file as image/tiff") \
-            from None
+        raise _refusal(400, "corrupt TIFF payload; send a whole .tif file as image/tiff", exc) from None
     return np.asarray(arr)
 
 
@@ -224,7 +263,7 @@ def _decode_png(body: bytes, max_values: int) -> np.ndarray:
         raise PayloadError(413, f"the PNG image is over max_image_pixels ({max_values}); send a smaller image") \
             from None
     except Exception as exc:  # noqa: BLE001 - any parser failure is the client's corrupt payload
-        raise PayloadError(400, f"corrupt PNG payload ({_short(exc)}); send a whole .png file as image/png") from None
+        raise _refusal(400, "corrupt PNG payload; send a whole .png file as image/png", exc) from None
     _check_dtype(arr.dtype)
     return arr
 
@@ -292,7 +331,7 @@ def parse_statistics(text: str | None) -> dict[str, dict[str, float]] | None:
     try:
         stats = json.loads(text)
     except (ValueError, RecursionError) as exc:
-        raise PayloadError(400, f"X-Viscy-Statistics is not JSON ({_short(exc)}); send e.g. {example}") from None
+        raise _refusal(400, f"X-Viscy-Statistics is not JSON; send e.g. {example}", exc) from None
     ok = isinstance(stats, dict) and all(
         isinstance(v, dict) and all(_finite_number(x) for x in v.values()) for v in stats.values()
     )

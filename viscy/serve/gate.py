@@ -8,6 +8,7 @@ middleware's copy finds it.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,19 +53,33 @@ def _host_name(header: str) -> str:
     return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True)
 class Gate:
-    """What every request passes before any route runs: the Host check and the bearer token."""
+    """What every request passes before any route runs: where it comes from, its Host, and the bearer token.
+
+    Without a token the server answers only requests from this machine (unless the config says
+    ``allow_unauthenticated_network``) and only to a ``Host`` that is an IP address, ``localhost`` or a
+    configured name: a web page that reaches it through DNS rebinding sends its own domain name. With a token,
+    the token protects every route but the public ones, whatever the Host. Both rules look at the request
+    itself, so they hold however the application was deployed (``viscy serve``, ``serve deploy``, KubeRay).
+    """
 
     token: str | None
-    hosts: frozenset[str] | None  # None: any Host (a non-loopback bind, where the token protects)
+    names: frozenset[str]  # Host names accepted without a token, besides IP addresses
+    network_open: bool  # allow_unauthenticated_network
 
     @classmethod
     def for_config(cls, config: ServeConfig) -> Gate:
-        if not is_loopback(config.host):  # reached by addresses and names viscy cannot know: the token protects
-            return cls(read_token(config), None)
-        names = {_host_name(h) for h in [config.host, *config.allowed_hosts]}
-        return cls(read_token(config), LOOPBACK_NAMES | names)
+        names = LOOPBACK_NAMES | {_host_name(h) for h in [config.host, *config.allowed_hosts]}
+        return cls(read_token(config), frozenset(names), config.allow_unauthenticated_network)
 
     def authorized(self, request: Request) -> bool:
         if self.token is None:
@@ -73,10 +88,17 @@ class Gate:
         return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self.token.encode())
 
     def check(self, request: Request, path: str) -> None:
-        """Refuse a foreign Host (403) or, on every route but the public ones, a missing token (401)."""
-        if self.hosts is not None and _host_name(request.headers.get("host", "")) not in self.hosts:
-            raise PayloadError(403, "this server does not answer to that Host name; use the address it printed "
-                                    "(or add the name to allowed_hosts in the serve config)")
+        """Refuse (403) a network client or a foreign Host when there is no token, and (401) a missing token."""
+        if self.token is None:
+            peer = request.client.host if request.client else ""
+            if not self.network_open and not is_loopback(peer):
+                raise PayloadError(403, "this server has no token, so it answers only on its own machine; set "
+                                        "auth_token_env or auth_token_file (or allow_unauthenticated_network: true "
+                                        "on a network you trust)")
+            host = _host_name(request.headers.get("host", ""))
+            if host not in self.names and not _is_ip(host):
+                raise PayloadError(403, "this server does not answer to that Host name; use its address (or add "
+                                        "the name to allowed_hosts in the serve config)")
         if path not in PUBLIC_PATHS and not self.authorized(request):
             raise PayloadError(401, "missing or wrong bearer token; send Authorization: Bearer <token>")
 
