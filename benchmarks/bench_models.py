@@ -78,7 +78,7 @@ def bench_preset(name: str, tmp: Path, args: argparse.Namespace, gpu: bool) -> N
     rows = {}
     for size in args.sizes:
         y, x = spec.padded_yx(size, size)
-        inp = torch.randn(1, spec.in_channels, spec.in_depth, y, x)
+        inp = torch.randn(1, spec.in_channels, spec.z_window_size, y, x)
         feed = {"input": inp.numpy()}
         with torch.no_grad():
             t_torch = timed(partial(model, inp), args.repeats, args.warmup)
@@ -94,7 +94,7 @@ def bench_preset(name: str, tmp: Path, args: argparse.Namespace, gpu: bool) -> N
         gpu_sess = create_ort_session(onnx_path, device="cuda")
         for size in args.sizes:
             y, x = spec.padded_yx(size, size)
-            g = torch.randn(1, spec.in_channels, spec.in_depth, y, x, device="cuda")
+            g = torch.randn(1, spec.in_channels, spec.z_window_size, y, x, device="cuda")
             with torch.no_grad():
                 t32 = timed(partial(model, g), args.repeats, args.warmup, sync=True)
                 with torch.autocast("cuda", dtype=torch.bfloat16):

@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
     args = parser.parse_args()
-    from viscy.config import SynthConfig
+    from viscy.data.config import SynthConfig
     from viscy.data.synth import write_synthetic_plate
 
     work = Path(tempfile.mkdtemp(prefix="bench_multinode_"))

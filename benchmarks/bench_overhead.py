@@ -39,9 +39,10 @@ from typing import Any
 
 import yaml
 
-from viscy.config import PreprocessConfig, SynthConfig, TrainConfig
+from viscy.data.config import PreprocessConfig, SynthConfig
 from viscy.data.preprocess import run_preprocess
 from viscy.data.synth import write_synthetic_plate
+from viscy.train.config import TrainConfig
 from viscy.train.demo_settings import demo_train_config
 
 
@@ -92,15 +93,16 @@ def run_command(argv: list[str], log: Path) -> float:
 
 def run_viscy(config_path: Path, config: TrainConfig, log: Path) -> dict[str, Any]:
     """``viscy train --config`` as a user runs it; its command wall time and its phases."""
-    from viscy.models.checkpoint import read_model_card
-    from viscy.train.trainer import BEST_MODEL, TIMINGS
+    from viscy.models import read_card
+    from viscy.train.trainer import BEST_MODEL
+    from viscy.train.worker import TIMINGS
 
     viscy_cli = str(Path(sys.executable).with_name("viscy"))
     command_wall = run_command([viscy_cli, "train", "--config", str(config_path)], log)
     run_dir = Path(config.trainer.storage_path) / str(config.trainer.run_name)
     driver = json.loads((run_dir / "run_info.json").read_text())["timings"]
     rank0 = json.loads((run_dir / TIMINGS).read_text())
-    best = read_model_card(run_dir / BEST_MODEL).training.get("metrics", {})
+    best = read_card(run_dir / BEST_MODEL).training.get("metrics", {})
     return {
         "command_wall_s": command_wall,
         "wall_s": driver["finished"] - driver["started"],
@@ -127,13 +129,14 @@ def run_lightning(config: TrainConfig, out: Path, loader_workers: int = 2) -> di
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from viscy.data.patches import PatchSampler, PatchSpec
+    from viscy.train.check import check_model
     from viscy.train.datasource import list_fovs, split_fovs
     from viscy.train.module import VSModule
-    from viscy.train.trainer import _phase_timers, model_card_for
+    from viscy.train.worker import _phase_timers
 
     start = time.time()
     data, tc = config.data, config.trainer
-    card = model_card_for(config)
+    card = check_model(config)
     split = split_fovs(list_fovs(data), data)
     spec, pps = PatchSpec.from_config(data), data.patches_per_stack
     global_batch = data.batch_size * tc.num_workers
@@ -171,8 +174,8 @@ def run_lightning(config: TrainConfig, out: Path, loader_workers: int = 2) -> di
     module = VSModule(
         card.name,
         card.kwargs,
-        data.source_channel,
-        data.target_channel,
+        data.source_channels,
+        data.target_channels,
         tc.model_dump(mode="json"),
         figure_dir=str(out / "figures"),
     )

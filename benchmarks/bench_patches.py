@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from viscy.config import AugmentationConfig, NormalizationConfig, PreprocessConfig, SynthConfig
+from viscy.data.config import AugmentationConfig, NormalizationConfig, PreprocessConfig, SynthConfig
 from viscy.data.patches import PatchSampler, PatchSpec
 from viscy.data.plate import Plate
 from viscy.data.preprocess import run_preprocess
@@ -80,7 +80,9 @@ def main() -> None:
         norm = [NormalizationConfig()]
         rates = {}
         for label, target_2d in (("2.5D", True), ("3D", False)):
-            spec = PatchSpec(("Phase3D",), ("Nuclei", "Membrane"), z_window=5, yx_patch=(256, 256), target_2d=target_2d)
+            spec = PatchSpec(
+                ("Phase3D",), ("Nuclei", "Membrane"), z_window_size=5, yx_patch=(256, 256), target_2d=target_2d
+            )
             rates[label, "normalised"] = patch_rate(PatchSampler(path, spec, norm), names, args.per_stack, args.seconds)
             augmented = PatchSampler(path, spec, norm, augmentation=AugmentationConfig())
             rates[label, "norm + default aug"] = patch_rate(augmented, names, args.per_stack, args.seconds)

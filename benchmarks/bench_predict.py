@@ -34,9 +34,9 @@ def memory_child(args: argparse.Namespace) -> None:
     import numpy as np
     from iohub.ngff import open_ome_zarr
 
-    from viscy.config import ModelConfig
     from viscy.data.plate import Plate
-    from viscy.predict.backends import TorchBackend
+    from viscy.models.config import ModelConfig
+    from viscy.predict.backends import TorchBackend, describe_model
     from viscy.predict.run import predict_unit
     from viscy.predict.tiling import TilingOptions
     from viscy.predict.writer import OutputTarget
@@ -50,7 +50,7 @@ def memory_child(args: argparse.Namespace) -> None:
             p.create_position("A", "1", "0").create_image("0", data, chunks=(1, 1, 1, size, size))
         with open_ome_zarr(dst, layout="hcs", mode="w-", channel_names=["a", "b"]) as p:
             p.create_position("A", "1", "0").create_zeros("0", (1, 2, 1, size, size), np.float32, (1, 1, 1, size, size))
-    backend = TorchBackend(ModelConfig(name="unet2d", kwargs=UNET_KW), threads=1)
+    backend = TorchBackend(describe_model(ModelConfig(name="unet2d", kwargs=UNET_KW)), threads=1)
     plate = Plate(src)
     base = _rss_mib("VmRSS")
     opts = TilingOptions(yx_multiple=8, tile_yx=tuple(args.tile) if args.tile else None, overlap=0.25, batch_size=4)
@@ -65,14 +65,18 @@ def throughput(args: argparse.Namespace) -> list[dict]:
     """Plate prediction with each backend and actor count."""
     import torch
 
-    from viscy.config import ModelConfig, PredictConfig, PreprocessConfig, SynthConfig
+    from viscy.data.config import PreprocessConfig, SynthConfig
     from viscy.data.preprocess import run_preprocess
     from viscy.data.synth import write_synthetic_plate
     from viscy.models import create_model
-    from viscy.models.checkpoint import save_lightning_checkpoint
+    from viscy.models.config import ModelConfig
     from viscy.models.export import export_onnx, onnx_metadata
+    from viscy.predict.config import PredictConfig
     from viscy.predict.run import run_predict
     from viscy.ray_utils import ensure_ray
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.helpers
+    from tests.helpers import save_lightning_checkpoint
 
     ensure_ray()
     work = Path(args.workdir)

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from viscy.config import SynthConfig
 from viscy.data import engine as engine_mod
+from viscy.data.config import SynthConfig
 from viscy.data.plate import Plate
 from viscy.data.synth import write_synthetic_plate
 

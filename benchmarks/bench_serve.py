@@ -158,9 +158,8 @@ def direct_figures(onnx: Path, image: np.ndarray, args: argparse.Namespace, devi
 
     served = ServedModel.load(onnx)
     x, _ = served.normalize(served.as_czyx(image), None)
-    opts = TilingOptions(in_depth=served.spec.in_depth, out_depth=served.spec.out_depth,
-                         yx_multiple=served.spec.yx_multiple, tile_yx=(args.tile, args.tile), overlap=args.overlap,
-                         blend="gaussian", batch_size=args.max_batch_size)
+    opts = TilingOptions.for_model(served.card.spec, (args.tile, args.tile), overlap=args.overlap, blend="gaussian",
+                                   batch_size=args.max_batch_size)
     threads = args.ort_threads if device == "cpu" else None
     backend = OnnxBackend(onnx, device=device, threads=threads)
     out: dict[str, Any] = {"size": image.shape[-1], "device": device, "threads": threads,
@@ -382,7 +381,7 @@ def threadpool_hint(concurrency: int, args: argparse.Namespace) -> str | None:
     ``VirtualStainer.predict`` holds one of them per request (``asyncio.to_thread(predict_plane_stack)``,
     blocked on its tiles) while ``_run_tiles`` needs another one to run onnxruntime.
     """
-    from viscy.config import StainerSettings
+    from viscy.serve.config import StainerSettings
 
     workers = min(32, max(1, math.ceil(args.stainer_cpus)) + 4)
     ongoing = args.stainer_max_ongoing or StainerSettings().max_ongoing_requests

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 
-from viscy.config import DataConfig, PreprocessConfig, SynthConfig
+from viscy.data.config import DataConfig, PreprocessConfig, SynthConfig
 from viscy.data.preprocess import run_preprocess
 from viscy.data.synth import write_synthetic_plate
 

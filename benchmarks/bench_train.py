@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,12 +22,16 @@ from pathlib import Path
 import psutil
 import torch
 
-from viscy.config import DataConfig, PreprocessConfig, SynthConfig, TrainConfig
+from viscy.data.config import DataConfig, PreprocessConfig, SynthConfig
 from viscy.data.plate import Plate
 from viscy.data.preprocess import run_preprocess
 from viscy.data.synth import write_synthetic_plate
 from viscy.ray_utils import ensure_ray
-from viscy.train.datasource import patch_dataset, plan_reads, read_patches
+from viscy.train.config import TrainConfig
+from viscy.train.datasource import patch_dataset, plan_reads
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.helpers
+from tests.helpers import read_patches  # noqa: E402
 
 
 class _ReadsDataset(torch.utils.data.IterableDataset):

@@ -30,9 +30,11 @@ from typing import Any
 
 import yaml
 
-from viscy.config import SynthConfig, TrainConfig, TuneConfig
+from viscy.data.config import SynthConfig
 from viscy.data.synth import write_synthetic_plate
 from viscy.ray_utils import ensure_ray
+from viscy.train.config import TrainConfig
+from viscy.tune.config import TuneConfig
 
 LRS = [2e-3, 1e-3, 5e-4, 3e-3, 7e-4, 1.5e-3, 4e-3, 2.5e-4]
 

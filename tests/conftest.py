@@ -1,4 +1,4 @@
-"""Shared fixtures: small real OME-Zarr plates and a local Ray cluster per test module."""
+"""Shared fixtures: small real OME-Zarr plates and one local Ray cluster shared by the test modules."""
 
 from __future__ import annotations
 
@@ -11,11 +11,16 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-# Ray workers inherit the environment of the raylet a test starts: this makes tests/viscy_hooks.py (the
-# functions behind viscy.testing's VISCY_TEST_HOOK) importable in every worker.
-_TESTS_DIR = str(Path(__file__).resolve().parent)
-if _TESTS_DIR not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_TESTS_DIR, os.environ.get("PYTHONPATH")) if p)
+# Ray workers and subprocesses inherit the environment of the test process: this makes tests.faults (fault
+# injection, run in Ray workers) and the modules in tests/ importable there.
+_TESTS_DIR = Path(__file__).resolve().parent
+_PATHS = [str(_TESTS_DIR.parent), str(_TESTS_DIR)]
+_PYTHONPATH = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+if any(p not in _PYTHONPATH for p in _PATHS):
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (*_PATHS, *_PYTHONPATH) if p)
+
+# Data, not tests: pytest need not walk their ~2,000 directories.
+collect_ignore = ["data/stores", "clusters/kuberay-crds-v1.7.0"]
 
 
 def write_iohub_plate(
@@ -46,16 +51,40 @@ def small_plate(tmp_path: Path) -> Path:
     return write_iohub_plate(tmp_path / "small.zarr")
 
 
+@pytest.fixture(scope="session")
+def _stop_ray_at_exit():
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 @pytest.fixture(scope="module")
-def ray_local():
-    """A local Ray cluster for one test module (Ray is shut down between modules)."""
+def ray_local(_stop_ray_at_exit):
+    """The in-process local Ray cluster (2 CPUs), shared by every module that asks for one.
+
+    It is started on first use and left running for the next module: a start and stop cost ~10 CPU-seconds
+    on 2 cores, and its idle workers (torch already imported) serve the next module's tasks. It starts again
+    only after a test stopped it (:func:`tests.ray_head.ray_head` does, so that no other cluster runs beside
+    a head) and is stopped at the end of the session. Ray Train, Tune and Ray Data release what they reserved
+    when their run ends, so one module's work leaves nothing behind for the next.
+    """
     import ray
 
     from viscy.ray_utils import ensure_ray
 
     ensure_ray(num_cpus=2)
     yield ray
-    ray.shutdown()
+
+
+@pytest.fixture
+def no_ray() -> None:
+    """No in-process Ray cluster when the test starts (one a previous module left running is stopped)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -73,7 +75,9 @@ def ray_head(
     """Start a head with ``env`` (e.g. its ``RAY_AUTH_MODE``); yield its addresses once it answers.
 
     ``resources`` (custom resources) and ``temp_dir`` (a short path: it holds Unix sockets) tell it apart from
-    other nodes on this machine.
+    other nodes on this machine. Without ``temp_dir`` the head gets a private one, removed when it stops: in the
+    shared ``/tmp/ray``, ``ray_current_cluster`` names whichever cluster on this machine started last, and the job
+    agent gives a submitted job's driver that address (``ray job submit`` then joined another test's cluster).
     """
     import ray
 
@@ -81,9 +85,13 @@ def ray_head(
         ray.shutdown()
     env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
     port, dash = free_ports(2)
+    # Workers find the state API here (as docs/clusters sets it): without it, with another cluster on this
+    # machine, Ray Train's placement-group cleaner asks that one, finds no controller and ends a live run.
+    env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dash}"
     side = _side_ports((*NODE_PORTS, "ray-client-server-port"))
     extra = [f"--resources={json.dumps(resources)}"] if resources else []
-    extra += [f"--temp-dir={temp_dir}"] if temp_dir else []
+    private_temp = None if temp_dir else Path(tempfile.mkdtemp(prefix="ray_h_"))  # short: it holds Unix sockets
+    extra += [f"--temp-dir={temp_dir or private_temp}"]
     log = open(log_dir / "head.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
@@ -108,6 +116,8 @@ def ray_head(
     finally:
         _stop(proc)
         log.close()
+        if private_temp is not None:
+            shutil.rmtree(private_temp, ignore_errors=True)
 
 
 def start_node(

@@ -8,7 +8,9 @@ import pytest
 import yaml
 
 from viscy import api
-from viscy.config import ConfigError, PredictConfig, PreprocessConfig
+from viscy.config import ConfigError
+from viscy.data.config import PreprocessConfig
+from viscy.predict.config import PredictConfig
 
 
 def test_resolve_config_accepts_objects_files_and_mappings(tmp_path):
@@ -38,7 +40,8 @@ def test_preprocess_returns_a_typed_result(small_plate, ray_local):
 
 
 def test_stage_paths_are_made_absolute_for_ray_workers(tmp_path, monkeypatch):
-    from viscy.config import TrainConfig, absolute_paths
+    from viscy.config import absolute_paths
+    from viscy.train.config import TrainConfig
 
     monkeypatch.chdir(tmp_path)
     predict = absolute_paths(api.resolve_config(PredictConfig, {"data_path": ["a.zarr", "/data/b.zarr"]},

@@ -116,3 +116,14 @@ def test_pipeline_verbs_run_the_python_api():
     entries = {v.name: v.entry for v in VERBS}
     for verb in ("synth", "preprocess", "train", "export", "predict", "evaluate"):
         assert entries[verb] == f"viscy.api:{verb}"
+
+
+def test_old_key_on_the_command_line_warns_and_help_shows_the_new_name(capsys):
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--data.source_channels" in out and "--data.source_channel " not in out
+    # the old name is read (the warning names the new key); the unknown key then stops the command
+    assert main(["train", "--data.data_path", "x.zarr", "--data.source_channel", "BF", "--trainer.bogus", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "'data.source_channel' is deprecated; use 'data.source_channels'" in err
+    assert "unknown key 'trainer.bogus'" in err and "source_channel'" not in err.split("unknown key")[1]

@@ -1,4 +1,5 @@
-"""Config schema: YAML loading, dotted overrides, clear errors, resolved config saved."""
+"""Config schema: YAML loading, dotted overrides, clear errors, renamed keys, resolved config saved; the base
+imports no stage."""
 
 from __future__ import annotations
 
@@ -11,14 +12,14 @@ import yaml
 from viscy.config import (
     CONFIG_FILENAME,
     ConfigError,
-    DataConfig,
-    PreprocessConfig,
-    SynthConfig,
-    TrainConfig,
+    DeprecatedKeyWarning,
+    describe_schema,
     load_config,
     parse_overrides,
     save_config,
 )
+from viscy.data.config import DataConfig, PreprocessConfig, SynthConfig
+from viscy.train.config import TrainConfig
 
 
 def test_overrides_parse_scalars_lists_and_equals():
@@ -64,7 +65,7 @@ def test_invalid_number_and_relation_errors():
     with pytest.raises(ConfigError, match="grid_spacing"):
         load_config(PreprocessConfig, None, {"data_path": "x", "grid_spacing": 0})
     with pytest.raises(ConfigError, match="both source and target"):
-        load_config(DataConfig, None, {"data_path": "x", "source_channel": ["Nuclei"]})
+        load_config(DataConfig, None, {"data_path": "x", "source_channels": ["Nuclei"]})
 
 
 def test_bad_yaml_file(tmp_path: Path):
@@ -100,8 +101,9 @@ def test_readme_synth_example_and_single_values():
 
 
 def test_numbers_and_single_values_for_train_predict_evaluate_info():
-    from viscy.config import EvaluateConfig, PredictConfig
     from viscy.data.plate import InfoConfig
+    from viscy.evaluate.config import EvaluateConfig
+    from viscy.predict.config import PredictConfig
 
     train = _cli(TrainConfig, "--data.data_path", "p.zarr", "--data.positions", "A/1/0", "--trainer.run_name", "2024",
                  "--trainer.precision", "32", "--logging.group", "7", "--data.val_positions", "A/2/0")
@@ -116,10 +118,10 @@ def test_numbers_and_single_values_for_train_predict_evaluate_info():
     assert [(n.channels, n.divisor) for n in one.data.normalization] == [(["Phase3D"], "std")]
 
     pred = _cli(PredictConfig, "--data_path", "p.zarr", "--onnx", "m.onnx", "--positions", "A/1/0",
-                "--source_channel", "Phase3D", "--target_channel", "1")
-    assert pred.positions == ["A/1/0"] and pred.source_channel == ["Phase3D"] and pred.target_channel == ["1"]
-    ev = _cli(EvaluateConfig, "--data_path", "p.zarr", "--positions", "A/2/*", "--target_channel", "Nuclei")
-    assert ev.positions == ["A/2/*"] and ev.target_channel == ["Nuclei"]
+                "--source_channels", "Phase3D", "--target_channels", "1")
+    assert pred.positions == ["A/1/0"] and pred.source_channels == ["Phase3D"] and pred.target_channels == ["1"]
+    ev = _cli(EvaluateConfig, "--data_path", "p.zarr", "--positions", "A/2/*", "--target_channels", "Nuclei")
+    assert ev.positions == ["A/2/*"] and ev.target_channels == ["Nuclei"]
     assert _cli(InfoConfig, "--data_path", "p.zarr", "--positions", "A/*").positions == ["A/*"]
     assert _cli(PreprocessConfig, "--data_path", "p", "--channels", "Nuclei").channels == ["Nuclei"]
 
@@ -196,3 +198,83 @@ def test_every_verb_coerces_numbers_and_single_values(verb):
         assert value == expected, (key, value)
         checked += 1
     assert checked >= len(keys) // 2, f"{verb}: only {checked} of {len(keys)} keys could be checked"
+
+
+# ------------------------------------------------------------------------------------------- renamed keys
+def test_old_channel_keys_load_from_yaml_with_a_warning_naming_the_new_key(tmp_path: Path):
+    """A config saved by an earlier viscy (singular channel keys) loads; it is saved back under the new names."""
+    old = tmp_path / CONFIG_FILENAME
+    old.write_text(yaml.safe_dump({"data": {"data_path": "p", "source_channel": ["BF"], "target_channel": "DAPI"}}))
+    with pytest.warns(DeprecatedKeyWarning, match=r"'data.source_channel' is deprecated; use 'data.source_channels'"):
+        config = load_config(TrainConfig, old)
+    assert config.data.source_channels == ["BF"] and config.data.target_channels == ["DAPI"]
+    saved = yaml.safe_load(save_config(config, tmp_path / "again", "test").read_text())
+    assert "source_channels" in saved["data"] and "source_channel" not in saved["data"]
+    with pytest.warns(DeprecatedKeyWarning, match="use 'target_channels'"):  # validated directly, no key path
+        assert DataConfig.model_validate({"data_path": "p", "target_channel": ["x"]}).target_channels == ["x"]
+
+
+def test_old_channel_keys_on_the_command_line_and_every_schema_that_has_them(tmp_path: Path):
+    from viscy.evaluate.config import EvaluateConfig
+    from viscy.models.config import ExportConfig
+    from viscy.predict.config import PredictConfig
+
+    with pytest.warns(DeprecatedKeyWarning, match=r"'data.source_channel' is deprecated; use 'data.source_channels'"):
+        train = _cli(TrainConfig, "--data.data_path", "p", "--data.source_channel", "Phase3D")
+    assert train.data.source_channels == ["Phase3D"]
+    with pytest.warns(DeprecatedKeyWarning):
+        assert _cli(ExportConfig, "--output", "m.onnx", "--target_channel", "a", "b").target_channels == ["a", "b"]
+        assert _cli(PredictConfig, "--data_path", "p", "--onnx", "m", "--source_channel", "B").source_channels == ["B"]
+        assert _cli(EvaluateConfig, "--data_path", "p", "--source_channel", "BF").source_channels == ["BF"]
+    # an override replaces the file's value whichever name either of them uses
+    new = tmp_path / "new.yaml"
+    new.write_text(yaml.safe_dump({"data": {"data_path": "p", "source_channels": ["BF"]}}))
+    with pytest.warns(DeprecatedKeyWarning):
+        assert load_config(TrainConfig, new, {"data.source_channel": "DPC"}).data.source_channels == ["DPC"]
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump({"data": {"data_path": "p", "source_channel": ["BF"]}}))
+    with pytest.warns(DeprecatedKeyWarning):
+        assert load_config(TrainConfig, old, {"data.source_channels": "DPC"}).data.source_channels == ["DPC"]
+    both = tmp_path / "both.yaml"
+    both.write_text(yaml.safe_dump({"data": {"data_path": "p", "source_channel": ["BF"], "source_channels": ["BF"]}}))
+    with pytest.raises(ConfigError, match="'data.source_channel' and 'data.source_channels' are both set"):
+        load_config(TrainConfig, both)
+
+
+def test_help_lists_only_the_new_names():
+    keys = [key for key, _, _ in describe_schema(TrainConfig)]
+    assert "data.source_channels" in keys and "data.target_channels" in keys
+    assert "data.source_channel" not in keys and "data.target_channel" not in keys
+
+
+def test_config_error_is_a_viscy_error_and_a_value_error():
+    from viscy.errors import ViscyError
+
+    with pytest.raises(ViscyError) as err:
+        load_config(DataConfig, None, {})
+    assert isinstance(err.value, ConfigError) and isinstance(err.value, ValueError)
+
+
+def test_the_base_imports_no_stage_module():
+    """viscy.config is the shared base: it may import viscy.errors, never a stage (no cycles, nothing above it)."""
+    import ast
+
+    import viscy.config
+
+    tree = ast.parse(Path(viscy.config.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert {m for m in imported if m.startswith("viscy")} <= {"viscy.errors"}, imported
+
+
+def test_validation_builds_no_model(monkeypatch):
+    """Checking values never resolves or builds a model: an unknown name passes validation (check_model names it)."""
+    import viscy.models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("validation built a model")
+
+    monkeypatch.setattr(viscy.models, "model_spec", refuse)
+    monkeypatch.setattr(viscy.models, "resolve_model_source", refuse)
+    config = _cli(TrainConfig, "--data.data_path", "p", "--model.name", "unet9d")
+    assert config.model.name == "unet9d"

@@ -89,3 +89,37 @@ def test_placing_the_log_moves_it_and_never_writes_through_a_link(private_tmp: P
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(placed.stat().st_mode) == 0o666 & ~umask  # beside the results, the user's usual mode
+
+
+def test_worker_lines_go_to_the_log_file(private_tmp: Path) -> None:
+    path = console.start_log("unit")
+    batch = {"lines": ["Lightning tip", "GPU available: False"], "pid": 42, "actor_name": "RayTrainWorker"}
+    console.log_worker_lines(batch)
+    console._state["handler"].flush()
+    text = path.read_text()
+    assert "(RayTrainWorker pid=42) Lightning tip" in text and "(RayTrainWorker pid=42) GPU available: False" in text
+
+
+def test_the_epoch_console_prints_each_epoch_once(capsys: pytest.CaptureFixture[str]) -> None:
+    """One line per reported epoch; an epoch reported again (a restarted worker group, a replayed history) is not."""
+    from viscy.train.progress import EpochPrinter
+
+    printer = EpochPrinter(3, ["Nuclei"])
+    report = {"train_loss": 0.5, "val_loss": 0.4, "val_pearson_Nuclei": 0.8, "train_samples_per_s": 12.0, "step": 2}
+    for epoch in (0, 1, 1, 0, 2):
+        printer(report | {"epoch": epoch})
+    printer.close()
+    out = capsys.readouterr().out
+    assert [out.count(f"epoch {e}/3 ") for e in (1, 2, 3)] == [1, 1, 1], out
+    assert "epoch 1/3  train_loss 0.5000  val_loss 0.4000  val Pearson Nuclei 0.800  12.0 samples/s" in out
+    assert "ETA" in out.split("epoch 2/3")[1]
+
+
+def test_a_resumed_run_counts_its_epochs_from_where_it_resumed(capsys: pytest.CaptureFixture[str]) -> None:
+    from viscy.train.progress import EpochPrinter
+
+    printer = EpochPrinter(4, [])
+    printer({"epoch": 2, "train_loss": 1.0})
+    assert printer.bar.n == 3
+    printer.close()
+    assert "epoch 3/4  train_loss 1.0000" in capsys.readouterr().out

@@ -4,24 +4,26 @@ How it works
 ------------
 1. ``readme_commands()`` reads every fenced ```` ```bash ```` block of README.md, joins ``\\`` continuations,
    drops trailing ``# comments`` (with ``shlex``, so quoted ``#`` survive) and yields one command per line.
-2. A command that starts with ``viscy`` is run; anything else must match ``NOT_RUN`` (a regex and the reason it
-   cannot run here, e.g. ``make test``, which CI runs itself). ``test_every_readme_command_is_run_or_allowlisted``
-   fails when the README gains a command that is neither, so a new example cannot silently go untested.
-3. Each ``viscy`` command is rewritten by ``SUBSTITUTIONS``, in table order: ``Sub(pattern, replacement, why,
-   only)`` is ``re.sub(pattern, replacement, command)`` applied to commands matching ``only`` (all if empty), on
-   the command as ``shlex.join`` writes it (``--positions 'A/*'``). ``{repo}`` in a replacement is this checkout's
-   root. Entries only shrink sizes (``--yx 512 512`` -> ``--yx 96 96``), point placeholder paths at what the test
-   made (``VSCyto3D.ckpt`` -> a tiny VisCy-format checkpoint
-   from ``PROVIDED_FILES``), or append shrinking overrides (``pattern="$"``: 1 epoch, 2 steps, a tiny UNeXt2
-   backbone); later overrides win, so the command as written, shrunk, is what runs.
+2. A command that starts with ``viscy`` is run, and so is the README's ``ray job submit -- viscy train``; anything
+   else must match ``NOT_RUN`` (a regex and the reason it cannot run here, e.g. ``make test``, which CI runs
+   itself). ``test_every_readme_command_is_run_or_allowlisted`` fails when the README gains a command that is
+   neither, so a new example cannot silently go untested.
+3. Each command is rewritten by ``SUBSTITUTIONS``, in table order: ``Sub(pattern, replacement, why, only)`` is
+   ``re.sub(pattern, replacement, command)`` applied to commands matching ``only`` (all if empty), on the command
+   as ``shlex.join`` writes it (``--positions 'A/*'``). ``{repo}`` in a replacement is this checkout's root,
+   ``{work}`` the scratch directory (filled in when the command runs). Entries only shrink sizes (``--yx 512 512``
+   -> ``--yx 96 96``), point placeholder paths at what the test made (``VSCyto3D.ckpt`` -> a tiny VisCy-format
+   checkpoint from ``PROVIDED_FILES``), or append shrinking overrides (``pattern="$"``: 1 epoch, 2 steps, a tiny
+   UNeXt2 backbone); later overrides win, so the command as written, shrunk, is what runs.
    To cover a new README example, add the entries it needs here (``test_substituted_commands`` prints every
    command before and after); a file the README assumes to exist goes into ``PROVIDED_FILES``.
 4. Commands run as real processes (``python -m viscy.cli``, this checkout first on ``PYTHONPATH``, joining one
-   Ray head the module starts, through ``RAY_ADDRESS``), in one scratch directory shared by the module, ordered
-   by pipeline stage (``STAGES``: synth, preprocess, info, train, export, predict, evaluate; README order within
-   a stage), because later examples read what earlier ones wrote. A command that fails today for a reason
-   outside this test is listed in ``KNOWN_FAILURES`` and
-   marked ``xfail(strict=False)``; remove its entry once it is fixed.
+   Ray head the module starts, through ``RAY_ADDRESS``; the ``ray job submit`` example submits to that head's
+   dashboard, in place of the README's ``127.0.0.1:8265``), in one scratch directory shared by the module,
+   ordered by pipeline stage (``STAGES``: synth, preprocess, info, train, export, predict, evaluate; README order
+   within a stage; the job last), because later examples read what earlier ones wrote. A command that fails today
+   for a reason outside this test is listed in ``KNOWN_FAILURES`` and marked ``xfail(strict=False)``; remove its
+   entry once it is fixed.
 5. The serving examples (``SERVING``: ``viscy serve``, then ``viscy infer`` and ``curl`` from a second shell) run in
    ``test_readme_serving_commands``: ``viscy serve`` as a background process on a free port (the only rewrite:
    ``127.0.0.1:8000`` -> that port), the others against it, then Ctrl-C. ``demo_output/model`` holds the
@@ -78,22 +80,30 @@ SUBSTITUTIONS: list[Sub] = [
     # ---- appended shrinking overrides (later keys win)
     Sub(r"$", " --trainer.max_epochs 1 --trainer.train_steps_per_epoch 2 --trainer.val_steps 1 --data.batch_size 2"
         " --data.patches_per_stack 2 --trainer.reads_per_fov 1 --trainer.val_reads_per_fov 1",
-        "1 epoch of 2 steps, 1 validation step", only=r"^viscy train "),
+        "1 epoch of 2 steps, 1 validation step", only=r"(^|-- )viscy train "),
     Sub(r"$", " --trainer.num_workers 1", "recipes ask for 2-4 workers of 0.5 CPU: on 2 cores 4 of them starve Ray "
         "Data's read tasks (a resumed VSCyto3D run hung), and each worker costs minutes here",
-        only=r"^viscy train (?!.*--trainer\.num_workers)"),
+        only=r"(^|-- )viscy train (?!.*--trainer\.num_workers)"),
     Sub(r"$", " --data.data_path plate.zarr --trainer.storage_path runs --data.yx_patch_size 64 64"
         f" --trainer.use_gpu false --trainer.cpus_per_worker 0.5 {TINY_UNEXT2}",
         "/PLACEHOLDER/ paths of the recipe -> the synth plate and ./runs; 64² patches; CPU workers; tiny backbone",
         only=r"configs/vscyto3d\.yaml"),
-    Sub(r"$", " --data.data_path plate.zarr --trainer.storage_path tune --search.num_samples 2 --trainer.max_epochs 2"
+    Sub(r"$", " --data.data_path plate.zarr --trainer.storage_path tune --search.num_samples 1 --trainer.max_epochs 1"
         " --trainer.train_steps_per_epoch 2 --trainer.val_steps 1 --data.batch_size 2 --data.patches_per_stack 2"
-        " --data.yx_patch_size 64 64", "2 trials of 2 short epochs on the synth plate (tests/tune runs full sweeps)",
+        " --data.yx_patch_size 64 64", "1 trial (the recipe's starting point) of 1 short epoch on the synth plate: "
+        "the command and what it writes; tests/tune runs whole sweeps (ASHA, several trials, resume)",
         only=r"^viscy tune "),
     Sub(r"$", " --trainer.max_epochs 2", "resume continues to epoch 2 (the first run stopped at 1)",
         only=r"--trainer\.resume true"),
     Sub(r"--model\.name VSCyto3D", f"--model.name VSCyto3D {TINY_UNEXT2}",
         "VSCyto3D with a tiny backbone (VSCyto3D.ckpt is made with the same)"),
+    # ---- the job submitted to a running cluster
+    Sub(r"--working-dir \.", "--working-dir {repo}", "the checkout is the job's working directory (commands run in "
+        "the scratch dir)", only=r"^ray job submit "),
+    Sub(r"/abs/path/plate\.zarr", "{work}/plate.zarr", "the synth plate, by its absolute path",
+        only=r"^ray job submit "),
+    Sub(r"$", " --trainer.storage_path {work}/job_runs --trainer.run_name job",
+        "runs outside Ray's copy of the working directory, where the test can look at them", only=r"^ray job submit "),
 ]
 
 # Files the README assumes the reader has: name in the workspace -> function(path) writing a tiny stand-in.
@@ -125,9 +135,9 @@ PROVIDED_FILES = {"VSCyto3D.ckpt": _tiny_vscyto3d_checkpoint, "phase.tif": _phas
 NOT_RUN: dict[str, str] = {
     r"^make (demo|test)$": "CI (.ci/run) runs `make test` itself, and `make demo` is its minutes-long default job; "
     "the demo's steps are the viscy commands run here",
-    r"^ray (start|stop)\b": "starts/stops a Ray head: tests/train/test_train_job.py runs this flow on loopback",
-    r"^export RAY_AUTH_MODE=token$": "environment for `ray job submit` (tests/train/test_train_job.py sets it)",
-    r"^ray job submit\b": "tests/train/test_train_job.py submits `viscy train` to a head it starts",
+    r"^ray (start|stop)\b": "starts/stops a Ray head: the examples run on a head that this module starts the same "
+    "way (`ray start --head` on loopback, free ports: tests/ray_head.py) and stops when they are done",
+    r"^export RAY_AUTH_MODE=token$": "environment for `ray job submit` (the examples run with RAY_AUTH_MODE=token)",
     r"^viscy evaluate .*--segmentation\.method cellpose --segmentation\.model cpsam": "needs the Cellpose-SAM "
     "weights (a download; CI has no network) and minutes of CPU per FOV; the Cellpose path is tested with a "
     "random-weight Cellpose-SAM checkpoint in tests/evaluate/test_eval_cellpose.py",
@@ -151,6 +161,8 @@ PY_SUBSTITUTIONS: list[Sub] = [
 
 STAGES = ["synth", "preprocess", "info", "train", "tune", "export", "predict", "evaluate", "demo"]
 SERVING = r"^(viscy (serve|infer)|curl) "  # run by test_readme_serving_commands, against a running server
+JOB = r"^ray job submit .* -- viscy "  # run by test_readme_command_runs, after the viscy commands
+README_DASHBOARD = "http://127.0.0.1:8265"  # the README's `ray job submit --address`
 
 
 def readme_commands(text: str | None = None) -> list[str]:
@@ -178,10 +190,12 @@ def _not_run_reason(command: str) -> str | None:
 
 
 def _run_plan() -> list[str]:
-    """The README's ``viscy`` commands to run, in pipeline-stage order (README order within a stage)."""
+    """The README's ``viscy`` commands to run, in pipeline-stage order (README order within a stage), then its
+    ``ray job submit`` example (it trains on the plate the others wrote)."""
     run = [c for c in readme_commands() if c.startswith("viscy ") and _not_run_reason(c) is None
            and not re.search(SERVING, c)]
-    return sorted(run, key=lambda c: STAGES.index(c.split()[1]) if c.split()[1] in STAGES else len(STAGES))
+    jobs = [c for c in readme_commands() if re.search(JOB, c) and _not_run_reason(c) is None]
+    return sorted(run, key=lambda c: STAGES.index(c.split()[1]) if c.split()[1] in STAGES else len(STAGES)) + jobs
 
 
 # The examples join one Ray head started for this module (as on a cluster) instead of each starting its own:
@@ -214,11 +228,12 @@ def test_every_readme_command_is_run_or_allowlisted():
     commands = readme_commands()
     assert sum(c.startswith("viscy ") for c in commands) >= 10, "the README parser found too few commands"
     unknown = [c for c in commands if not c.startswith("viscy ") and _not_run_reason(c) is None
-               and not re.search(SERVING, c)]
+               and not re.search(SERVING, c) and not re.search(JOB, c)]
     assert not unknown, (
         f"README commands neither run nor allowlisted: {unknown}; make them `viscy ...` commands or add them to "
         "NOT_RUN in tests/test_readme.py with the reason they cannot run here"
     )
+    assert any(re.search(JOB, c) for c in _run_plan()), "the README's `ray job submit -- viscy ...` example is gone"
     unknown_verbs = [c for c in commands if c.startswith("viscy ") and c.split()[1] not in STAGES
                      and not re.search(SERVING, c)]
     assert not unknown_verbs, f"add the verb of {unknown_verbs} to STAGES in tests/test_readme.py"
@@ -263,8 +278,10 @@ def workspace(tmp_path_factory) -> Iterator[Path]:
     work = tmp_path_factory.mktemp("readme")
     for name, make in PROVIDED_FILES.items():
         make(work / name)
-    with ray_head(tmp_path_factory.mktemp("head"), dict(os.environ, RAY_AUTH_MODE="token")) as head:
-        _CLUSTER["address"] = head.gcs_address
+    # The README's job runs `viscy ...`: on the head's PATH, as in an environment where viscy is installed.
+    path = os.pathsep.join(p for p in (str(Path(sys.executable).parent), os.environ.get("PATH", "")) if p)
+    with ray_head(tmp_path_factory.mktemp("head"), dict(os.environ, RAY_AUTH_MODE="token", PATH=path)) as head:
+        _CLUSTER["address"], _CLUSTER["dashboard"] = head.gcs_address, head.dashboard
         try:
             yield work
         finally:
@@ -283,10 +300,30 @@ def _plan_params() -> list:
 @pytest.mark.slow
 @pytest.mark.parametrize("command", _plan_params())
 def test_readme_command_runs(command: str, workspace: Path):
-    new = substitute(command)
+    new = substitute(command).replace("{work}", str(workspace))
+    if re.search(JOB, command):
+        _run_job(new, workspace)
+        return
     out = _viscy(shlex.split(new)[1:], workspace)
     assert out.returncode == 0, f"{new}\nexit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
     _check_outputs(shlex.split(new), out.stdout, workspace)
+
+
+def _run_job(command: str, workspace: Path) -> None:
+    """The README's ``ray job submit`` to the module's head (token auth); the job's ``viscy`` command succeeds
+    and leaves what that verb promises."""
+    import time
+
+    tokens = shlex.split(command.replace(README_DASHBOARD, _CLUSTER["dashboard"]))
+    cmd = [str(Path(sys.executable).parent / "ray"), *tokens[1:]]
+    for _ in range(10):  # the job agent can come up a little after the dashboard answers
+        out = subprocess.run(cmd, cwd=workspace, env=_env(), capture_output=True, text=True, timeout=600)
+        if "No available agent" not in out.stdout + out.stderr:
+            break
+        time.sleep(3)
+    assert out.returncode == 0, f"{command}\nexit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
+    assert "succeeded" in out.stdout.lower(), out.stdout[-3000:]
+    _check_outputs(tokens[tokens.index("--") + 1:], out.stdout, workspace)
 
 
 def _last(tokens: list[str], key: str) -> str | None:
@@ -315,12 +352,12 @@ def _check_outputs(tokens: list[str], stdout: str, work: Path) -> None:
         assert (run / "best_model.pt").is_file() and (run / "viscy_config.yaml").is_file()
         assert "val Pearson" in stdout
     if verb == "export" and "--model.name" not in tokens:
-        from viscy.models.export import read_onnx_metadata
+        from viscy.models import read_card
 
         # exported from best_model.pt alone: the channels and normalisation training used are in the file
-        meta = read_onnx_metadata(work / output)
-        assert meta["target_channels"] == ["Nuclei", "Membrane"] and meta["source_channels"] == ["Phase3D"]
-        assert meta["model_card"]["training"]["run_name"] and meta["normalization"]
+        card = read_card(work / output)
+        assert card.target_channels == ["Nuclei", "Membrane"] and card.source_channels == ["Phase3D"]
+        assert card.training["run_name"] and card.normalization
     if verb == "predict" and output not in (None, "null"):
         from viscy.data.plate import Plate
 

@@ -13,8 +13,8 @@ mappings or dotted keys), validates it exactly as the CLI does, runs the stage a
 
 Relative paths are resolved against the current directory before anything runs (Ray workers run in
 their own directories). A trained model carries its card (architecture, channels, normalisation), so
-``predict`` and ``export`` need only the checkpoint. Errors are :class:`viscy.errors.ViscyError` or
-:class:`viscy.config.ConfigError` and name the problem and the fix.
+``predict`` and ``export`` need only the checkpoint. Errors are :class:`viscy.errors.ViscyError` (a bad
+config: :class:`viscy.config.ConfigError`) and name the problem and the fix.
 """
 
 from __future__ import annotations
@@ -25,18 +25,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel
 
-from viscy.config import (
-    EvaluateConfig,
-    ExportConfig,
-    PredictConfig,
-    PreprocessConfig,
-    ServeConfig,
-    SynthConfig,
-    TrainConfig,
-    TuneConfig,
-    absolute_paths,
-    load_config,
-)
+from viscy.config import absolute_paths, load_config
+from viscy.data.config import PreprocessConfig, SynthConfig
+from viscy.evaluate.config import EvaluateConfig
+from viscy.models.config import ExportConfig
+from viscy.predict.config import PredictConfig
+from viscy.serve.config import ServeConfig
+from viscy.train.config import TrainConfig
+from viscy.tune.config import TuneConfig
 
 if TYPE_CHECKING:
     from viscy.data.preprocess import PreprocessResult

@@ -29,7 +29,8 @@ class Verb:
     details: str = ""
     # Leave without the interpreter's teardown (after every atexit handler): torch, Lightning and Ray loaded.
     skip_teardown: bool = False
-    # Start Ray in the background once the config's keys and values are valid, during its model check.
+    # Start Ray in the background once the config is valid, while the stage's own checks run (train: the
+    # model/data check, which imports torch and the model's libraries).
     start_ray_early: bool = False
 
 
@@ -37,14 +38,14 @@ VERBS: list[Verb] = [
     Verb(
         "demo",
         "Run the embedded default job on a synthetic plate (local Ray).",
-        "viscy.config:DemoConfig",
+        "viscy.demo:DemoConfig",
         "viscy.demo:run_demo",
         "Synthesises a plate, computes normalisation statistics with Ray and prints a summary.",
     ),
     Verb(
         "synth",
         "Write a synthetic HCS OME-Zarr plate with phase, fluorescence and ground-truth labels.",
-        "viscy.config:SynthConfig",
+        "viscy.data.config:SynthConfig",
         "viscy.api:synth",
         "Cells are a tessellation with membranes on their borders and ellipsoidal nuclei; phase is the\n"
         "blurred optical path length with noise, an illumination gradient and defocus away from focus.",
@@ -52,7 +53,7 @@ VERBS: list[Verb] = [
     Verb(
         "preprocess",
         "Compute normalisation statistics (and foreground masks) into the plate's zattrs with Ray.",
-        "viscy.config:PreprocessConfig",
+        "viscy.data.config:PreprocessConfig",
         "viscy.api:preprocess",
         "One Ray task per FOV (local Ray, or the cluster at RAY_ADDRESS). Writes VisCy's layout:\n"
         "plate and FOV .zattrs['normalization'][channel] = {dataset_statistics, fov_statistics, ...}.",
@@ -66,7 +67,7 @@ VERBS: list[Verb] = [
     Verb(
         "train",
         "Train a model with Ray Train (local Ray or RAY_ADDRESS).",
-        "viscy.config:TrainConfig",
+        "viscy.train.config:TrainConfig",
         "viscy.api:train",
         "TorchTrainer with Lightning DDP in each worker (gloo on CPU, NCCL on GPU), fed by a Ray Data patch\n"
         "source (train/val split by FOV). Results go to trainer.storage_path/trainer.run_name: Ray checkpoints,\n"
@@ -80,7 +81,7 @@ VERBS: list[Verb] = [
     Verb(
         "tune",
         "Search hyper-parameters: Ray Tune + Optuna (TPE) + ASHA over real `viscy train` runs.",
-        "viscy.config:TuneConfig",
+        "viscy.tune.config:TuneConfig",
         "viscy.api:tune",
         "The YAML is a training config plus a `search` section: space (dotted training keys with loguniform,\n"
         "uniform, int, choice or fixed), metric (val_loss or val_pearson_<target>...), num_samples,\n"
@@ -94,15 +95,15 @@ VERBS: list[Verb] = [
     Verb(
         "export",
         "Export a model (preset or checkpoint) to ONNX with metadata and a parity check.",
-        "viscy.config:ExportConfig",
+        "viscy.models.config:ExportConfig",
         "viscy.api:export",
         "Dynamo exporter, opset >= 18, input 'input' (B, C, Z, Y, X) with dynamic batch, Y and X; the file's\n"
-        "metadata_props carry channel names, depths, YX multiple and normalisation (read_onnx_metadata).",
+        "metadata_props carry the model card: channels, depths, YX multiple, normalisation (read_card).",
     ),
     Verb(
         "predict",
         "Predict whole plates with a checkpoint or ONNX model on Ray Data; resumable.",
-        "viscy.config:PredictConfig",
+        "viscy.predict.config:PredictConfig",
         "viscy.api:predict",
         "An actor pool (one model per actor) reads, predicts tile by tile (overlap + Gaussian blending, Z\n"
         "sliding windows, optional TTA) and writes '<target>_prediction' channels into a new store (output)\n"
@@ -111,7 +112,7 @@ VERBS: list[Verb] = [
     Verb(
         "serve",
         "Serve ONNX virtual staining and segmentation over HTTP on Ray Serve (local Ray or RAY_ADDRESS).",
-        "viscy.config:ServeConfig",
+        "viscy.serve.config:ServeConfig",
         "viscy.serve.run:serve_forever",
         "Quick start: viscy serve --models demo_output/model  (an .onnx file or a directory of them).\n"
         "--config configs/serve.yaml reads a Ray Serve config (the same file works with `serve deploy`).\n"
@@ -121,7 +122,7 @@ VERBS: list[Verb] = [
     Verb(
         "infer",
         "Send an image to a running `viscy serve` and write the stains (and masks) to a new file.",
-        "viscy.config:InferConfig",
+        "viscy.serve.config:InferConfig",
         "viscy.serve.client:run_infer",
         "Example: viscy infer --url http://127.0.0.1:8000 --image phase.tif --output stained.tif\n"
         "         viscy infer --image phase.npy --segment true --output both.npz\n"
@@ -130,7 +131,7 @@ VERBS: list[Verb] = [
     Verb(
         "evaluate",
         "Score predictions: regression metrics and segmentation metrics (Cellpose or classical).",
-        "viscy.config:EvaluateConfig",
+        "viscy.evaluate.config:EvaluateConfig",
         "viscy.api:evaluate",
         "One Ray task per FOV and time point compares <target> with <target><prediction_suffix>: Pearson,\n"
         "SSIM, MS-SSIM, PSNR, MAE, MSE, NRMSE and, with a segmentation section, AP@[0.5:0.95], F1@0.5,\n"
@@ -214,16 +215,13 @@ def main(argv: list[str] | None = None) -> int:
 
     start_log(name, is_verbose)
     try:
-        schema, overrides = _load(verb.schema), parse_overrides(rest)
-        if verb.start_ray_early:
-            # Key and value errors are named before Ray starts; Ray then starts during the model check.
-            load_config(schema, config_path, overrides, check_model=False)
-            start_ray_in_background()
-        config = load_config(schema, config_path, overrides)
+        config = load_config(_load(verb.schema), config_path, parse_overrides(rest))
     except ConfigError as exc:
         print(f"viscy {name}: {exc}", file=sys.stderr)
         code = 2
     else:
+        if verb.start_ray_early:  # key and value errors are named before Ray starts
+            start_ray_in_background()
         code = _run_verb(verb, config)
     if verb.start_ray_early:
         _settle_ray_start(name)
@@ -242,7 +240,11 @@ def _run_verb(verb: Verb, config: Any) -> int:
     log, name = logging.getLogger("viscy"), verb.name
     try:
         _load(verb.entry)(config)
-    except (ViscyError, ConfigError) as exc:
+    except ConfigError as exc:  # found by a stage's own check (e.g. the model does not fit the data): as at load
+        log.exception("viscy %s: invalid configuration", name)
+        print(f"viscy {name}: {exc}", file=sys.stderr)
+        return 2
+    except ViscyError as exc:
         log.exception("viscy %s failed", name)
         print(f"viscy {name}: error: {exc}\n  (details: {log_path()})", file=sys.stderr)
         return 1

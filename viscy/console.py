@@ -1,11 +1,11 @@
 """A quiet console: progress and summaries on screen, Ray/Ray Data/Lightning internals in a log file.
 
 :func:`start_log` (called by the CLI for every verb) sends Python logging and third-party warnings to a log
-file; the console keeps viscy's own output and warnings. :func:`route_worker_logs` (called once Ray is up)
-sends what Ray workers print (Lightning tips, Ray Train controller messages, tracebacks) to the same file
-instead of the console. Workers talk to the driver's console through :func:`emit_event`: a tagged line that
-the driver turns into a progress bar or a one-line summary (see :func:`on_event`). With ``--verbose`` (or
-``VISCY_VERBOSE=1``) everything also goes to the console, as Ray prints it.
+file; the console keeps viscy's own output and warnings. What Ray workers print (Lightning tips, Ray Train
+controller messages, tracebacks) goes to the same file instead of the console (:func:`log_worker_lines`, which
+:func:`viscy.ray_utils.ensure_ray` hands to Ray once it is up). Progress reaches the console through Ray's own
+channels (a training run's epochs: :mod:`viscy.train.progress`). With ``--verbose`` (or ``VISCY_VERBOSE=1``)
+everything also goes to the console, as Ray prints it.
 
 A stage writes its log next to its output by calling :func:`place_log` once the output directory exists. Until
 then the log is a private file in the temporary directory: created exclusively under a name no one can predict,
@@ -14,10 +14,8 @@ mode 0600, so another user can neither read it nor plant a link where it will be
 
 from __future__ import annotations
 
-import collections
 import datetime as _dt
 import errno
-import json
 import logging
 import os
 import shutil
@@ -25,18 +23,14 @@ import stat
 import sys
 import tempfile
 import threading
-import uuid
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-EVENT_TAG = "@viscy-event "
 VERBOSE_ENV = "VISCY_VERBOSE"
 LOG_NAME = "viscy.log"
 
 _state: dict[str, Any] = {"path": None, "handler": None, "placed": False, "verb": "viscy"}
-_event_handlers: dict[str, Callable[[dict[str, Any]], None]] = {}
 _lock = threading.Lock()
 _VISCY_DIR = str(Path(__file__).resolve().parent)
 
@@ -159,58 +153,13 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 # --------------------------------------------------------------------------------------- Ray workers
-def route_worker_logs() -> None:
-    """Send Ray workers' stdout/stderr to the log file (and, verbose, also to the console) and dispatch events."""
-    try:
-        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-    except ImportError:  # a Ray without the dispatcher keeps printing worker logs itself
-        return
-    if not verbose():
-        dispatcher.remove_handler("ray_print_logs")
-        import ray._private.worker as ray_worker
-
-        # The raylet's warnings (e.g. "N PYTHON worker processes have been started") bypass the dispatcher.
-        ray_worker.print_to_stdstream = lambda data, ignore_prefix=False: _worker_lines(data)
-    dispatcher.remove_handler("viscy_worker_logs")
-    dispatcher.add_handler("viscy_worker_logs", _worker_lines)
-
-
-_seen_events: collections.deque[str] = collections.deque(maxlen=1024)
-
-
-def _worker_lines(batch: dict[str, Any]) -> None:
+def log_worker_lines(batch: dict[str, Any]) -> None:
+    """Write a batch of lines that Ray workers printed (as Ray relays them to the driver) to the log file."""
     # Not under "ray.": Ray sets that logger to WARNING, which would drop these INFO records.
     log = logging.getLogger("viscy.workers")
     who = batch.get("actor_name") or batch.get("task_name") or "worker"
     for line in batch.get("lines", []):
-        if line.startswith(EVENT_TAG):
-            try:
-                event = json.loads(line[len(EVENT_TAG) :])
-            except json.JSONDecodeError:
-                continue
-            # Ray Train relays a worker's output through more than one stream: handle each event once.
-            if event.get("id") in _seen_events:
-                continue
-            _seen_events.append(event.get("id"))
-            handler = _event_handlers.get(event.get("kind", ""))
-            if handler is not None:
-                handler(event)
-            continue
         log.info("(%s pid=%s) %s", who, batch.get("pid"), line)
-
-
-def emit_event(kind: str, **payload: Any) -> None:
-    """From a Ray worker: send a small JSON event to the driver's console (via Ray's log stream)."""
-    event = {"kind": kind, "id": uuid.uuid4().hex, **payload}
-    print(EVENT_TAG + json.dumps(event, default=str), flush=True)
-
-
-def on_event(kind: str, handler: Callable[[dict[str, Any]], None] | None) -> None:
-    """Register (or with None remove) the driver-side handler of worker events of ``kind``."""
-    if handler is None:
-        _event_handlers.pop(kind, None)
-    else:
-        _event_handlers[kind] = handler
 
 
 def failure_message(exc: BaseException) -> str:

@@ -8,9 +8,26 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
+
+from pydantic import Field
 
 from viscy import api
-from viscy.config import DemoConfig, save_config
+from viscy.config import StrictModel, save_config
+from viscy.data.config import SynthConfig
+
+
+class DemoConfig(StrictModel):
+    """The embedded default job: synthesise, preprocess, train, export, predict held-out FOVs, evaluate."""
+
+    workdir: Path = Field(Path("demo_output"), description="Directory for the plate and every result.")
+    synth: SynthConfig = Field(default_factory=SynthConfig)
+    fg_mask_channel: str | None = Field("Nuclei", description="Channel for the foreground mask; null: none.")
+    train: bool = Field(
+        True, description="Train a small model with Ray Train, then export, predict and evaluate held-out FOVs."
+    )
+    train_epochs: int = Field(16, ge=1, description="Training epochs of the demo model.")
+    train_workers: int = Field(2, ge=1, description="Ray Train workers of the demo (CPU, gloo).")
 
 
 def run_demo(config: DemoConfig) -> None:

@@ -1,4 +1,8 @@
-"""Errors that users can act on: each message names the problem and the fix."""
+"""Errors that users can act on: each message names the problem and the fix.
+
+Every one is a :class:`ViscyError`, including :class:`viscy.config.ConfigError` (a bad config key or value,
+also a ``ValueError``), which lives with the config base so that this module imports nothing of viscy.
+"""
 
 from __future__ import annotations
 

@@ -1,10 +1,15 @@
-"""Starting or joining Ray the same way in every stage."""
+"""Starting or joining Ray the same way in every stage; the only module that uses Ray's private names.
+
+Everything viscy needs from Ray beyond its public API sits in the functions of the last section, each naming
+the private names it relies on and the Ray version they were checked on (2.60.0). ``tests/test_ray_utils.py``
+fails, naming the function to update, when a Ray upgrade removes or changes one of them.
+"""
 
 from __future__ import annotations
 
 import atexit
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 # Settings of a cluster viscy starts for itself (never of one it joins).
@@ -45,7 +50,7 @@ def start_ray_in_background() -> None:
         # What ray.init sets up in the main thread only: on SIGTERM (`ray job stop`) exit through the atexit
         # handlers, so Ray shuts down; the warning it logs when called from another thread is then moot.
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
-    logging.getLogger("ray._private.worker").addFilter(
+    logging.getLogger(RAY_WORKER_LOGGER).addFilter(
         lambda record: not str(record.msg).startswith("SIGTERM handler is not set")
     )
     ready = threading.Event()
@@ -98,7 +103,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     # gets token auth; joining, the user's setting for that cluster stands.
     import ray
 
-    from viscy.console import quiet_loggers, route_worker_logs, verbose
+    from viscy.console import log_worker_lines, quiet_loggers, verbose
 
     if ray.is_initialized():
         return
@@ -140,24 +145,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     import ray.data  # noqa: F401  (configures Ray Data's loggers, which quiet_loggers then routes)
 
     quiet_loggers()
-    route_worker_logs()
-
-
-def stop_autoscaler_monitor() -> None:
-    """Stop the autoscaler monitor of the cluster this process started, before Ray's shutdown does.
-
-    Ray's shutdown stops the GCS first; the monitor, told to stop after it, reports its own end to the gone
-    GCS and is killed only after a 1 s timeout, so every command would exit 1 s later. A single-node cluster's
-    monitor holds nothing: it is killed (told to stop, it would report an autoscaler failure to the driver).
-    """
-    import ray
-    from ray._private.ray_constants import PROCESS_TYPE_MONITOR
-
-    node = getattr(ray._private.worker, "_global_node", None)  # None once Ray shut down
-    for info in (getattr(node, "all_processes", None) or {}).get(PROCESS_TYPE_MONITOR, []):
-        if info.process.poll() is None:
-            info.process.kill()
-            info.process.wait(timeout=5)
+    route_worker_output(log_worker_lines, console=verbose())
 
 
 def as_completed(refs: list, desc: str, unit: str, progress: bool = True) -> Iterator[tuple[Any, Any]]:
@@ -249,3 +237,84 @@ def check_shared_path(path: str, what: str) -> str | None:
         f"note: {what} {folder} is a local path on a {len(nodes)}-node cluster; every node sees it now (a shared "
         "filesystem). Node-local disks would need a URI (s3://, gs://) instead"
     )
+
+
+# ------------------------------------------------------------------------------------ Ray's private names
+# Each function below relies on names outside Ray's public API, checked on Ray 2.60.0 (ray 2.60.0, commit b7f4259).
+# tests/test_ray_utils.py checks that they exist with the signatures used here.
+
+# The logger of ray._private.worker, whose "SIGTERM handler is not set" warning a start in a thread triggers.
+RAY_WORKER_LOGGER = "ray._private.worker"
+RAY_CONSOLE_HANDLER = "ray_print_logs"  # the name ray.init gives its console printer in the dispatcher
+VISCY_LOG_HANDLER = "viscy_worker_logs"
+
+
+def route_worker_output(handler: Callable[[dict[str, Any]], None], console: bool) -> bool:
+    """Hand every batch of lines that Ray workers print (``{"lines", "pid", "actor_name", ...}``) to ``handler``.
+
+    With ``console`` False, Ray stops printing them on this driver's console, and the raylet's messages to the
+    driver (e.g. "N PYTHON worker processes have been started"), which bypass the dispatcher, go to ``handler``
+    too. Ray has no public way to do this: ``ray.init(log_to_driver=False)`` keeps worker output out of the
+    driver altogether (only in the session's log folder). Returns False where this Ray lacks the dispatcher:
+    worker output then stays on the console.
+
+    Private (Ray 2.60.0): ``ray._private.ray_logging.global_worker_stdstream_dispatcher`` with
+    ``add_handler(name, handler)`` / ``remove_handler(name)`` and the ``"ray_print_logs"`` handler that
+    ``ray.init(log_to_driver=True)`` adds; ``ray._private.worker.print_to_stdstream(data, ignore_prefix)``.
+    """
+    try:
+        import ray._private.worker as ray_worker
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return False
+    if not console:
+        dispatcher.remove_handler(RAY_CONSOLE_HANDLER)
+        ray_worker.print_to_stdstream = lambda data, ignore_prefix=False: handler(data)
+    dispatcher.remove_handler(VISCY_LOG_HANDLER)
+    dispatcher.add_handler(VISCY_LOG_HANDLER, handler)
+    return True
+
+
+def train_controller_env_vars() -> dict[str, str] | None:
+    """The env vars Ray Train gives its controller actor, which its dataset coordinators pass on to read tasks.
+
+    Ray reuses an idle worker only for a task of the same runtime env: workers warmed for Ray Train's read tasks
+    must be started with these. None where Ray's names are missing (the warm-up then misses, nothing fails).
+
+    Private (Ray 2.60.0): ``ray.train.v2._internal.constants.get_env_vars_to_propagate()`` and
+    ``DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE``,
+    ``ray._common.constants.RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR`` (what
+    ``DataParallelTrainer._initialize_and_run_controller`` puts in the controller's runtime env).
+    """
+    try:
+        from ray._common.constants import RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR
+        from ray.train.v2._internal.constants import (
+            DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
+            get_env_vars_to_propagate,
+        )
+    except ImportError:
+        return None
+    env_vars = get_env_vars_to_propagate()
+    env_vars.setdefault(RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR, DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)
+    return env_vars
+
+
+def stop_autoscaler_monitor() -> None:
+    """Stop the autoscaler monitor of the cluster this process started, before Ray's shutdown does.
+
+    Ray's shutdown stops the GCS first; the monitor, told to stop after it, reports its own end to the gone
+    GCS and is killed only after a 1 s timeout, so every command would exit 1 s later. A single-node cluster's
+    monitor holds nothing: it is killed (told to stop, it would report an autoscaler failure to the driver).
+
+    Private (Ray 2.60.0): ``ray._private.worker._global_node`` (None once Ray shut down) and its
+    ``all_processes`` (process type to ``ProcessInfo`` list, each with ``.process``, a ``subprocess.Popen``),
+    ``ray._private.ray_constants.PROCESS_TYPE_MONITOR``.
+    """
+    import ray._private.worker as ray_worker
+    from ray._private.ray_constants import PROCESS_TYPE_MONITOR
+
+    node = getattr(ray_worker, "_global_node", None)
+    for info in (getattr(node, "all_processes", None) or {}).get(PROCESS_TYPE_MONITOR, []):
+        if info.process.poll() is None:
+            info.process.kill()
+            info.process.wait(timeout=5)

@@ -26,8 +26,10 @@ import pytest
 import yaml
 from docker.utils.build import exclude_paths
 
-from viscy.config import SERVE_IMPORT_PATH, TrainConfig, describe_schema
+from viscy.config import describe_schema
 from viscy.serve import kuberay
+from viscy.serve.config import SERVE_IMPORT_PATH
+from viscy.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTERS = ROOT / "clusters"

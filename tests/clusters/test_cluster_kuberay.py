@@ -9,8 +9,9 @@ from pathlib import Path, PurePosixPath
 import pytest
 import yaml
 
-from viscy.config import ConfigError, ServeConfig, load_config
+from viscy.config import ConfigError, load_config
 from viscy.serve import kuberay
+from viscy.serve.config import ServeConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVE_YAML = "configs/serve.yaml"

@@ -1,6 +1,6 @@
 """Two Ray nodes on one machine (``ray start`` on loopback, told apart by custom resources): training placed
-across them through ``ray job submit``, storage by URI, prediction on both nodes equal to one node, and the loss
-of a node mid-training survived.
+across them through ``ray job submit``, storage by URI (the run's files there, a rerun or a resume of nothing
+refused), prediction on both nodes equal to one node, and the loss of a node mid-training survived.
 
 The head has 2 logical CPUs and the resource ``viscy_head``; the second node 2 CPUs and ``viscy_node_b``. Both
 run on the same 2 cores, so this shows placement and fault tolerance, not speed.
@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 import yaml
 from ray_head import Head, kill_session, ray_head, start_node, stop_node, wait_for_nodes
+
+from tests.faults import EPOCH_STARTS
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -71,7 +73,7 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def plate(tmp_path_factory) -> Path:
-    from viscy.config import SynthConfig
+    from viscy.data.config import SynthConfig
     from viscy.data.synth import write_synthetic_plate
 
     path = tmp_path_factory.mktemp("plate") / "synth.zarr"
@@ -140,14 +142,43 @@ def test_job_places_the_two_workers_on_different_nodes(cluster, job_run):
 
 
 def test_run_layout_with_a_file_uri(job_run):
+    from viscy.models import create_model, load_checkpoint
+
     out, run, _ = job_run
     assert out.returncode == 0, out.stdout[-3000:]
     assert (run / "best_model.pt").is_file() and (run / "viscy_config.yaml").is_file()
     assert (run / "run_info.json").is_file() and (run / "checkpoint_manager_snapshot.json").is_file()
     assert len(list(run.glob("checkpoint_*/checkpoint.ckpt"))) >= 1
     assert list((run / "figures").glob("epoch_*.png")), sorted(p.name for p in run.iterdir())
+    assert list((run / "tensorboard").glob("events.out.tfevents.*")), sorted(p.name for p in run.iterdir())
+    load_checkpoint(create_model("unet2d", **UNET), run / "best_model.pt")
     saved = yaml.safe_load((run / "viscy_config.yaml").read_text())
     assert saved["trainer"]["storage_path"].startswith("file://")
+    # with a URI, the run's own files are written under ./viscy_runs/<run name> of the driver, then uploaded
+    assert re.search(r"figures \S*/viscy_runs/two-nodes/figures", out.stdout), out.stdout[-3000:]
+
+
+def test_uri_storage_refuses_a_rerun_and_a_resume_of_nothing(job_run, plate, monkeypatch):
+    """Both are refused from what the URI holds, before Ray starts."""
+    import viscy.ray_utils
+    from viscy.config import ConfigError
+    from viscy.train.config import TrainConfig
+    from viscy.train.trainer import run_train
+
+    class RayWouldStart(Exception):
+        pass
+
+    def no_ray(*args, **kwargs):
+        raise RayWouldStart("the storage check must come before Ray starts")
+
+    out, run, _ = job_run
+    assert out.returncode == 0, out.stdout[-3000:]
+    monkeypatch.setattr(viscy.ray_utils, "ensure_ray", no_ray)
+    uri = run.parent.as_uri()  # file:///...: resolved by pyarrow like s3:// or gs://
+    with pytest.raises(ConfigError, match="already exists"):
+        run_train(TrainConfig.model_validate(_train_tree(plate, uri, "two-nodes")))
+    with pytest.raises(ConfigError, match="no run to continue"):
+        run_train(TrainConfig.model_validate(_train_tree(plate, uri, "not-there", resume=True)))
 
 
 def _predict(plate: Path, model: Path, output: Path, env: dict[str, str]) -> tuple[subprocess.CompletedProcess, float]:
@@ -190,12 +221,13 @@ def test_training_survives_the_loss_of_a_node(cluster, plate, tmp_path):
     storage = tmp_path / "runs"
     config = tmp_path / "train.yaml"
     config.write_text(yaml.safe_dump(_train_tree(plate, str(storage), "node-loss", max_epochs=4, max_failures=3)))
-    env = _env(RAY_ADDRESS=cluster.head.gcs_address, VISCY_TEST_HOOK="viscy_hooks:slow_epochs")
+    env = _env(RAY_ADDRESS=cluster.head.gcs_address)
     subprocess.run([sys.executable, "-m", "viscy.cli", "preprocess", "--data_path", str(plate)], cwd=REPO, env=env,
                    check=True, capture_output=True, timeout=300)
-    proc = subprocess.Popen([sys.executable, "-m", "viscy.cli", "train", "--config", str(config)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    starts = storage / "node-loss" / "test_epoch_starts.txt"
+    # every epoch slowed down in the Ray Train workers (tests.faults), so the node can be lost mid-run
+    slow = [sys.executable, "-m", "tests.faults", "slow_epochs", "--", "train", "--config", str(config)]
+    proc = subprocess.Popen(slow, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    starts = storage / "node-loss" / EPOCH_STARTS
     deadline = time.monotonic() + 400
     while time.monotonic() < deadline and proc.poll() is None:
         if starts.is_file() and "1" in starts.read_text().split():

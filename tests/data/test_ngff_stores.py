@@ -193,14 +193,14 @@ def test_bad_selection_on_v3_is_a_bug_not_corrupt_data():
 # ---------------------------------------------------------------------------------- writing into NGFF 0.5
 def test_statistics_and_mask_written_into_ngff05_plate_train_patches(copy_of):
     """preprocess's per-FOV task and writer (run here without Ray) on a sharded NGFF 0.5 plate, then patches."""
-    from viscy.config import NormalizationConfig
+    from viscy.data.config import NormalizationConfig
     from viscy.data.patches import PatchSampler, PatchSpec
     from viscy.data.preprocess import fov_statistics_task, write_statistics
 
     path = copy_of("ngff05_sharded.zarr")
     results = [fov_statistics_task(str(path), n, list(CHANNELS), 4, "Nuclei", 1.0) for n in ("A/1/0", "A/2/0")]
     assert all(r.skipped is None for r in results)
-    stats = write_statistics(Plate(path), results, list(CHANNELS), "Nuclei")
+    stats = write_statistics(Plate(path), results, list(CHANNELS))
     for group in (path, path / "A/1/0"):
         meta = json.loads((group / "zarr.json").read_text())
         assert meta["zarr_format"] == 3 and meta["attributes"]["ome"]["version"] == "0.5"  # NGFF metadata intact
@@ -208,15 +208,16 @@ def test_statistics_and_mask_written_into_ngff05_plate_train_patches(copy_of):
     mask_meta = json.loads((path / "A/1/0/fg_mask/zarr.json").read_text())
     assert mask_meta["zarr_format"] == 3 and mask_meta["data_type"] == "uint8"
     assert mask_meta["attributes"]["channel"] == "Nuclei"
+    assert mask_meta["attributes"]["otsu_threshold"] == results[0].otsu_threshold  # outside VisCy's layout
     with Plate(path) as plate:
         assert plate.channel_names == list(CHANNELS)  # the plate still opens as before
         norm = plate.normalization("A/2/0")["Nuclei"]
-        assert norm["dataset_statistics"] == stats["Nuclei"] and "otsu_threshold" in norm
+        assert norm["dataset_statistics"] == stats["Nuclei"] and "otsu_threshold" not in norm
         assert plate.plate_attrs()["normalization"]["Phase3D"]["dataset_statistics"] == stats["Phase3D"]
         mask = plate.read("A/1/0", 0, [0], array="fg_mask")  # (t=0 holds the threshold sample)
         assert mask.shape == (1, 5, 48, 64) and mask.dtype == np.uint8 and 0 < mask.mean() < 1
         assert plate.has_array("A/1/0", "fg_mask") and not plate.has_array("A/1/0", "fg_mask.partial")
-    spec = PatchSpec(("Phase3D",), ("Nuclei",), z_window=3, yx_patch=(32, 32), target_2d=False)
+    spec = PatchSpec(("Phase3D",), ("Nuclei",), z_window_size=3, yx_patch=(32, 32), target_2d=False)
     sampler = PatchSampler(path, spec, [NormalizationConfig()], fg_min_fraction=0.1, fg_weighted=True)
     sampler.validate(["A/1/0", "A/2/0"])
     batch = pickle.loads(pickle.dumps(sampler)).sample("A/2/0", 4, seed=0, augment=False)

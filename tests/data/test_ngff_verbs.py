@@ -17,8 +17,12 @@ import numpy as np
 import pytest
 
 from tests.data.make_fixtures import CHANNELS, SHAPE
-from viscy.config import EvaluateConfig, ModelConfig, PredictConfig, PreprocessConfig, TrainConfig
+from viscy.data.config import PreprocessConfig
 from viscy.data.plate import Plate
+from viscy.evaluate.config import EvaluateConfig
+from viscy.models.config import ModelConfig
+from viscy.predict.config import PredictConfig
+from viscy.train.config import TrainConfig
 
 pytestmark = pytest.mark.slow
 
@@ -103,14 +107,14 @@ def trained(plates, tmp_path_factory) -> Path:
 
 
 def test_train_reads_every_store(plates, trained):
-    from viscy.models import read_model_card
+    from viscy.models import read_card
     from viscy.train.trainer import BEST_MODEL
 
     split = json.loads((trained / "run_info.json").read_text())["split"]
     for name, path in plates.items():  # 4 training reads cycle over the 3 training FOVs: every store is read
         assert any(entry.startswith(f"{path}::") and entry.endswith("A/1/0") for entry in split["train"]), name
         assert any(entry.startswith(f"{path}::") and entry.endswith("A/2/0") for entry in split["val"]), name
-    card = read_model_card(trained / BEST_MODEL)
+    card = read_card(trained / BEST_MODEL)
     assert card.source_channels == ["Phase3D"] and card.target_channels == ["Nuclei", "Membrane"]
 
 
@@ -161,7 +165,7 @@ def test_evaluate_predictions(plates, predicted, store, tmp_path):
         num_example_panels=1,
     )).summary  # regression metrics only: segmentation (null) is off by default
     assert set(summary["mean"]) == {"Nuclei", "Membrane"} and summary["units"]["Nuclei"].startswith("normalized")
-    assert summary["source_channel"] == "Phase3D"  # from the prediction job's metadata
+    assert summary["source_channels"] == ["Phase3D"]  # from the prediction job's metadata
     table = pd.read_parquet(tmp_path / "eval" / "metrics.parquet")
     assert len(table) == 2 * SHAPE[0] * 2 * SHAPE[2]  # positions x t x channels x z
     assert np.isfinite(table["mae"]).all() and table["pearson"].between(-1, 1).all()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from viscy.config import AugmentationConfig, NormalizationConfig, PreprocessConfig, SynthConfig
+from viscy.data.config import AugmentationConfig, NormalizationConfig, PreprocessConfig, SynthConfig
 from viscy.data.patches import (
     PatchSampler,
     PatchSpec,
@@ -20,7 +20,7 @@ from viscy.errors import DataError, ShapeError
 
 @pytest.fixture(scope="module")
 def synth_plate(tmp_path_factory, ray_local):
-    from viscy.config import ForegroundMaskConfig
+    from viscy.data.config import ForegroundMaskConfig
     from viscy.data.preprocess import run_preprocess
     from viscy.data.synth import write_synthetic_plate
 
@@ -31,7 +31,7 @@ def synth_plate(tmp_path_factory, ray_local):
     return path
 
 
-SPEC = PatchSpec(("Phase3D",), ("Nuclei", "Membrane"), z_window=5, yx_patch=(64, 48), target_2d=True)
+SPEC = PatchSpec(("Phase3D",), ("Nuclei", "Membrane"), z_window_size=5, yx_patch=(64, 48), target_2d=True)
 NORMS = [NormalizationConfig()]
 
 
@@ -247,7 +247,7 @@ def test_sampler_augments_the_source_intensity_only(synth_plate):
 
 
 def test_foreground_rejection_and_weighting(synth_plate):
-    spec = PatchSpec(("Phase3D",), ("Nuclei",), z_window=1, yx_patch=(24, 24))
+    spec = PatchSpec(("Phase3D",), ("Nuclei",), z_window_size=1, yx_patch=(24, 24))
     with Plate(synth_plate) as plate:
         fg = plate.read("A/1/0", 0, [0], array="fg_mask")[0]
     strict = PatchSampler(synth_plate, spec, NORMS, fg_min_fraction=0.3, fg_weighted=True)
@@ -260,7 +260,7 @@ def test_foreground_rejection_and_weighting(synth_plate):
 
 def test_validate_names_problems(synth_plate, tmp_path):
     with pytest.raises(ShapeError, match="z_window_size"):
-        PatchSampler(synth_plate, PatchSpec(("Phase3D",), ("Nuclei",), z_window=9), NORMS).validate(["A/1/0"])
+        PatchSampler(synth_plate, PatchSpec(("Phase3D",), ("Nuclei",), z_window_size=9), NORMS).validate(["A/1/0"])
     with pytest.raises(ShapeError, match="yx_patch_size"):
         PatchSampler(synth_plate, PatchSpec(("Phase3D",), ("Nuclei",), yx_patch=(512, 64)), NORMS).validate(["A/1/0"])
     from viscy.errors import ChannelNotFoundError

@@ -10,12 +10,32 @@ import numpy as np
 import pytest
 
 from tests.conftest import write_iohub_plate
-from viscy.config import ForegroundMaskConfig, PreprocessConfig
+from viscy.data.config import ForegroundMaskConfig, PreprocessConfig
 from viscy.data.plate import Plate
-from viscy.data.preprocess import STAT_KEYS, compute_statistics, run_preprocess
+from viscy.data.preprocess import STAT_KEYS, compute_statistics, fg_mask_threshold, run_preprocess
 from viscy.errors import ChannelNotFoundError, DataError
 
 VISCY_KEYS = {"mean", "std", "median", "iqr", "p1", "p5", "p95", "p99"}
+FOV_LEVELS = {"dataset_statistics", "fov_statistics", "timepoint_statistics"}
+
+
+def walk_like_viscy(norm: dict) -> int:
+    """Read a ``normalization`` attribute the way VisCy's reader does; the number of statistics read.
+
+    VisCy's ``_read_norm_meta`` (``HCSDataModule``, 0.4.1 and HEAD) walks channel -> level -> statistic name ->
+    value, ``timepoint_statistics`` one level deeper (time point -> statistic), and turns every value into a
+    float32 tensor. So an entry under a channel that is not a level of statistics fails here as it fails there
+    (a number: ``AttributeError: 'float' object has no attribute 'items'``).
+    """
+    read = 0
+    for _channel, levels in norm.items():
+        for level, level_values in levels.items():
+            per_t = level_values.items() if level == "timepoint_statistics" else [(None, level_values)]
+            for _t, stats in per_t:
+                for stat, value in stats.items():
+                    assert isinstance(value, (int, float)) and not isinstance(value, bool), (level, stat, value)
+                    read += 1
+    return read
 
 
 def _attrs(path: Path) -> dict:
@@ -69,7 +89,7 @@ def test_writes_viscy_layout_and_is_idempotent(small_plate, ray_local):
 
 
 def test_fg_mask_and_otsu_threshold(tmp_path, ray_local):
-    from viscy.config import SynthConfig
+    from viscy.data.config import SynthConfig
     from viscy.data.synth import write_synthetic_plate
 
     path = write_synthetic_plate(SynthConfig(output=tmp_path / "s.zarr", cols=["1"], fovs_per_well=1, z=2))
@@ -82,8 +102,81 @@ def test_fg_mask_and_otsu_threshold(tmp_path, ray_local):
         assert 0.02 < mask.mean() < 0.8
         # Foreground is where the nuclei are bright.
         assert nuclei[mask[0] > 0].mean() > 2 * nuclei[mask[0] == 0].mean()
-        assert "otsu_threshold" in plate.normalization("A/1/0")["Nuclei"]
+        # the threshold is the mask's attribute, outside VisCy's normalisation layout
+        threshold = _attrs(path / "A/1/0/fg_mask")["otsu_threshold"]
+        assert fg_mask_threshold(plate, "A/1/0") == threshold and nuclei.min() < threshold < nuclei.max()
+        assert set(plate.normalization("A/1/0")["Nuclei"]) == FOV_LEVELS
         assert not plate.has_array("A/1/0", "fg_mask.partial")
+
+
+def test_written_layout_is_the_shape_viscy_reads(tmp_path, ray_local):
+    """With a foreground mask, plate and every FOV hold only channel -> level -> statistic -> number."""
+    from viscy.data.config import SynthConfig
+    from viscy.data.synth import write_synthetic_plate
+
+    path = write_synthetic_plate(SynthConfig(output=tmp_path / "s.zarr", yx=(128, 128), z=2))
+    cfg = PreprocessConfig(data_path=path, grid_spacing=4, fg_mask=ForegroundMaskConfig(channel="Nuclei"))
+    summary = run_preprocess(cfg, progress=False)
+    assert len(summary.fovs) == 4
+    channels = {"Phase3D", "Nuclei", "Membrane"}
+    plate_norm = _attrs(path)["normalization"]
+    assert set(plate_norm) == channels
+    assert all(set(levels) == {"dataset_statistics", "timepoint_statistics"} for levels in plate_norm.values())
+    assert walk_like_viscy(plate_norm) == 3 * 2 * len(STAT_KEYS)  # 2 levels: dataset, one time point
+    for fov in summary.fovs:
+        fov_norm = _attrs(path / fov)["normalization"]
+        assert set(fov_norm) == channels and all(set(levels) == FOV_LEVELS for levels in fov_norm.values())
+        assert walk_like_viscy(fov_norm) == 3 * 3 * len(STAT_KEYS)
+        assert isinstance(_attrs(path / fov / "fg_mask")["otsu_threshold"], float)
+    # the walk catches the layout earlier versions wrote, as VisCy 0.4.1 did
+    fov_norm["Nuclei"]["otsu_threshold"] = 812.5
+    with pytest.raises(AttributeError, match="'float' object has no attribute 'items'"):
+        walk_like_viscy(fov_norm)
+
+
+def test_plate_with_the_old_threshold_key_works_and_a_rerun_removes_it(tmp_path, ray_local):
+    """A plate an earlier viscy preprocessed (the threshold under ``normalization``) still trains and predicts, its
+    threshold is still read, and preprocessing it again (any channels) leaves VisCy's layout clean."""
+    from viscy.data.config import NormalizationConfig, SynthConfig
+    from viscy.data.patches import PatchSampler, PatchSpec, normalization_params
+    from viscy.data.store_writer import delete_attr, write_attrs
+    from viscy.data.synth import write_synthetic_plate
+
+    path = write_synthetic_plate(SynthConfig(output=tmp_path / "s.zarr", cols=["1"], yx=(128, 128), z=3))
+    cfg = PreprocessConfig(data_path=path, grid_spacing=4, fg_mask=ForegroundMaskConfig(channel="Nuclei"))
+    run_preprocess(cfg, progress=False)
+    fovs = ["A/1/0", "A/1/1"]
+    thresholds = {fov: _attrs(path / fov / "fg_mask")["otsu_threshold"] for fov in fovs}
+    for fov in fovs:  # the layout earlier versions wrote
+        norm = _attrs(path / fov)["normalization"]
+        norm["Nuclei"]["otsu_threshold"] = thresholds[fov]
+        write_attrs(path / fov, "normalization", norm)
+    delete_attr(path / "A/1/1/fg_mask", "otsu_threshold")  # found only under normalization: still read there
+    with pytest.raises(AttributeError):
+        walk_like_viscy(_attrs(path / "A/1/0")["normalization"])
+
+    with Plate(path) as plate:
+        assert {fov: fg_mask_threshold(plate, fov) for fov in fovs} == thresholds
+        # predict's read of the statistics, and training's fg-weighted, fg-rejecting patches
+        norms = [NormalizationConfig()]
+        params = normalization_params(plate.normalization("A/1/1"), ["Phase3D", "Nuclei"], norms)
+        assert np.isfinite(params).all() and (params[:, 1] > 0).all()
+    spec = PatchSpec(("Phase3D",), ("Nuclei",), z_window_size=3, yx_patch=(32, 32), target_2d=True)
+    sampler = PatchSampler(path, spec, norms, fg_min_fraction=0.1, fg_weighted=True)
+    sampler.validate(fovs)
+    batch = sampler.sample("A/1/1", 4, seed=0, augment=False)
+    assert batch["source"].shape == (4, 1, 3, 32, 32) and np.isfinite(batch["target"]).all()
+
+    # a rerun over other channels, without the mask, removes the old key from every channel it rewrites
+    run_preprocess(PreprocessConfig(data_path=path, grid_spacing=4, channels=["Phase3D"]), progress=False)
+    for group in (path, *(path / fov for fov in fovs)):
+        walk_like_viscy(_attrs(group)["normalization"])
+    with Plate(path) as plate:
+        for fov in fovs:
+            assert set(plate.normalization(fov)["Nuclei"]) == FOV_LEVELS
+            # the threshold moved onto the mask where only normalization held it
+            assert _attrs(path / fov / "fg_mask")["otsu_threshold"] == thresholds[fov]
+            assert fg_mask_threshold(plate, fov) == thresholds[fov]
 
 
 def test_bad_channel_and_patterns(small_plate, ray_local):
@@ -110,7 +203,7 @@ def test_corrupt_fov_is_skipped_and_reported(tmp_path, ray_local):
 
 
 def test_sparse_grid_warns_with_a_better_spacing(tmp_path, ray_local):
-    from viscy.config import SynthConfig
+    from viscy.data.config import SynthConfig
     from viscy.data.synth import write_synthetic_plate
 
     path = write_synthetic_plate(SynthConfig(output=tmp_path / "s.zarr", yx=(256, 256), cols=["1"]))
@@ -135,8 +228,8 @@ def test_fg_mask_rerun_replaces_only_a_mask_viscy_wrote(tmp_path):
 
     import zarr
 
-    from viscy.data.ngff import delete_attr
     from viscy.data.preprocess import MASK_ATTR, write_fg_mask
+    from viscy.data.store_writer import delete_attr
 
     path = write_iohub_plate(tmp_path / "p.zarr", positions=(("A", "1", "0"),))
     mask = path / "A/1/0/fg_mask"

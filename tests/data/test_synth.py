@@ -17,8 +17,9 @@ from iohub.ngff import open_ome_zarr
 from scipy import ndimage as ndi
 from skimage.segmentation import find_boundaries
 
-from viscy.config import CONFIG_FILENAME, SynthConfig
+from viscy.config import CONFIG_FILENAME
 from viscy.data import synth
+from viscy.data.config import SynthConfig
 from viscy.data.synth import CHANNEL_NAMES, LABEL_NAMES, run_synth, write_synthetic_plate
 from viscy.errors import DataError
 
@@ -208,22 +209,21 @@ def test_existing_output_is_kept(tmp_path: Path) -> None:
 
 
 def test_interrupted_write_leaves_no_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from viscy_hooks import HookCrash
-
-    from viscy.testing import HOOK_ENV
+    from tests.faults import InjectedFault, inject
 
     config = _small(tmp_path, cols=["1", "2", "3"])
-    monkeypatch.setenv(HOOK_ENV, "viscy_hooks:crash_synth_at_position2")
-    with pytest.raises(HookCrash, match="simulated crash"):
-        write_synthetic_plate(config)
+    with monkeypatch.context() as patched:
+        inject(patched, "crash_synth_at_position2")
+        with pytest.raises(InjectedFault, match="simulated crash"):
+            write_synthetic_plate(config)
     assert list(tmp_path.iterdir()) == []
 
     # A failed overwrite keeps the previous plate.
-    monkeypatch.delenv(HOOK_ENV)
     write_synthetic_plate(config)
-    monkeypatch.setenv(HOOK_ENV, "viscy_hooks:crash_synth_at_position2")
-    with pytest.raises(HookCrash):
-        write_synthetic_plate(config.model_copy(update={"overwrite": True}))
+    with monkeypatch.context() as patched:
+        inject(patched, "crash_synth_at_position2")
+        with pytest.raises(InjectedFault):
+            write_synthetic_plate(config.model_copy(update={"overwrite": True}))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plate.zarr"]
     with open_ome_zarr(config.output, mode="r") as plate:
         assert len(list(plate.positions())) == 3
@@ -254,19 +254,17 @@ def test_overwrite_replaces_only_synth_plates(tmp_path: Path) -> None:
 
 
 def test_interrupted_swap_restores_the_old_plate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from viscy_hooks import HookCrash
-
-    from viscy.testing import HOOK_ENV
+    from tests.faults import InjectedFault, inject
 
     config = _small(tmp_path)
     write_synthetic_plate(config)
     before = _read(config.output)
-    monkeypatch.setenv(HOOK_ENV, "viscy_hooks:crash_at_swap")
-    with pytest.raises(HookCrash):
-        write_synthetic_plate(config.model_copy(update={"seed": 3, "overwrite": True}))
+    with monkeypatch.context() as patched:
+        inject(patched, "crash_at_swap")
+        with pytest.raises(InjectedFault):
+            write_synthetic_plate(config.model_copy(update={"seed": 3, "overwrite": True}))
     # cut short between the two renames: the old plate waits whole beside the complete new one
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plate.zarr.viscy-old", "plate.zarr.viscy-partial"]
-    monkeypatch.delenv(HOOK_ENV)
     with pytest.raises(DataError, match="already exists"):
         write_synthetic_plate(config)
     assert all(np.array_equal(x, y) for x, y in zip(before, _read(tmp_path / "plate.zarr.viscy-old"), strict=True))
@@ -275,15 +273,12 @@ def test_interrupted_swap_restores_the_old_plate(tmp_path: Path, monkeypatch: py
     assert zarr.open_group(str(config.output), mode="r").attrs["viscy_synth"]["seed"] == 3
 
 
-def _synth_cli(cfg: Path, hook: str | None) -> subprocess.CompletedProcess:
-    from viscy.testing import HOOK_ENV
-
-    env = {k: v for k, v in os.environ.items() if k != HOOK_ENV}
-    if hook:
-        env[HOOK_ENV] = hook
+def _synth_cli(cfg: Path, fault: str | None) -> subprocess.CompletedProcess:
+    """``viscy synth --config cfg``, run through tests.faults with ``fault`` when given."""
+    entry = ["-m", "tests.faults", fault, "--"] if fault else ["-m", "viscy.cli"]
     return subprocess.run(
-        [sys.executable, "-m", "viscy.cli", "synth", "--config", str(cfg)],
-        env=env, capture_output=True, text=True, timeout=300,
+        [sys.executable, *entry, "synth", "--config", str(cfg)],
+        env=dict(os.environ), capture_output=True, text=True, timeout=300,
     )
 
 
@@ -296,7 +291,7 @@ def test_killed_overwrite_keeps_old_plate_and_rerun_completes(tmp_path: Path) ->
     cfg = tmp_path / "synth.yaml"
     cfg.write_text(yaml.safe_dump({**config.model_dump(mode="json"), "seed": 9, "overwrite": True}))
 
-    killed = _synth_cli(cfg, "viscy_hooks:kill_synth_at_position1")
+    killed = _synth_cli(cfg, "kill_synth_at_position2")
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
     assert sorted(p.name for p in work.iterdir()) == ["plate.zarr", "plate.zarr.viscy-partial"]
     for fov, old in zip(fovs, before, strict=True):
@@ -327,7 +322,7 @@ def test_a_linked_output_or_sibling_is_refused_and_never_deleted_through(tmp_pat
         with pytest.raises(DataError, match=r"link.zarr is a symbolic link .*never through a link.*rm .*link.zarr"):
             write_synthetic_plate(attempt)
     with pytest.raises(DataError, match="is a symbolic link"):  # the swap itself refuses as well
-        swap_in(tmp_path / "nothing.zarr", link, synth.is_synth_store, "synth.swap")
+        swap_in(tmp_path / "nothing.zarr", link, synth.is_synth_store)
     assert link.is_symlink() and _tree(real) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link.zarr", "real.zarr"]
 

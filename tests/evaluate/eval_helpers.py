@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
-from viscy.config import SynthConfig
+from viscy.data.config import SynthConfig
 from viscy.data.synth import write_synthetic_plate
 
 

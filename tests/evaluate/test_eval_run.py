@@ -11,8 +11,8 @@ import pytest
 
 from tests.evaluate.eval_helpers import add_predictions, fake_prediction, synth_plate
 from viscy.cli import main
-from viscy.config import EvaluateConfig, SegmentationConfig
 from viscy.errors import ChannelNotFoundError, DataError, ShapeError, ViscyError
+from viscy.evaluate.config import EvaluateConfig, SegmentationConfig
 from viscy.evaluate.metrics import REGRESSION_METRICS
 from viscy.evaluate.run import plan_evaluation, run_evaluate
 
@@ -23,7 +23,7 @@ def test_end_to_end_same_plate(ray_local, predicted_plate: Path, tmp_path: Path,
         data_path=predicted_plate,
         output_dir=out,
         prediction_units="raw",  # fake predictions appended without viscy metadata, in the targets' units
-        source_channel="Phase3D",
+        source_channels=["Phase3D"],
         segmentation=SegmentationConfig(method="classical", channel="Nuclei", use_ground_truth_labels="nuclei"),
     )
     summary = run_evaluate(config).summary
@@ -64,13 +64,13 @@ def test_separate_prediction_plate_all_slices(ray_local, tmp_path: Path) -> None
             nuc = np.asarray(pos["0"][:, 1:2])
             dst.create_position(row, col, fov).create_image("0", fake_prediction(nuc, rng))
     config = EvaluateConfig(
-        data_path=target, prediction_path=tmp_path / "p.zarr", target_channel=["Nuclei"], z_slices="all",
+        data_path=target, prediction_path=tmp_path / "p.zarr", target_channels=["Nuclei"], z_slices="all",
         segmentation=SegmentationConfig(method="classical"), output_dir=tmp_path / "out", num_example_panels=1,
         prediction_units="raw",
     )
     summary = run_evaluate(config).summary
     assert summary["segmentation"]["channel"] == "Nuclei"  # default: the first target channel
-    assert summary["source_channel"] is None  # no job metadata to infer it from, so no input panel
+    assert summary["source_channels"] is None  # no job metadata to infer it from, so no input panel
     table = pd.read_csv(tmp_path / "out" / "metrics.csv")
     assert sorted(table["z"]) == [0, 1, 2]
     assert table["ap_50"].notna().all()  # segmented target vs segmented prediction
@@ -107,7 +107,7 @@ def test_cli_reports_errors(tmp_path: Path, predicted_plate: Path, capsys) -> No
     assert main(["evaluate", "--data_path", str(predicted_plate), "--segmentation.method", "stardist"]) == 2
     assert "allowed values" in capsys.readouterr().err
     code = main(["evaluate", "--data_path", str(predicted_plate), "--output_dir", str(out),
-                 "--target_channel", "Nuclei", "--prediction_suffix", "_pred"])
+                 "--target_channels", "Nuclei", "--prediction_suffix", "_pred"])
     assert code == 1
     assert "viscy predict" in capsys.readouterr().err
     assert not out.exists()
@@ -116,7 +116,7 @@ def test_cli_reports_errors(tmp_path: Path, predicted_plate: Path, capsys) -> No
 
 
 def test_rerun_never_deletes_or_writes_through_a_linked_folder(tmp_path: Path) -> None:
-    from viscy.evaluate.run import check_output_dir, prepare_output_dir
+    from viscy.evaluate.output import check_output_dir, prepare_output_dir
 
     out = tmp_path / "eval"
     planned = ["viscy_config.yaml", "figures/metric_distributions.png", "summary.json"]

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from tests.evaluate.eval_helpers import synth_plate
-from viscy.config import SegmentationConfig
 from viscy.data.plate import Plate
 from viscy.errors import ModelError, ViscyError
+from viscy.evaluate.config import SegmentationConfig
 from viscy.evaluate.metrics import segmentation_metrics
 from viscy.evaluate.segment import check_segmenter, get_segmenter
 

@@ -17,10 +17,13 @@ import pytest
 import yaml
 from scipy import ndimage as ndi
 
-from viscy.config import EvaluateConfig, ModelConfig, NormalizationConfig, SegmentationConfig
+from viscy.data.config import NormalizationConfig
 from viscy.errors import DataError
+from viscy.evaluate.config import EvaluateConfig, SegmentationConfig
 from viscy.evaluate.metrics import regression_metrics
-from viscy.evaluate.run import MARKER_NAME, plan_evaluation, run_evaluate
+from viscy.evaluate.output import MARKER_NAME
+from viscy.evaluate.run import plan_evaluation, run_evaluate
+from viscy.models.config import ModelConfig
 
 CHANNELS = ("BF", "DAPI", "GFP")
 TARGETS = ["DAPI", "GFP"]
@@ -79,10 +82,11 @@ def assets(tmp_path_factory, ray_local) -> dict[str, Path]:
     import torch
     import zarr
 
-    from viscy.config import PredictConfig, PreprocessConfig
+    from tests.helpers import save_lightning_checkpoint
+    from viscy.data.config import PreprocessConfig
     from viscy.data.preprocess import run_preprocess
     from viscy.models import create_model
-    from viscy.models.checkpoint import save_lightning_checkpoint
+    from viscy.predict.config import PredictConfig
     from viscy.predict.run import run_predict
 
     root = tmp_path_factory.mktemp("units")
@@ -91,7 +95,7 @@ def assets(tmp_path_factory, ray_local) -> dict[str, Path]:
     torch.manual_seed(0)
     ckpt = save_lightning_checkpoint(create_model("unet2d", **UNET_KW).eval(), root / "unet2d.ckpt")
     model = ModelConfig(name="unet2d", kwargs=UNET_KW, checkpoint=ckpt)
-    common = {"data_path": [plate], "model": model, "source_channel": ["BF"], "target_channel": TARGETS,
+    common = {"data_path": [plate], "model": model, "source_channels": ["BF"], "target_channels": TARGETS,
               "normalization": NORMS, "progress": False}
     run_predict(PredictConfig(output=root / "pred.zarr", **common))
     run_predict(PredictConfig(output=root / "pred_denorm.zarr", denormalize=True, **common))
@@ -125,11 +129,11 @@ def test_normalized_predictions_scored_in_normalized_units(assets, tmp_path: Pat
     # No channel keys: targets come from the *_prediction channels, the input panel from the job's sources.
     config = EvaluateConfig(data_path=assets["plate"], prediction_path=assets["good"], output_dir=out)
     summary = run_evaluate(config).summary
-    assert summary["channels"] == TARGETS and summary["source_channel"] == "BF"
+    assert summary["channels"] == TARGETS and summary["source_channels"] == ["BF"]
     assert summary["units"] == {ch: "normalized (fov_statistics mean/std)" for ch in TARGETS}
     assert set(summary["units_from"].values()) == {"prediction job metadata"}
     resolved = yaml.safe_load((out / "viscy_config.yaml").read_text())
-    assert resolved["target_channel"] == TARGETS and resolved["source_channel"] == "BF"
+    assert resolved["target_channels"] == TARGETS and resolved["source_channels"] == ["BF"]
     assert json.loads((out / "summary.json").read_text())["units"]["GFP"] == "normalized (fov_statistics mean/std)"
 
     table = pd.read_parquet(out / "metrics.parquet")
@@ -244,7 +248,7 @@ def test_units_of_foreign_and_incomplete_predictions(assets, tmp_path: Path) -> 
         plan_evaluation(config)
     plan = plan_evaluation(config.model_copy(update={"prediction_units": "normalized"}))
     assert [u.label for u in plan.units] == ["normalized (fov_statistics median/iqr)"] * 2
-    assert plan.config.source_channel is None  # no job metadata: no input panel unless source_channel is set
+    assert plan.config.source_channels is None  # no job metadata: no input panel unless source_channels is set
     mean_std = [NormalizationConfig(subtrahend="mean", divisor="std")]
     plan = plan_evaluation(
         config.model_copy(update={"prediction_units": "normalized", "target_normalization": mean_std})

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from tests.helpers import TINY_KWARGS, tiny_kwargs
 from viscy.errors import ModelError
 from viscy.models import (
     ModelSpec,
@@ -20,7 +21,6 @@ from viscy.models import (
     resolve_model,
 )
 from viscy.models.fcmae import FullyConvolutionalMAE, masked_mse_loss, transfer_encoder_weights
-from viscy.models.registry import TINY_KWARGS, tiny_kwargs
 
 SMALL = {name: tiny_kwargs(name) for name in TINY_KWARGS}
 DEPTH_OUT = {"unet2d": 1, "unet25d": 1, "unet3d": 4, "unext2": 4, "fcmae": 4}
@@ -77,15 +77,15 @@ def test_forward_shape_follows_spec(name):
     spec = get_spec(model)
     assert spec.out_depth == DEPTH_OUT[name]
     m = spec.yx_multiple
-    x = torch.randn(2, spec.in_channels, spec.in_depth, 2 * m, 3 * m)
+    x = torch.randn(2, spec.in_channels, spec.z_window_size, 2 * m, 3 * m)
     spec.check_input(tuple(x.shape))
     with torch.no_grad():
         y = model(x)
     assert tuple(y.shape) == (2, spec.out_channels, spec.out_depth, 2 * m, 3 * m)
     with pytest.raises(ModelError, match="multiples"):
-        spec.check_input((1, spec.in_channels, spec.in_depth, m + 1, m))
+        spec.check_input((1, spec.in_channels, spec.z_window_size, m + 1, m))
     with pytest.raises(ModelError, match="Z depth"):
-        spec.check_input((1, spec.in_channels, spec.in_depth + 1, m, m))
+        spec.check_input((1, spec.in_channels, spec.z_window_size + 1, m, m))
     assert spec.padded_yx(m + 1, 1) == (2 * m, m)
 
 
@@ -95,7 +95,7 @@ def test_one_training_step(name):
     model = create_model(name, **SMALL[name]).train()
     spec = get_spec(model)
     m = spec.yx_multiple
-    x = torch.randn(2, spec.in_channels, spec.in_depth, 2 * m, 2 * m)
+    x = torch.randn(2, spec.in_channels, spec.z_window_size, 2 * m, 2 * m)
     target = torch.randn(2, spec.out_channels, spec.out_depth, 2 * m, 2 * m)
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -146,7 +146,7 @@ def test_masked_patches_do_not_leak_into_visible_encoder_features():
 
 
 def test_encoder_weights_transfer_from_pretraining_to_finetuning(tmp_path):
-    from viscy.models.checkpoint import save_lightning_checkpoint
+    from tests.helpers import save_lightning_checkpoint
 
     torch.manual_seed(0)
     pre = FullyConvolutionalMAE(**dict(SMALL["fcmae"], out_channels=1, pretraining=True))

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.helpers import TINY_KWARGS, tiny_kwargs
 from viscy.errors import ModelError
 from viscy.models import create_model, load_checkpoint
 from viscy.models.checkpoint import read_state_dict
-from viscy.models.registry import TINY_KWARGS, tiny_kwargs
 
 SMALL = {name: tiny_kwargs(name) for name in TINY_KWARGS}
 
@@ -29,7 +29,7 @@ def test_lightning_checkpoint_round_trip(name, tmp_path):
     torch.manual_seed(2)
     loaded = create_model(name, checkpoint=path, **SMALL[name]).eval()
     spec = source.spec
-    x = torch.randn(1, spec.in_channels, spec.in_depth, 2 * spec.yx_multiple, spec.yx_multiple)
+    x = torch.randn(1, spec.in_channels, spec.z_window_size, 2 * spec.yx_multiple, spec.yx_multiple)
     with torch.no_grad():
         assert torch.equal(source(x), loaded(x))
 
@@ -79,12 +79,12 @@ class _RunsCodeWhenUnpickled:
 
 
 def test_checkpoints_that_run_code_are_refused(tmp_path, capsys):
-    from viscy.models import read_model_card
+    from viscy.models import read_card
 
     model = create_model("unet2d", num_blocks=2, num_filters=4)
     path = tmp_path / "evil.pt"
     torch.save({"state_dict": model.state_dict(), "payload": _RunsCodeWhenUnpickled()}, path)
-    for load in (lambda: load_checkpoint(model, path), lambda: read_model_card(path)):
+    for load in (lambda: load_checkpoint(model, path), lambda: read_card(path)):
         with pytest.raises(ModelError, match="cannot read checkpoint"):
             load()
     assert "code ran" not in capsys.readouterr().out

@@ -43,10 +43,10 @@ def test_state_dict_matches_viscy(name):
     assert list(ours) and len(ours) == len(rows)
     assert sum(p.numel() for p in model.parameters()) == params
     spec = model.spec
-    assert [spec.in_channels, spec.in_depth] == in_shape[1:3]
+    assert [spec.in_channels, spec.z_window_size] == in_shape[1:3]
     assert [spec.out_channels, spec.out_depth] == out_shape[1:3]
     # forward at a small YX: the declared output shape, Y and X preserved
-    x = torch.randn(1, spec.in_channels, spec.in_depth, spec.yx_multiple, spec.yx_multiple)
+    x = torch.randn(1, spec.in_channels, spec.z_window_size, spec.yx_multiple, spec.yx_multiple)
     with torch.no_grad():
         y = model.eval()(x)
     assert list(y.shape) == [1, out_shape[1], out_shape[2], spec.yx_multiple, spec.yx_multiple]
@@ -66,4 +66,4 @@ def test_presets_use_viscy_kwargs(name):
         "subtrahend": "median",
         "divisor": "iqr",
     }]
-    assert preset.in_depth == kwargs["in_stack_depth"]
+    assert preset.z_window_size == kwargs["in_stack_depth"]

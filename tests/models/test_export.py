@@ -8,17 +8,10 @@ import pytest
 import torch
 import yaml
 
+from tests.helpers import TINY_KWARGS, tiny_kwargs
 from viscy.errors import ModelError
-from viscy.models import ModelCard, create_model
-from viscy.models.export import (
-    create_ort_session,
-    export_onnx,
-    onnx_metadata,
-    parity,
-    read_onnx_metadata,
-    spec_from_metadata,
-)
-from viscy.models.registry import TINY_KWARGS, tiny_kwargs
+from viscy.models import ModelCard, create_model, read_card
+from viscy.models.export import create_ort_session, export_onnx, onnx_metadata, parity
 
 
 @pytest.fixture(scope="module")
@@ -56,25 +49,22 @@ def test_onnx_matches_torch_at_two_sizes(exported, name):
 @pytest.mark.parametrize("name", ["unext2", "fcmae"])
 def test_metadata_describes_the_model(exported, name):
     model, path = exported[name]
-    meta = read_onnx_metadata(path)
-    assert meta["model_name"] == f"tiny-{name}"
-    assert meta["architecture"] == name
+    card = read_card(path)
+    assert card.name == f"tiny-{name}" and card.spec == model.spec and card.spec.architecture == name
     # channel names are never invented: predict asks for them instead of looking for 'source_0'
-    assert "source_channels" not in meta and "target_channels" not in meta and "model_card" not in meta
-    assert meta["opset"] >= 18
-    assert spec_from_metadata(meta) == model.spec
-    assert meta["kwargs"]["in_stack_depth"] == model.spec.in_depth
+    assert card.source_channels == [] and card.target_channels == [] and not card.names_channels
+    assert card.kwargs["in_stack_depth"] == model.spec.z_window_size == card.z_window_size
+    proto = onnx.load(str(path))
+    assert {p.key for p in proto.metadata_props} == {"viscy.model_card", "viscy.input_layout"}
 
 
 def test_preset_metadata_carries_channels_and_normalisation():
     model = create_model("VSCyto2D")
     meta = onnx_metadata(model)
-    assert meta["viscy.model_name"] == "VSCyto2D"
-    assert meta["viscy.source_channels"] == '["Phase3D"]'
-    assert meta["viscy.target_channels"] == '["Nuclei", "Membrane"]'
-    assert '"subtrahend": "median"' in meta["viscy.normalization"]
     card = ModelCard.from_dict(read_card_json(meta))
     assert card.name == "VSCyto2D" and card.source_channels == ["Phase3D"] and card.spec == model.spec
+    assert card.target_channels == ["Nuclei", "Membrane"] and card.normalization[0]["subtrahend"] == "median"
+    assert read_card_json(meta)["format"] == "viscy-model-card/2"
     with pytest.raises(ModelError, match="channel names"):
         onnx_metadata(model, source_channels=["a", "b"])
 
@@ -93,8 +83,8 @@ def test_session_and_export_errors(tmp_path):
 
 
 def test_cli_export_from_yaml_with_checkpoint(tmp_path, capsys):
+    from tests.helpers import save_lightning_checkpoint
     from viscy.cli import main
-    from viscy.models.checkpoint import save_lightning_checkpoint
 
     kwargs = tiny_kwargs("unet2d")
     torch.manual_seed(3)
@@ -113,8 +103,8 @@ def test_cli_export_from_yaml_with_checkpoint(tmp_path, capsys):
     # the config sits beside the file it describes; it never replaces another command's viscy_config.yaml
     assert (tmp_path / "out" / "unet2d.viscy_config.yaml").is_file()
     assert not (tmp_path / "out" / "viscy_config.yaml").exists()
-    meta = read_onnx_metadata(onnx_path)
-    assert meta["architecture"] == "unet2d" and meta["kwargs"]["num_filters"] == 4
+    card = read_card(onnx_path)
+    assert card.spec.architecture == "unet2d" and card.kwargs["num_filters"] == 4
     # the exported weights are the checkpoint's
     session = create_ort_session(onnx_path, device="cpu")
     x = torch.randn(1, 2, 1, 32, 32)
@@ -126,7 +116,7 @@ def test_cli_export_from_yaml_with_checkpoint(tmp_path, capsys):
 def test_cli_export_rejects_bad_input(tmp_path, capsys):
     from viscy.cli import main
 
-    assert main(["export", "--model.name", "unet9d", "--output", str(tmp_path / "a.onnx")]) == 2
+    assert main(["export", "--model.name", "unet9d", "--output", str(tmp_path / "a.onnx")]) == 1  # found on use
     err = capsys.readouterr().err
     assert "unet9d" in err and "unext2" in err and "VSCyto3D" in err
     assert (
@@ -159,9 +149,9 @@ def test_vscyto3d_sized_export(tmp_path):
     torch.manual_seed(0)
     model = create_model("VSCyto3D").eval()
     path = export_onnx(model, tmp_path / "VSCyto3D.onnx", example_yx=(64, 64))
-    meta = read_onnx_metadata(path)
-    assert meta["model_name"] == "VSCyto3D" and meta["in_depth"] == 5 and meta["yx_multiple"] == 32
-    assert meta["normalization"] == [
+    card = read_card(path)
+    assert card.name == "VSCyto3D" and card.z_window_size == 5 and card.spec.yx_multiple == 32
+    assert card.normalization == [
         {"channels": ["Phase3D"], "level": "fov_statistics", "subtrahend": "median", "divisor": "iqr"}
     ]
     assert parity(model, path, [(64, 64), (96, 128)]) <= 1e-4
@@ -184,39 +174,37 @@ def _card(model, name: str, kwargs: dict) -> ModelCard:
             {"channels": ["BF", "DPC"], "level": "fov_statistics", "subtrahend": "median", "divisor": "iqr"},
             {"channels": ["DAPI"], "level": "dataset_statistics", "subtrahend": "mean", "divisor": "std"},
         ],
-        z_window_size=1,
-        target_depth=1,
         training={"run_name": "r1", "epoch": 3},
     )
 
 
 def test_export_of_a_self_describing_model_needs_only_the_checkpoint(tmp_path, capsys):
     from viscy.cli import main
-    from viscy.models.checkpoint import read_model_card, save_model
+    from viscy.models.checkpoint import save_model
 
     kwargs = tiny_kwargs("unet2d")  # 2 inputs, 3 outputs
     model = create_model("unet2d", **kwargs).eval()
     best = save_model(model.state_dict(), _card(model, "unet2d", kwargs), tmp_path / "run" / "best_model.pt")
     # readable by torch's safe loader, and the card survives
     torch.load(best, weights_only=True)
-    assert read_model_card(best).target_channels == ["DAPI", "GFP", "RFP"]
+    assert read_card(best).target_channels == ["DAPI", "GFP", "RFP"]
     out = tmp_path / "m.onnx"
     assert main(["export", "--model.checkpoint", str(best), "--output", str(out)]) == 0
     assert "BF, DPC -> DAPI, GFP, RFP" in capsys.readouterr().out
-    meta = read_onnx_metadata(out)
-    assert meta["source_channels"] == ["BF", "DPC"] and meta["target_channels"] == ["DAPI", "GFP", "RFP"]
-    assert meta["normalization"][1] == {
+    card = read_card(out)
+    assert card.source_channels == ["BF", "DPC"] and card.target_channels == ["DAPI", "GFP", "RFP"]
+    assert card.normalization[1] == {
         "channels": ["DAPI"],
         "level": "dataset_statistics",
         "subtrahend": "mean",
         "divisor": "std",
     }
-    assert meta["model_card"]["training"]["run_name"] == "r1"
+    assert card.training["run_name"] == "r1" and card.spec == model.spec
     # command-line names override the card's
     out2 = tmp_path / "renamed.onnx"
-    args = ["export", "--model.checkpoint", str(best), "--output", str(out2), "--target_channel", "a", "b", "c"]
+    args = ["export", "--model.checkpoint", str(best), "--output", str(out2), "--target_channels", "a", "b", "c"]
     assert main(args) == 0
-    assert read_onnx_metadata(out2)["target_channels"] == ["a", "b", "c"]
+    assert read_card(out2).target_channels == ["a", "b", "c"]
 
 
 def test_export_never_replaces_what_it_did_not_write(tmp_path, capsys):

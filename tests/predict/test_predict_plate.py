@@ -9,7 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from viscy.config import ConfigError, ModelConfig, PredictConfig, SynthConfig, load_config
+from viscy.config import ConfigError, load_config
+from viscy.data.config import SynthConfig
+from viscy.models.config import ModelConfig
+from viscy.predict.config import PredictConfig
 
 UNET_KW = {"in_channels": 1, "out_channels": 2, "num_blocks": 2, "num_filters": 4}
 PHASE_NORM = {"level": "fov_statistics", "subtrahend": "median", "divisor": "iqr"}
@@ -20,11 +23,11 @@ def assets(tmp_path_factory, ray_local):
     """A preprocessed 2-FOV plate (T=2, Z=3, 60x90), a tiny unet2d checkpoint and its ONNX export."""
     import torch
 
-    from viscy.config import PreprocessConfig
+    from tests.helpers import save_lightning_checkpoint
+    from viscy.data.config import PreprocessConfig
     from viscy.data.preprocess import run_preprocess
     from viscy.data.synth import write_synthetic_plate
     from viscy.models import create_model
-    from viscy.models.checkpoint import save_lightning_checkpoint
     from viscy.models.export import export_onnx, onnx_metadata
 
     root = tmp_path_factory.mktemp("predict")
@@ -68,7 +71,7 @@ def _expected(a, fov: str) -> np.ndarray:
     from viscy.data.plate import Plate
 
     plate = Plate(a["plate"])
-    from viscy.config import NormalizationConfig
+    from viscy.data.config import NormalizationConfig
 
     params = normalization_params(plate.normalization(fov), ["Phase3D"], [NormalizationConfig(**PHASE_NORM)])
     t_n, _, z_n, y, x = plate.info(fov).shape
@@ -162,7 +165,7 @@ def test_bad_inputs_write_nothing(assets, tmp_path):
 
     out = tmp_path / "bad.zarr"
     with pytest.raises(ChannelNotFoundError, match="'Nope' not found"):
-        run_predict(_torch_cfg(assets, output=out, source_channel=["Nope"]))
+        run_predict(_torch_cfg(assets, output=out, source_channels=["Nope"]))
     assert not out.exists()
     with pytest.raises(ConfigError, match="exactly one of 'model'"):
         load_config(PredictConfig, overrides={"data_path": str(assets["plate"]), "onnx": str(assets["onnx"]),
@@ -185,8 +188,8 @@ def test_bad_inputs_write_nothing(assets, tmp_path):
     assert (assets["plate"] / ".zattrs").is_file()
     from viscy.errors import ModelError
 
-    with pytest.raises(ModelError, match="source_channel"):
-        run_predict(_torch_cfg(assets, output=out, source_channel=["Phase3D", "Nuclei"]))
+    with pytest.raises(ModelError, match="source_channels"):
+        run_predict(_torch_cfg(assets, output=out, source_channels=["Phase3D", "Nuclei"]))
     assert not out.exists()
 
 
@@ -194,10 +197,10 @@ def test_25d_unit_z_blocks_equal_whole_stack(assets, tmp_path):
     """A 2.5D model through the actor's unit path: Z blocks give the same slices as one whole-stack unit."""
     import torch
 
-    from viscy.config import NormalizationConfig
+    from viscy.data.config import NormalizationConfig
     from viscy.data.plate import Plate
     from viscy.models import create_model
-    from viscy.predict.backends import TorchBackend
+    from viscy.predict.backends import TorchBackend, describe_model
     from viscy.predict.run import predict_unit
     from viscy.predict.tiling import TilingOptions
     from viscy.predict.writer import prepare_output
@@ -206,10 +209,10 @@ def test_25d_unit_z_blocks_equal_whole_stack(assets, tmp_path):
     torch.manual_seed(1)
     ckpt = tmp_path / "u25.pt"
     torch.save(create_model("unet25d", **kw).state_dict(), ckpt)
-    backend = TorchBackend(ModelConfig(name="unet25d", kwargs=kw, checkpoint=ckpt))
+    backend = TorchBackend(describe_model(ModelConfig(name="unet25d", kwargs=kw)), checkpoint=ckpt)
     plate = Plate(assets["plate"])
     norms = [NormalizationConfig(channels=["Phase3D"], **PHASE_NORM)]
-    opts = TilingOptions(in_depth=3, out_depth=1, yx_multiple=4)
+    opts = TilingOptions(z_window_size=3, out_depth=1, yx_multiple=4)
     results = []
     for name, blocks in (("whole", [(0, 3)]), ("blocks", [(0, 2), (2, 3)])):
         target = prepare_output(plate, ["A/1/0"], tmp_path / f"{name}.zarr", ["Nuclei", "Membrane"], "fp", "create", {})
@@ -246,11 +249,9 @@ def test_multi_plate_overwrite_refuses_unrelated_store(assets, tmp_path):
 
 def test_replacement_is_atomic_per_store_and_resumes(assets, tmp_path, monkeypatch):
     """Two plates into one directory; a replacement cut short between its two renames, then rerun."""
-    from viscy_hooks import HookCrash
-
+    from tests.faults import InjectedFault, inject
     from viscy.errors import DataError
     from viscy.predict.run import run_predict
-    from viscy.testing import HOOK_ENV
 
     out = tmp_path / "out"
     cfg = _torch_cfg(assets, output=out, positions=["A/1/0"])
@@ -260,13 +261,12 @@ def test_replacement_is_atomic_per_store_and_resumes(assets, tmp_path, monkeypat
     old = [_read(s, "A/1/0") for s in stores]
     old_fp = [json.loads((s / ".zattrs").read_text())["viscy_prediction"]["fingerprint"] for s in stores]
 
-    # the driver raises between moving p1.zarr aside and moving its replacement in (Ray workers never see the
-    # variable: they inherit the environment of the module's cluster)
+    # the driver raises between moving p1.zarr aside and moving its replacement in
     new_cfg = cfg.model_copy(update={"denormalize": True, "overwrite": True})
-    monkeypatch.setenv(HOOK_ENV, "viscy_hooks:crash_at_swap")
-    with pytest.raises(HookCrash):
-        run_predict(new_cfg)
-    monkeypatch.delenv(HOOK_ENV)
+    with monkeypatch.context() as patched:
+        inject(patched, "crash_at_swap")
+        with pytest.raises(InjectedFault):
+            run_predict(new_cfg)
     assert sorted(p.name for p in out.iterdir()) == [
         "p1.zarr.viscy-old", "p1.zarr.viscy-partial", "p2.zarr", "p2.zarr.viscy-partial"
     ]
@@ -318,7 +318,7 @@ def test_append_overwrite_refuses_channels_viscy_did_not_write(assets, tmp_path)
     }
     files = {p: p.read_bytes() for p in plate.rglob("*") if p.is_file()}
     with pytest.raises(DataError, match="not adjacent"):
-        run_predict(cfg.model_copy(update={"target_channel": ["Membrane", "Nuclei"]}))
+        run_predict(cfg.model_copy(update={"target_channels": ["Membrane", "Nuclei"]}))
     assert {p: p.read_bytes() for p in plate.rglob("*") if p.is_file()} == files
 
 

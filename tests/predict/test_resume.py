@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 import yaml
 
-from viscy.config import ModelConfig, PredictConfig, SynthConfig
+from viscy.data.config import SynthConfig
+from viscy.models.config import ModelConfig
+from viscy.predict.config import PredictConfig
 
 UNET_KW = {"in_channels": 1, "out_channels": 2, "num_blocks": 2, "num_filters": 4}
 FOVS = ["A/1/0", "A/1/1", "A/2/0", "A/2/1"]
@@ -32,9 +34,11 @@ def _complete(out: Path) -> list[str]:
     return done
 
 
-def _cli(cfg: Path, env: dict[str, str]) -> subprocess.Popen:
+def _cli(cfg: Path, env: dict[str, str], fault: str | None = None) -> subprocess.Popen:
+    """``viscy predict --config cfg``, run through tests.faults with ``fault`` when given."""
+    entry = ["-m", "tests.faults", fault, "--"] if fault else ["-m", "viscy.cli"]
     return subprocess.Popen(
-        [sys.executable, "-m", "viscy.cli", "predict", "--config", str(cfg)],
+        [sys.executable, *entry, "predict", "--config", str(cfg)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
 
@@ -44,11 +48,11 @@ def job(tmp_path_factory, ray_local) -> dict:
     """A preprocessed 4-FOV plate and a tiny checkpoint."""
     import torch
 
-    from viscy.config import PreprocessConfig
+    from tests.helpers import save_lightning_checkpoint
+    from viscy.data.config import PreprocessConfig
     from viscy.data.preprocess import run_preprocess
     from viscy.data.synth import write_synthetic_plate
     from viscy.models import create_model
-    from viscy.models.checkpoint import save_lightning_checkpoint
 
     root = tmp_path_factory.mktemp("resume")
     plate = write_synthetic_plate(SynthConfig(output=root / "plate.zarr", cols=["1", "2"], yx=(64, 64)))
@@ -66,10 +70,8 @@ def _tree(job: dict, out: Path, **kw) -> dict:
 
 
 def _kill_after_first_fov(cfg: Path, watched: Path, env: dict[str, str]) -> list[str]:
-    """Run ``viscy predict`` slowed down by the test hook; SIGKILL it once ``watched`` has a complete FOV."""
-    from viscy.testing import HOOK_ENV
-
-    proc = _cli(cfg, {**env, HOOK_ENV: "viscy_hooks:slow_predict_units"})
+    """Run ``viscy predict`` slowed down in its actors; SIGKILL it once ``watched`` has a complete FOV."""
+    proc = _cli(cfg, env, fault="slow_predict_units")
     deadline = time.time() + 400
     try:
         while not _complete(watched):
@@ -85,9 +87,7 @@ def _kill_after_first_fov(cfg: Path, watched: Path, env: dict[str, str]) -> list
 
 
 def _env() -> dict[str, str]:
-    from viscy.testing import HOOK_ENV
-
-    env = {k: v for k, v in os.environ.items() if k not in (HOOK_ENV, "RAY_ADDRESS")}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     return {**env, "RAY_AUTH_MODE": "token"}
 
 

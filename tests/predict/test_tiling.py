@@ -150,7 +150,7 @@ def test_z_25d_centre_slice_windows():
         return b.mean(axis=2, keepdims=True)
 
     stack = np.arange(7, dtype=np.float32)[None, :, None, None] * np.ones((1, 7, 16, 16), np.float32)
-    out = predict_stack(stack, 7, mean_z, TilingOptions(in_depth=3, out_depth=1))
+    out = predict_stack(stack, 7, mean_z, TilingOptions(z_window_size=3, out_depth=1))
     assert out.shape == (1, 7, 16, 16)
     # interior slices: mean of z-1, z, z+1 = z; edges reflect: (1+0+1)/3, (5+6+5)/3
     np.testing.assert_allclose(out[0, :, 0, 0], [2 / 3, 1, 2, 3, 4, 5, 16 / 3], rtol=1e-6)
@@ -162,7 +162,7 @@ def test_z_3d_sliding_average_and_blocks_match_whole():
         return b + b[:, :, :1]
 
     stack = _image((1, 9, 24, 24), seed=3)
-    opts = TilingOptions(in_depth=4, out_depth=4, z_stride=1, batch_size=2)
+    opts = TilingOptions(z_window_size=4, out_depth=4, z_stride=1, batch_size=2)
     whole = predict_stack(stack, 9, f, opts)
     assert whole.shape == (1, 9, 24, 24)
     # slice 0 is covered only by the window starting at 0
@@ -187,6 +187,6 @@ def test_z_3d_sliding_average_and_blocks_match_whole():
 
 def test_unsupported_depth_and_bad_range():
     with pytest.raises(ShapeError, match="only 2D/2.5D"):
-        TilingOptions(in_depth=5, out_depth=3)
+        TilingOptions(z_window_size=5, out_depth=3)
     with pytest.raises(ShapeError, match="outside"):
         predict_stack(np.zeros((1, 3, 8, 8), np.float32), 3, lambda b: b, TilingOptions(), (2, 5))

@@ -43,9 +43,9 @@ def export_tiny(path: Path, arch: str, sources: list[str], targets: list[str], s
     """A randomly initialised tiny model exported to ONNX with its channels and normalisation."""
     import torch
 
+    from tests.helpers import tiny_kwargs
     from viscy.models import create_model
     from viscy.models.export import export_onnx, onnx_metadata
-    from viscy.models.registry import tiny_kwargs
 
     torch.manual_seed(seed)
     kwargs = tiny_kwargs(arch) | {"in_channels": len(sources), "out_channels": len(targets)}

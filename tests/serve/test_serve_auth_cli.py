@@ -115,7 +115,8 @@ def test_bad_serve_configs_fail_before_anything_starts(tmp_path: Path) -> None:
 
 
 def test_token_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from viscy.config import ConfigError, ServeConfig
+    from viscy.config import ConfigError
+    from viscy.serve.config import ServeConfig
     from viscy.serve.gate import read_token
 
     assert read_token(ServeConfig(models=[tmp_path])) is None

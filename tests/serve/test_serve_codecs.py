@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from viscy.config import ConfigError, ServeConfig, load_config
+from viscy.config import ConfigError, load_config
 from viscy.serve.codecs import PayloadError, decode_image, encode_array, negotiate, parse_statistics
+from viscy.serve.config import ServeConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -78,7 +79,7 @@ def test_ray_serve_config_errors(tmp_path: Path) -> None:
 
 
 def test_a_network_bind_needs_a_token_or_an_explicit_flag(tmp_path: Path) -> None:
-    from viscy.config import is_loopback
+    from viscy.serve.config import is_loopback
 
     assert all(is_loopback(h) for h in ("127.0.0.1", "127.8.9.1", "::1", "[::1]", "localhost"))
     assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "10.0.0.5", "example.org", ""))
@@ -99,7 +100,7 @@ def test_a_network_bind_needs_a_token_or_an_explicit_flag(tmp_path: Path) -> Non
 def test_model_calls_count_z_windows_tiles_and_tta() -> None:
     from viscy.predict.tiling import TilingOptions, count_model_calls
 
-    opts = TilingOptions(in_depth=5, out_depth=1, yx_multiple=16, tile_yx=(512, 512), overlap=0.25)
+    opts = TilingOptions(z_window_size=5, out_depth=1, yx_multiple=16, tile_yx=(512, 512), overlap=0.25)
     assert count_model_calls(1, (512, 512), opts) == 1
     assert count_model_calls(7, (2048, 2048), opts) == 7 * 25
     assert count_model_calls(3, (8, 8), opts) == 3

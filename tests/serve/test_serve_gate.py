@@ -17,10 +17,9 @@ from ray.exceptions import RayTaskError
 from ray.serve.exceptions import BackPressureError
 
 from tests.serve.conftest import LEAKS
-from viscy.config import ServeConfig
-from viscy.serve.app import gatekeeper
 from viscy.serve.codecs import PayloadError
-from viscy.serve.gate import Gate, current_gate, install_gate
+from viscy.serve.config import ServeConfig
+from viscy.serve.gate import Gate, current_gate, gatekeeper, install_gate
 
 
 def _app(seen: list[str], tmp_path: Path) -> FastAPI:

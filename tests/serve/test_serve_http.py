@@ -59,8 +59,7 @@ def expected_stain(models_dir: Path, name: str, image: np.ndarray) -> np.ndarray
 
     model = ServedModel.load(models_dir / f"{name}.onnx")
     x, _ = model.normalize(model.as_czyx(image), None)
-    opts = TilingOptions(in_depth=model.spec.in_depth, out_depth=model.spec.out_depth,
-                         yx_multiple=model.spec.yx_multiple, tile_yx=(512, 512), batch_size=8)
+    opts = TilingOptions.for_model(model.card.spec, (512, 512), batch_size=8)
     out = predict_plane_stack(x, OnnxBackend(models_dir / f"{name}.onnx"), opts)
     return out[:, 0] if image.ndim == 2 else out
 
@@ -79,7 +78,7 @@ def test_models_describe_channels_depths_and_normalisation(server: Server) -> No
     models = {m["name"]: m for m in ServeClient(server.url).models()}
     assert models["stain2d"]["source_channels"] == ["Phase3D"]
     assert models["stain2d"]["target_channels"] == ["Nuclei", "Membrane"]
-    assert (models["stain25d"]["in_depth"], models["stain25d"]["out_depth"]) == (3, 1)
+    assert (models["stain25d"]["z_window_size"], models["stain25d"]["out_depth"]) == (3, 1)
     assert models["stain2d"]["yx_multiple"] == 8
     assert models["stain2d"]["normalization"][0]["subtrahend"] == "median"
     assert all("/" not in m["file"] for m in models.values())  # no server paths

@@ -1,5 +1,6 @@
 """``viscy train`` refuses what cannot work before Ray starts (model vs data, run directory) and, once Ray is
-up, a worker group the cluster can never schedule; failures of Ray tasks read as one line."""
+up, a worker group the cluster can never schedule; the model is checked once, on the driver; failures of Ray
+tasks read as one line."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from pathlib import Path
 import pytest
 
 from viscy.api import resolve_config
-from viscy.config import ConfigError, TrainConfig
+from viscy.config import ConfigError
 from viscy.console import failure_message
+from viscy.train.check import check_model
+from viscy.train.config import TrainConfig
 from viscy.train.trainer import RUN_INFO, check_run_dir, run_train
 
 UNET = {"in_channels": 1, "out_channels": 2, "num_blocks": 2, "num_filters": 4}
@@ -25,7 +28,7 @@ def _tree(plate: Path, storage: Path, **trainer) -> dict:
     }
 
 
-def test_model_data_mismatch_fails_in_seconds_without_ray(small_plate, tmp_path):
+def test_model_data_mismatch_fails_in_seconds_without_ray(small_plate, tmp_path, no_ray):
     import ray
 
     tree = _tree(small_plate, tmp_path)
@@ -33,7 +36,7 @@ def test_model_data_mismatch_fails_in_seconds_without_ray(small_plate, tmp_path)
     tree["data"]["yx_patch_size"] = [30, 32]
     started = time.monotonic()
     with pytest.raises(ConfigError) as err:
-        resolve_config(TrainConfig, tree)
+        check_model(resolve_config(TrainConfig, tree))
     assert time.monotonic() - started < 5
     assert not ray.is_initialized()
     text = str(err.value)
@@ -46,8 +49,43 @@ def test_model_data_mismatch_fails_in_seconds_without_ray(small_plate, tmp_path)
 def test_unknown_default_model_name_is_named(small_plate, tmp_path):
     tree = _tree(small_plate, tmp_path)
     tree["model"] = {"name": "unet9d"}
-    with pytest.raises(ConfigError, match="unet9d"):
-        resolve_config(TrainConfig, tree)
+    config = resolve_config(TrainConfig, tree)  # values are valid; the model check names the model
+    with pytest.raises(ConfigError, match="unet9d") as err:
+        run_train(config)
+    assert "unet2d" in str(err.value) and "VSCyto3D" in str(err.value)  # the allowed names
+    assert not (tmp_path / "run").exists()
+
+
+def test_model_is_checked_once_on_the_driver_and_its_card_goes_to_the_workers(small_plate, tmp_path, monkeypatch):
+    """run_train resolves the model and builds its spec once, before Ray; the card it sends the workers rebuilds
+    without another resolution."""
+    import viscy.models
+    import viscy.ray_utils
+    from viscy.models.card import ModelCard
+
+    built, resolved = [], []
+    spec, resolve = viscy.models.model_spec, viscy.models.resolve_model_source
+    monkeypatch.setattr(viscy.models, "model_spec", lambda *a, **k: built.append(a) or spec(*a, **k))
+    monkeypatch.setattr(viscy.models, "resolve_model_source", lambda *a, **k: resolved.append(a) or resolve(*a, **k))
+
+    class RayWouldStart(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise RayWouldStart
+
+    monkeypatch.setattr(viscy.ray_utils, "ensure_ray", stop)
+    config = resolve_config(TrainConfig, _tree(small_plate, tmp_path))
+    assert (built, resolved) == ([], [])  # validation builds nothing
+    with pytest.raises(RayWouldStart):
+        run_train(config)
+    assert len(built) == 1 and len(resolved) == 1
+    # what a worker does with its loop config: validate the config, read the card (nothing is resolved again)
+    card = check_model(config, "run")
+    built.clear(), resolved.clear()
+    TrainConfig.model_validate(config.model_dump(mode="json"))
+    again = ModelCard.from_dict(card.to_dict())
+    assert (built, resolved) == ([], []) and again == card
 
 
 def test_run_dir_with_user_files_is_refused(tmp_path):

@@ -1,4 +1,5 @@
-"""Every YAML in configs/ loads through the schema; model/data consistency errors name the fix; CLI verb."""
+"""Every YAML in configs/ loads through the schema and its model fits its data; model/data consistency errors
+name the fix; CLI verb."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import pytest
 import yaml
 
 from viscy.cli import main
-from viscy.config import ConfigError, TrainConfig, load_config
+from viscy.config import ConfigError, load_config
+from viscy.train.check import check_model
+from viscy.train.config import TrainConfig
 from viscy.train.demo_settings import demo_train_dict
 
 # training recipes: every YAML of configs/ except the Serve application (tests/serve/test_serve_codecs.py loads it)
@@ -27,11 +30,12 @@ def test_configs_exist():
 def test_config_loads(path):
     cfg = load_config(TrainConfig, path)
     assert cfg.trainer.max_epochs >= 1
+    check_model(cfg)
 
 
 @pytest.mark.parametrize("path", TUNE_CONFIGS, ids=lambda p: p.name)
 def test_tune_configs_load_and_their_space_is_valid(path):
-    from viscy.config import TuneConfig
+    from viscy.tune.config import TuneConfig
     from viscy.tune.space import check_metric, check_space
 
     cfg = load_config(TuneConfig, path)
@@ -71,8 +75,9 @@ def test_recipes():
 def test_inconsistent_model_and_data(tree, fix):
     base = {"data": {"data_path": "x.zarr"}}
     base["data"].update(tree.pop("data", {}))
+    config = load_config(TrainConfig, None, {"data": base["data"], **tree})
     with pytest.raises(ConfigError, match=fix.replace(".", r"\.")):
-        load_config(TrainConfig, None, {"data": base["data"], **tree})
+        check_model(config)
 
 
 def test_cli_train_help_and_resume_error(capsys, tmp_path):
@@ -85,14 +90,12 @@ def test_cli_train_help_and_resume_error(capsys, tmp_path):
 
 
 def test_default_model_takes_its_shape_from_the_data():
-    from viscy.train.trainer import model_card_for
-
-    two_d = model_card_for(load_config(TrainConfig, None, {"data.data_path": "x.zarr"}))
-    assert two_d.name == "unext2" and two_d.spec.in_depth == 1 and two_d.spec.out_channels == 2
+    two_d = check_model(load_config(TrainConfig, None, {"data.data_path": "x.zarr"}))
+    assert two_d.name == "unext2" and two_d.spec.z_window_size == 1 and two_d.spec.out_channels == 2
     assert two_d.kwargs["stem_kernel_size"] == [1, 4, 4]  # the stem folds the whole (1-slice) window
-    three_d = model_card_for(load_config(TrainConfig, None, {
+    three_d = check_model(load_config(TrainConfig, None, {
         "data.data_path": "x.zarr", "data.z_window_size": 5, "data.target_2d": False,
-        "data.source_channel": ["BF", "DPC"], "data.target_channel": ["DAPI"]}))
-    assert (three_d.spec.in_channels, three_d.spec.out_channels, three_d.spec.in_depth, three_d.spec.out_depth) == (
-        2, 1, 5, 5)
+        "data.source_channels": ["BF", "DPC"], "data.target_channels": ["DAPI"]}))
+    s = three_d.spec
+    assert (s.in_channels, s.out_channels, s.z_window_size, s.out_depth) == (2, 1, 5, 5)
     assert "stem_kernel_size" not in three_d.kwargs  # VisCy's (5, 4, 4) fits

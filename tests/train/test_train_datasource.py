@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import write_iohub_plate
-from viscy.config import DataConfig, PreprocessConfig
+from viscy.data.config import DataConfig, PreprocessConfig
 from viscy.data.preprocess import run_preprocess
 from viscy.errors import DataError
 from viscy.train.datasource import (
@@ -212,12 +212,12 @@ def test_read_path_does_not_import_torch(plate):
     code = f"""
 import sys
 import numpy as np
-from viscy.config import AugmentationConfig, DataConfig
-from viscy.train.datasource import Read, read_patches
+from viscy.data.config import AugmentationConfig, DataConfig
+from viscy.train.datasource import Read, start_read
 aug = AugmentationConfig(affine_prob=0, contrast_prob=0, intensity_scale_prob=0, noise_prob=0, smooth_prob=0)
 data = DataConfig(data_path=[{str(plate)!r}], z_window_size=3, target_2d=True, yx_patch_size=[16, 16],
                   augmentation=aug)
-batch = read_patches(Read({str(plate)!r}, "A/1/0", 4, 7), data, augment=True)
+batch = start_read(Read({str(plate)!r}, "A/1/0", 4, 7), data, augment=True)()
 assert batch["source"].shape[0] == 4 and np.isfinite(batch["source"]).all()
 print("torch" in sys.modules)
 """

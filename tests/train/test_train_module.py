@@ -7,8 +7,8 @@ import warnings
 import pytest
 import torch
 
-from viscy.config import TrainerConfig
-from viscy.models.registry import tiny_kwargs
+from tests.helpers import tiny_kwargs
+from viscy.train.config import TrainerConfig
 from viscy.train.module import VSModule, make_figure, resolve_precision
 
 UNET = {"in_channels": 1, "out_channels": 2, "num_blocks": 2, "num_filters": 4}

@@ -1,4 +1,7 @@
-"""Real Ray Train runs: 2 CPU workers (gloo, 0.5 CPU each) on a tiny synthetic plate; resume; worker kill."""
+"""Real Ray Train runs: 2 CPU workers (gloo, 0.5 CPU each) on a tiny synthetic plate; resume; worker kill.
+
+Storage by URI (``file://``) is tested on the two-node job in tests/clusters/test_multinode.py.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +9,15 @@ import json
 from pathlib import Path
 
 import pytest
-from viscy_hooks import report_recorder
 
-from viscy.config import ConfigError, PreprocessConfig, SynthConfig, TrainConfig, load_config
+from tests.faults import inject
+from tests.helpers import report_recorder
+from viscy.config import ConfigError, load_config
+from viscy.data.config import PreprocessConfig, SynthConfig
 from viscy.data.preprocess import run_preprocess
 from viscy.data.synth import write_synthetic_plate
-from viscy.models import create_model, load_checkpoint, read_model_card
+from viscy.models import create_model, load_checkpoint, read_card
+from viscy.train.config import TrainConfig
 from viscy.train.trainer import BEST_MODEL, TrainingError, run_train
 
 pytestmark = pytest.mark.slow
@@ -56,7 +62,7 @@ def test_train_resume_and_refuse_overwrite(plate, tmp_path, capsys):
     best = run_dir / BEST_MODEL
     assert trained.best_model == best
     load_checkpoint(create_model("unet2d", **UNET), best)
-    card = read_model_card(best)  # the weights describe themselves: export and predict need nothing else
+    card = read_card(best)  # the weights describe themselves: export and predict need nothing else
     assert card == trained.card and card.name == "unet2d" and card.kwargs == UNET | {"in_stack_depth": 1}
     assert card.source_channels == ["Phase3D"] and card.target_channels == ["Nuclei", "Membrane"]
     # the default catch-all normalisation, recorded for the channels it was applied to
@@ -88,7 +94,7 @@ def test_train_resume_and_refuse_overwrite(plate, tmp_path, capsys):
 
 
 def test_worker_kill_is_retried_from_checkpoint(plate, tmp_path, monkeypatch):
-    monkeypatch.setenv("VISCY_TEST_HOOK", "viscy_hooks:crash_rank1_at_epoch2")
+    inject(monkeypatch, "crash_rank1_at_epoch2")
     cfg = _config(plate, tmp_path, "faulty", epochs=3, max_failures=1)
     cfg.logging.wandb = True
     trained = run_train(cfg)
@@ -98,28 +104,9 @@ def test_worker_kill_is_retried_from_checkpoint(plate, tmp_path, monkeypatch):
 
 
 def test_worker_failure_is_one_line_naming_the_cause(plate, tmp_path, monkeypatch):
-    monkeypatch.setenv("VISCY_TEST_HOOK", "viscy_hooks:fail_rank0_at_epoch1")
+    inject(monkeypatch, "fail_rank0_at_epoch1")
     with pytest.raises(TrainingError) as err:
         run_train(_config(plate, tmp_path, "buggy", epochs=2))
     message = str(err.value)
-    assert "worker rank 0: HookCrash: simulated bug in the training step" in message, message
+    assert "worker rank 0: InjectedFault: simulated bug in the training step" in message, message
     assert "Traceback" not in message and "--trainer.run_name buggy --trainer.resume true" in message
-
-
-def test_uri_storage_keeps_checkpoints_and_run_files_there(plate, tmp_path, monkeypatch):
-    store, cwd = tmp_path / "store", tmp_path / "cwd"
-    cwd.mkdir()
-    monkeypatch.chdir(cwd)
-    uri = store.as_uri()  # file:///...: resolved by pyarrow like s3:// or gs://
-    with pytest.raises(ConfigError, match="no run to continue"):
-        run_train(_config(plate, uri, "remote", epochs=1, resume=True))
-    trained = run_train(_config(plate, uri, "remote", epochs=1))
-    remote = store / "remote"
-    assert trained.run_dir == cwd / "viscy_runs" / "remote"
-    assert len(_checkpoints(remote)) == 1
-    load_checkpoint(create_model("unet2d", **UNET), remote / BEST_MODEL)
-    assert (remote / "viscy_config.yaml").exists() and (remote / "run_info.json").exists()
-    assert [p.name for p in (remote / "figures").glob("*.png")] == ["epoch_0000.png"]
-    assert list((remote / "tensorboard").glob("events.out.tfevents.*"))
-    with pytest.raises(ConfigError, match="already exists"):
-        run_train(_config(plate, uri, "remote", epochs=1))

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from viscy_hooks import EPOCH_STARTS
 
+from tests.faults import EPOCH_STARTS
 from tests.tune.tune_helpers import make_plate, tune_tree
 
 pytestmark = pytest.mark.slow
@@ -47,11 +47,12 @@ def _epoch_starts(run: Path) -> list[int]:
 
 
 def _tune(config: Path, cwd: Path) -> subprocess.Popen:
-    env = dict(os.environ, VISCY_TEST_HOOK="viscy_hooks:slow_epochs", PYTHONPATH=os.pathsep.join(
+    """``viscy tune``, every training epoch slowed down (in the trials' Ray Train workers) by tests.faults."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         p for p in (str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")) if p))
     env.pop("RAY_ADDRESS", None)
-    return subprocess.Popen([sys.executable, "-m", "viscy.cli", "tune", "--config", str(config)], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cmd = [sys.executable, "-m", "tests.faults", "slow_epochs", "--", "tune", "--config", str(config)]
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(plate, tmp_path):
@@ -67,7 +68,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(plate, tmp_
     while time.monotonic() < deadline and proc.poll() is None:
         trials = {d.name: _reports(d) for d in exp.glob("trial_*")}
         finished = {k: v for k, v in trials.items() if v and v[-1].get("epochs_done") == 3}
-        # The running trial is seen by the epochs its training run began (the hook writes them straight into the
+        # The running trial is seen by the epochs its training run began (the fault writes them straight into the
         # run directory; Tune's results reach the experiment directory only when Tune syncs them, which lagged a
         # whole short trial once): past epoch 0, its first checkpoint is stored.
         started = [

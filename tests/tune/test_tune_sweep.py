@@ -11,7 +11,7 @@ import pytest
 from tests.tune.tune_helpers import make_plate, tune_tree
 from viscy import api
 from viscy.config import ConfigError
-from viscy.models import read_model_card
+from viscy.models import read_card
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +53,7 @@ def test_sweep_stops_poor_trials_and_writes_leaderboard_figures_best_config_and_
     assert list(exp.glob("experiment_state-*.json")) and list(exp.glob("trial_*/events.out.tfevents.*"))
 
     best = rows[0]
-    card = read_model_card(result.best_model)
+    card = read_card(result.best_model)
     assert card.training["run_name"] == best.trial_id and card.target_channels == ["Nuclei", "Membrane"]
     assert card.kwargs["num_filters"] == best.params["model.kwargs.num_filters"]
     # the best config trains unchanged with viscy train

@@ -10,7 +10,7 @@ UNET = {"in_channels": 1, "out_channels": 2, "num_blocks": 2, "num_filters": 4}
 
 def make_plate(path: Path) -> Path:
     """A 64² synthetic plate with normalisation statistics (Ray must be up)."""
-    from viscy.config import PreprocessConfig, SynthConfig
+    from viscy.data.config import PreprocessConfig, SynthConfig
     from viscy.data.preprocess import run_preprocess
     from viscy.data.synth import write_synthetic_plate
 

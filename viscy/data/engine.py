@@ -244,7 +244,7 @@ def set_read_threads(threads: int | None) -> None:
     _TS_CONTEXT, _TS_THREADS = None, threads
 
 
-def _ts_context():
+def ts_context():
     """One tensorstore context per process: no chunk cache, decode threads as :func:`set_read_threads` says."""
     global _TS_CONTEXT, _TS_PID
     if not tensorstore_usable():
@@ -271,7 +271,7 @@ def _open_tensorstore(meta: ArrayMeta):
     }
     if meta.zarr_format == 2 and not meta.separator_stored:
         spec["metadata"] = {"dimension_separator": meta.separator}
-    return ts.open(spec, read=True, context=_ts_context()).result()
+    return ts.open(spec, read=True, context=ts_context()).result()
 
 
 def _open_zarr(meta: ArrayMeta):

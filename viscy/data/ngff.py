@@ -4,6 +4,10 @@ NGFF 0.4 keeps its metadata in a zarr v2 group's ``.zattrs`` (``plate``, ``well`
 each versioned inside); NGFF 0.5 keeps it in a zarr v3 group's ``zarr.json`` under ``attributes.ome``, with one
 ``version`` for the group. Versions are told apart from that metadata, never guessed from the file layout
 alone, and every refusal says what was found.
+
+:class:`NgffReader` is the :class:`viscy.data.reader.PlateReader` both NGFF formats share; the registered
+readers (``viscy/data/formats/ngff04.py``, ``ngff05.py``) name their zarr format. Writing is
+``viscy.data.store_writer``'s.
 """
 
 from __future__ import annotations
@@ -11,9 +15,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from viscy.data.engine import read_json
+from viscy.data.engine import LazyArray, array_meta, read_json, resolve_engine
+from viscy.data.store_writer import write_attrs
 from viscy.errors import DataError
 
 SUPPORTED_VERSIONS = ("0.4", "0.5")
@@ -188,6 +193,12 @@ class ImageMeta:
     channel_labels: tuple[str, ...] | None
     multiscale: dict[str, Any]
 
+    @property
+    def axes_metadata(self) -> list[dict[str, Any]]:
+        """The NGFF ``axes`` entries (names, types and units), as stored."""
+        axes = self.multiscale.get("axes") or []
+        return [dict(a) if isinstance(a, dict) else {"name": str(a)} for a in axes]
+
     def scale(self) -> tuple[float, ...]:
         """Full-resolution scale: product of the multiscale's and the first dataset's scale transforms.
 
@@ -248,149 +259,108 @@ def label_names(path: Path) -> list[str]:
     return [str(n) for n in labels] if isinstance(labels, list) else []
 
 
-# ---------------------------------------------------------------------------------- writing (zarr v3)
-def write_attrs(node_path: Path, key: str, value: Any) -> None:
-    """Set one top-level attribute of a zarr group or array.
+# ---------------------------------------------------------------------------------- the reader
+LABELS_GROUP = "labels"
 
-    zarr v2 ``.zattrs`` are written through zarr-python 2 (as before); zarr v3 ``zarr.json`` ``attributes`` are
-    rewritten atomically. In NGFF 0.5 the NGFF metadata live in ``attributes.ome``; iohub 0.3 and VisCy keep
-    their own keys (``normalization``) at the top level beside it, and so does viscy.
 
-    Raises
-    ------
-    DataError
-        If ``node_path`` is not a zarr group or array.
+def find_root(path: Path) -> tuple[Path, str | None]:
+    """Plate root and position name when ``path`` points inside a plate (``.../A/1/0``); else ``(path, None)``."""
+    parts = path.resolve().parts
+    if len(parts) > 3:
+        candidate = Path(*parts[:-3])
+        node = read_node(candidate)
+        if node is not None and isinstance(node.ome.get("plate"), dict):
+            return candidate, "/".join(parts[-3:])
+    return path, None
+
+
+class NgffReader:
+    """An OME-NGFF HCS plate or single image on zarr: the part the NGFF 0.4 and 0.5 readers share.
+
+    The formats differ in where the metadata sit and how versions are declared (:class:`Node`,
+    :func:`check_version`); subclasses name their zarr format and register (``viscy/data/formats/``).
+    Pixels are read through ``viscy.data.engine`` (tensorstore, or zarr-python 2 for zarr v2); attributes are
+    written through ``viscy.data.store_writer``.
+
+    Parameters
+    ----------
+    path
+        Plate root, a position inside a plate (``plate.zarr/A/1/0``), or a single-image store.
+    engine
+        Pixel engine (``viscy.data.engine.ENGINES``).
     """
-    node = read_node(node_path)
-    if node is None:
-        raise DataError(f"{node_path} is not a zarr group or array; cannot write its {key!r} attribute")
-    if node.zarr_format == 2:
-        import zarr
 
-        zarr.open(str(node_path), mode="r+").attrs[key] = value
-        return
-    meta = read_json(node_path / "zarr.json") or {}
-    meta.setdefault("attributes", {})[key] = value
-    _replace_json(node_path / "zarr.json", meta)
+    format: ClassVar[str] = ""
+    zarr_format: ClassVar[int] = 0
 
+    @classmethod
+    def claims(cls, path: Path) -> bool:
+        """Whether ``path`` holds zarr metadata of this reader's zarr format (what they say is checked on opening)."""
+        node = read_node(path)
+        return node is not None and node.zarr_format == cls.zarr_format
 
-def _replace_json(path: Path, obj: dict[str, Any]) -> None:
-    import json
-    import os
+    def __init__(self, path: Path, engine: str = "auto") -> None:
+        root, only = find_root(path)
+        node = read_node(root)
+        if node is None:
+            layout(Node(root, self.zarr_format, "group", {}))  # raises, saying what the path holds
+        self.kind = layout(node)
+        self.version = check_version(node)
+        resolve_engine(engine, node.zarr_format, root)  # an unknown engine or zarr-python 2 on v3 fails now
+        self.root, self.only, self.engine = root, only, engine
+        self._images: dict[str, ImageMeta] = {}
+        self._positions = self._list_positions(node)
+        if not self._positions:
+            if self.kind == "fov":
+                meta = image_meta(root)
+                hint = repr(meta.dataset) if meta is not None else "(none named)"
+                raise DataError(f"{root}: the image's full-resolution array {hint} does not exist")
+            raise DataError(
+                f"{root} holds no positions with an image: none of the wells listed in its plate metadata has an "
+                "image group whose multiscales[0].datasets[0].path names an existing array"
+            )
+        if only is not None and only not in self._positions:
+            raise DataError(f"{path}: position {only!r} not found; available: {', '.join(self._positions)}")
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.root)!r}, kind={self.kind!r}, version={self.version!r})"
 
+    def group(self, position: str) -> Path:
+        """The zarr group of a position (the root of a single-image store)."""
+        return self.root if self.kind == "fov" else self.root / position
 
-def create_v3_array(
-    path: Path,
-    shape: tuple[int, ...],
-    chunks: tuple[int, ...],
-    dtype: str,
-    dimension_names: tuple[str, ...] = ("t", "c", "z", "y", "x"),
-):
-    """Create (or replace) a zarr v3 array (zstd, ``/`` chunk keys, as ome-zarr-py writes); its writable
-    tensorstore handle."""
-    import shutil
+    def _list_positions(self, node: Node) -> list[str]:
+        candidates = ["0"] if self.kind == "fov" else plate_images(node)
+        if self.only is not None and self.only in candidates:
+            candidates = [self.only]
+        names = []
+        for name in candidates:
+            meta = image_meta(self.group(name))
+            if meta is not None and array_meta(self.group(name) / meta.dataset) is not None:
+                self._images[name] = meta
+                names.append(name)
+        return names
 
-    import tensorstore as ts
+    def positions(self) -> list[str]:
+        return list(self._positions)
 
-    from viscy.data.engine import _ts_context
+    def image(self, position: str) -> ImageMeta:
+        return self._images[position]
 
-    if path.exists():
-        shutil.rmtree(path)
-    metadata: dict[str, Any] = {
-        "shape": list(shape),
-        "data_type": dtype,
-        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
-        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
-        "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "zstd",
-                                                                              "configuration": {"level": 3}}],
-        "fill_value": 0,
-        "dimension_names": list(dimension_names),
-    }
-    return ts.open(
-        {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path.resolve()) + "/"}, "metadata": metadata},
-        create=True,
-        context=_ts_context(),
-    ).result()
+    def open_array(self, position: str, key: str) -> LazyArray | None:
+        meta = array_meta(self.group(position) / key)
+        return None if meta is None else LazyArray(meta, self.engine)
 
+    def attrs(self, position: str | None = None) -> dict[str, Any]:
+        node = read_node(self.root if position is None else self.group(position))
+        return dict(node.attrs) if node is not None else {}
 
-def open_v3_array(path: Path):
-    """A writable tensorstore handle of the existing zarr v3 array at ``path``."""
-    import tensorstore as ts
+    def write_attr(self, position: str | None, key: str, value: Any) -> None:
+        write_attrs(self.root if position is None else self.group(position), key, value)
 
-    from viscy.data.engine import _ts_context
+    def labels(self, position: str) -> list[str]:
+        return label_names(self.group(position) / LABELS_GROUP)
 
-    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path.resolve()) + "/"}}
-    return ts.open(spec, open=True, read=True, write=True, context=_ts_context()).result()
-
-
-def write_v3_group(path: Path, attributes: dict[str, Any]) -> None:
-    """Create the zarr v3 group ``path`` (and missing parents' directories), or replace its attributes."""
-    path.mkdir(parents=True, exist_ok=True)
-    _replace_json(path / "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": attributes})
-
-
-def delete_attr(node_path: Path, key: str) -> None:
-    """Remove one top-level attribute of a zarr v2 or v3 group or array (nothing if it is absent)."""
-    node = read_node(node_path)
-    if node is None or key not in node.attrs:
-        return
-    if node.zarr_format == 2:
-        import zarr
-
-        del zarr.open(str(node_path), mode="r+").attrs[key]
-        return
-    meta = read_json(node_path / "zarr.json") or {}
-    meta.get("attributes", {}).pop(key, None)
-    _replace_json(node_path / "zarr.json", meta)
-
-
-def _plate_order(name: str) -> tuple[int, int | str]:
-    return (0, int(name)) if name.isdigit() else (1, name)
-
-
-def plate_metadata(positions: list[str], name: str | None = None, version: str | None = None) -> dict[str, Any]:
-    """NGFF ``plate`` metadata (rows, columns, wells, field_count) of the images ``row/col/fov``.
-
-    ``version`` repeats the NGFF version inside ``plate``, as ome-zarr-py writes (and ome-zarr-models expects).
-    """
-    wells = sorted({tuple(p.split("/")[:2]) for p in positions}, key=lambda w: tuple(map(_plate_order, w)))
-    rows = sorted({r for r, _ in wells}, key=_plate_order)
-    cols = sorted({c for _, c in wells}, key=_plate_order)
-    fields: dict[tuple[str, ...], int] = {}
-    for p in positions:
-        key = tuple(p.split("/")[:2])
-        fields[key] = fields.get(key, 0) + 1
-    meta: dict[str, Any] = {
-        "rows": [{"name": r} for r in rows],
-        "columns": [{"name": c} for c in cols],
-        "wells": [{"path": f"{r}/{c}", "rowIndex": rows.index(r), "columnIndex": cols.index(c)} for r, c in wells],
-        "field_count": max(fields.values(), default=0),
-    }
-    if name:
-        meta["name"] = name
-    if version:
-        meta["version"] = version
-    return meta
-
-
-def image_metadata(
-    axes: list[dict[str, Any]], scale: tuple[float, ...], channel_names: list[str], dataset: str = "0"
-) -> dict[str, Any]:
-    """NGFF 0.5 ``ome`` content of a one-level image: ``multiscales`` (axes, one scale transform) and ``omero``."""
-    channels = [
-        {"label": n, "color": "FFFFFF", "active": i == 0, "coefficient": 1.0, "family": "linear", "inverted": False,
-         "window": {"start": 0.0, "end": 65535.0, "min": 0.0, "max": 65535.0}}
-        for i, n in enumerate(channel_names)
-    ]
-    return {
-        "version": "0.5",
-        "multiscales": [{
-            "axes": axes,
-            "datasets": [{"path": dataset, "coordinateTransformations": [{"type": "scale", "scale": list(scale)}]}],
-        }],
-        "omero": {"channels": channels, "rdefs": {"defaultT": 0, "defaultZ": 0, "model": "color"}},
-    }
+    def label_key(self, position: str, label: str) -> str | None:
+        meta = image_meta(self.group(position) / LABELS_GROUP / label)
+        return None if meta is None else f"{LABELS_GROUP}/{label}/{meta.dataset}"

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from viscy.config import AugmentationConfig, DataConfig, NormalizationConfig
+from viscy.data.config import AugmentationConfig, DataConfig, NormalizationConfig
 from viscy.data.plate import FG_MASK_KEY, Plate
 from viscy.errors import DataError
 
@@ -36,7 +36,7 @@ class PatchSpec:
 
     source_channels: tuple[str, ...]
     target_channels: tuple[str, ...]
-    z_window: int = 1
+    z_window_size: int = 1
     yx_patch: tuple[int, int] = (256, 256)
     target_2d: bool = True
 
@@ -44,8 +44,8 @@ class PatchSpec:
     def from_config(cls, data: DataConfig) -> PatchSpec:
         """Build from the ``data`` config section."""
         return cls(
-            tuple(data.source_channel),
-            tuple(data.target_channel),
+            tuple(data.source_channels),
+            tuple(data.target_channels),
             data.z_window_size,
             tuple(data.yx_patch_size),
             data.target_2d,
@@ -54,7 +54,7 @@ class PatchSpec:
     @property
     def target_depth(self) -> int:
         """Z depth of the target (1 for 2D/2.5D models, the window otherwise)."""
-        return 1 if self.target_2d else self.z_window
+        return 1 if self.target_2d else self.z_window_size
 
 
 # ------------------------------------------------------------------------------------ normalisation
@@ -393,7 +393,7 @@ class PatchSampler:
         plate.channel_indices(list(self.spec.source_channels) + list(self.spec.target_channels))
         plate.check_consistent(names)
         for n in names:
-            plate.check_window(n, self.spec.z_window, self.spec.yx_patch)
+            plate.check_window(n, self.spec.z_window_size, self.spec.yx_patch)
         if (self.fg_min_fraction > 0 or self.fg_weighted) and not plate.has_array(names[0], FG_MASK_KEY):
             raise DataError(
                 f"fg_mask_min_fraction/fg_weighted_crops need a foreground mask in {plate.root}; run "
@@ -447,9 +447,9 @@ class PatchSampler:
         plate, spec = self.plate, self.spec
         t_n, _, z_n, y_n, x_n = plate.info(name).shape
         t = int(rng.integers(0, t_n))
-        z0 = int(rng.integers(0, z_n - spec.z_window + 1))
-        zc = z0 + spec.z_window // 2
-        window = slice(z0, z0 + spec.z_window)
+        z0 = int(rng.integers(0, z_n - spec.z_window_size + 1))
+        zc = z0 + spec.z_window_size // 2
+        window = slice(z0, z0 + spec.z_window_size)
         target_z = slice(zc, zc + 1) if spec.target_2d else window
         source = plate.fetch(name, t, plate.channel_indices(list(spec.source_channels)), window)
         target = plate.fetch(name, t, plate.channel_indices(list(spec.target_channels)), target_z)

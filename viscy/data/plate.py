@@ -2,16 +2,16 @@
 
 ``Plate`` is the only way the rest of viscy reads pixels: it enumerates positions (``row/col/fov``),
 resolves channel names, validates axes, dtypes and shapes, and reads TCZYX regions without loading more
-than the chunks a region touches. It reads NGFF 0.4 (zarr v2) and NGFF 0.5 (zarr v3, sharded or not),
-takes the full-resolution array from each image's ``multiscales`` metadata, and reads pixels through
-tensorstore or zarr-python 2 (``viscy.data.engine``). It pickles as its path, so Ray tasks reopen it
-where they run.
+than the chunks a region touches. Everything that depends on the on-disk format is its reader's
+(``viscy.data.reader.PlateReader``, opened by ``viscy.data.formats.open_plate``): NGFF 0.4 (zarr v2) and NGFF 0.5
+(zarr v3, sharded or not) are built in, each taking the full-resolution array from the image's ``multiscales``
+metadata and reading pixels through tensorstore or zarr-python 2 (``viscy.data.engine``). It pickles as its
+path, so Ray tasks reopen it where they run.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,20 +22,17 @@ import numpy as np
 from pydantic import Field
 
 from viscy.config import StrictModel, StrList
-from viscy.data.engine import ChunkReadError, LazyArray, array_meta, resolve_engine
-from viscy.data.ngff import ImageMeta, Node, check_version, image_meta, label_names, layout, plate_images, read_node
+from viscy.data.engine import ChunkReadError
+from viscy.data.formats import open_plate
+from viscy.data.reader import ImageDescription, PlateReader, RegionArray
 from viscy.errors import ChannelNotFoundError, CorruptDataError, DataError, ShapeError
 
 IMAGE_KEY = "0"  # the array name viscy's writers give full-resolution images (readers follow multiscales)
 FG_MASK_KEY = "fg_mask"
-LABELS_GROUP = "labels"
 EXPECTED_AXES = ("t", "c", "z", "y", "x")
 SUPPORTED_DTYPES = tuple(
     np.dtype(d) for d in ("uint8", "uint16", "uint32", "int8", "int16", "int32", "float16", "float32", "float64")
 )
-
-# iohub (viscy's NGFF 0.4 writer) warns loudly (and harmlessly) about stores other writers made.
-logging.getLogger("iohub").setLevel(logging.ERROR)
 
 
 @dataclass(frozen=True)
@@ -51,7 +48,10 @@ class FovInfo:
 
 
 class Plate:
-    """Read-only view of an HCS plate, a FOV inside a plate, or a single-FOV store.
+    """Read-only view of the pixels of an HCS plate, a FOV inside a plate, or a single-FOV store.
+
+    Attributes can be written (:meth:`set_plate_attr`, :meth:`set_position_attr`: preprocess statistics);
+    ``reader`` is the format's :class:`~viscy.data.reader.PlateReader`, ``format`` its registry name.
 
     Parameters
     ----------
@@ -65,50 +65,17 @@ class Plate:
     def __init__(self, path: str | Path, engine: str = "auto") -> None:
         self.path = Path(path)
         self.engine = engine
-        self._only: str | None = None
-        self._arrays: dict[tuple[str, str], LazyArray] = {}
+        self._arrays: dict[tuple[str, str], RegionArray] = {}
         self._open()
 
     # ------------------------------------------------------------------ opening and pickling
     def _open(self) -> None:
-        path = self.path
-        if not path.exists():
-            raise DataError(f"{path} does not exist; check the path (plates usually end in .zarr)")
-        root, only = self._find_root(path)
-        node = read_node(root)
-        if node is None:
-            layout(Node(root, 2, "group", {}))  # raises, saying what the path holds
-        self.kind = layout(node)
-        self.version = check_version(node)
-        self.zarr_format = node.zarr_format
-        resolve_engine(self.engine, node.zarr_format, root)  # an unknown engine or zarr-python 2 on v3 fails now
-        self._only, self.root = only, root
-        self._images: dict[str, ImageMeta] = {}
-        self._positions = self._list_positions(node)
-        if not self._positions:
-            if self.kind == "fov":
-                raise DataError(f"{root}: the image's full-resolution array {self._dataset_hint()} does not exist")
-            raise DataError(
-                f"{root} holds no positions with an image: none of the wells listed in its plate metadata has an "
-                "image group whose multiscales[0].datasets[0].path names an existing array"
-            )
-        if only is not None and only not in self._positions:
-            raise DataError(f"{path}: position {only!r} not found; available: {', '.join(self._positions)}")
-
-    def _dataset_hint(self) -> str:
-        meta = image_meta(self.root)
-        return repr(meta.dataset) if meta is not None else "(none named)"
-
-    @staticmethod
-    def _find_root(path: Path) -> tuple[Path, str | None]:
-        """Plate root and position name when ``path`` points inside a plate (``.../A/1/0``)."""
-        parts = path.resolve().parts
-        if len(parts) > 3:
-            candidate = Path(*parts[:-3])
-            node = read_node(candidate)
-            if node is not None and isinstance(node.ome.get("plate"), dict):
-                return candidate, "/".join(parts[-3:])
-        return path, None
+        self.reader: PlateReader = open_plate(self.path, self.engine)
+        self.format = self.reader.format
+        self.root, self.kind, self.version = self.reader.root, self.reader.kind, self.reader.version
+        self.zarr_format = self.reader.zarr_format
+        self._positions = self.reader.positions()
+        self._position_set = frozenset(self._positions)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"path": self.path, "engine": self.engine}
@@ -116,7 +83,6 @@ class Plate:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.path = state["path"]
         self.engine = state.get("engine", "auto")
-        self._only = None
         self._arrays = {}
         self._open()
 
@@ -134,21 +100,6 @@ class Plate:
         return f"Plate({str(self.path)!r}, positions={len(self._positions)}, channels={self.channel_names})"
 
     # ------------------------------------------------------------------ positions and channels
-    def _group(self, name: str) -> Path:
-        return self.root if self.kind == "fov" else self.root / name
-
-    def _list_positions(self, node: Node) -> list[str]:
-        candidates = ["0"] if self.kind == "fov" else plate_images(node)
-        if self._only is not None and self._only in candidates:
-            candidates = [self._only]
-        names = []
-        for name in candidates:
-            meta = image_meta(self._group(name))
-            if meta is not None and array_meta(self._group(name) / meta.dataset) is not None:
-                self._images[name] = meta
-                names.append(name)
-        return names
-
     @property
     def positions(self) -> list[str]:
         """Position names (``row/col/fov``; ``"0"`` for a single-FOV store)."""
@@ -165,10 +116,10 @@ class Plate:
             )
         return chosen
 
-    def _meta(self, name: str) -> ImageMeta:
-        if name not in self._positions:
+    def _meta(self, name: str) -> ImageDescription:
+        if name not in self._position_set:
             raise DataError(f"position {name!r} not in {self.root}; available: {', '.join(self._positions)}")
-        return self._images[name]
+        return self.reader.image(name)
 
     @property
     def channel_names(self) -> list[str]:
@@ -202,14 +153,13 @@ class Plate:
     # ------------------------------------------------------------------ arrays and validation
     def image_axes(self, name: str) -> list[dict[str, Any]]:
         """A position's NGFF ``axes`` metadata (names, types and units), as stored."""
-        axes = self._meta(name).multiscale.get("axes") or []
-        return [dict(a) if isinstance(a, dict) else {"name": str(a)} for a in axes]
+        return self._meta(name).axes_metadata
 
     def image_key(self, name: str) -> str:
         """Path of a position's full-resolution array inside its group (``multiscales[0].datasets[0].path``)."""
         return self._meta(name).dataset
 
-    def array(self, name: str, key: str) -> LazyArray:
+    def array(self, name: str, key: str) -> RegionArray:
         """Any array of a position by its path inside the position group (``fg_mask``, ``labels/nuclei/0``).
 
         Raises
@@ -221,13 +171,13 @@ class Plate:
         cached = self._arrays.get((name, key))
         if cached is not None:
             return cached
-        meta = array_meta(self._group(name) / key)
-        if meta is None:
+        arr = self.reader.open_array(name, key)
+        if arr is None:
             raise DataError(f"position {name} of {self.root} has no array {key!r}")
-        arr = self._arrays[(name, key)] = LazyArray(meta, self.engine)
+        self._arrays[(name, key)] = arr
         return arr
 
-    def image(self, name: str) -> LazyArray:
+    def image(self, name: str) -> RegionArray:
         """The full-resolution image array (lazy) of a position, validated."""
         meta = self._meta(name)
         if meta.axes != EXPECTED_AXES:
@@ -282,12 +232,12 @@ class Plate:
             )
         return first
 
-    def check_window(self, name: str, z_window: int, yx_patch: tuple[int, int]) -> None:
+    def check_window(self, name: str, z_window_size: int, yx_patch: tuple[int, int]) -> None:
         """Raise a ``ShapeError`` if a z window or YX patch does not fit the FOV."""
         _, _, z, y, x = self.info(name).shape
-        if z_window > z:
+        if z_window_size > z:
             raise ShapeError(
-                f"z window of {z_window} slices is larger than the {z}-slice stack of {name}; "
+                f"z window of {z_window_size} slices is larger than the {z}-slice stack of {name}; "
                 f"set z_window_size <= {z} (or use a 2D model for 2D data)"
             )
         if yx_patch[0] > y or yx_patch[1] > x:
@@ -342,6 +292,7 @@ class Plate:
             sel_c: slice | list[int] = slice(channels[0], channels[-1] + 1)
         else:
             sel_c = slice(None) if channels is None else channels
+
         def corrupt(exc: ChunkReadError) -> CorruptDataError:
             return CorruptDataError(
                 f"cannot decode data of {self.root}/{name}/{array} at t={t}, c={channels}, z={z}, y={y}, x={x}: "
@@ -378,14 +329,21 @@ class Plate:
     # ------------------------------------------------------------------ stored metadata
     def plate_attrs(self) -> dict[str, Any]:
         """The root group's attributes as stored now (v2 ``.zattrs``; v3 ``zarr.json`` ``attributes``)."""
-        node = read_node(self.root)
-        return dict(node.attrs) if node is not None else {}
+        return self.reader.attrs(None)
 
     def position_attrs(self, name: str) -> dict[str, Any]:
         """A position group's attributes as stored now; viscy's keys (``normalization``) sit at the top level."""
         self._meta(name)
-        node = read_node(self._group(name))
-        return dict(node.attrs) if node is not None else {}
+        return self.reader.attrs(name)
+
+    def set_plate_attr(self, key: str, value: Any) -> None:
+        """Set one attribute of the plate's root group (of a single-FOV store: its only group)."""
+        self.reader.write_attr(None, key, value)
+
+    def set_position_attr(self, name: str, key: str, value: Any) -> None:
+        """Set one attribute of a position's group (VisCy's ``normalization`` sits at the top level)."""
+        self._meta(name)
+        self.reader.write_attr(name, key, value)
 
     def normalization(self, name: str) -> dict[str, Any]:
         """A position's ``normalization`` metadata (VisCy layout); raises if preprocess never ran."""
@@ -400,12 +358,12 @@ class Plate:
     def has_array(self, name: str, array: str) -> bool:
         """Whether a position holds an array (e.g. ``fg_mask``) at ``array``."""
         self._meta(name)
-        return (name, array) in self._arrays or array_meta(self._group(name) / array) is not None
+        return (name, array) in self._arrays or self.reader.open_array(name, array) is not None
 
     def labels(self, name: str) -> list[str]:
         """Names of the NGFF label images of a position (e.g. ``nuclei``, ``cells``)."""
         self._meta(name)
-        return label_names(self._group(name) / LABELS_GROUP)
+        return self.reader.labels(name)
 
     def label_key(self, name: str, label: str) -> str:
         """Path (inside the position group) of a label image's full-resolution array, e.g. ``labels/nuclei/0``.
@@ -416,10 +374,10 @@ class Plate:
             If the position has no such label image.
         """
         self._meta(name)
-        meta = image_meta(self._group(name) / LABELS_GROUP / label)
-        if meta is None:
+        key = self.reader.label_key(name, label)
+        if key is None:
             raise DataError(f"position {name} of {self.root} has no label image {label!r}")
-        return f"{LABELS_GROUP}/{label}/{meta.dataset}"
+        return key
 
 
 # ---------------------------------------------------------------------------------- viscy info
@@ -438,7 +396,9 @@ def summarize_plate(path: str | Path, patterns: list[str] | None = None) -> str:
         lines = [
             f"plate     {plate.root} ({plate.kind}, {len(plate.positions)} positions, {len(names)} selected)",
             f"channels  {', '.join(plate.channel_names)}",
-            f"format    NGFF {plate.version}, zarr v{plate.zarr_format}",
+            f"format    NGFF {plate.version}, zarr v{plate.zarr_format}"
+            if plate.zarr_format
+            else f"format    {plate.format} {plate.version}",
             f"shape     {first.shape} (T, C, Z, Y, X) {first.dtype}, chunks {first.chunks}"
             + (f", shards {first.shards}" if first.shards else ""),
             f"scale     {first.scale}",

@@ -8,6 +8,12 @@ image. The driver then writes, exactly as VisCy does::
     plate/A/1/0/.zattrs["normalization"][channel] = {"dataset_statistics": ..., "fov_statistics": ...,
                                                      "timepoint_statistics": {"0": ..., ...}}
 
+Every entry under a channel is a level of statistics, because VisCy's reader walks channel -> level -> statistic.
+viscy's own extras stay outside that layout: the Otsu threshold of the foreground mask is an attribute of the
+``fg_mask`` array (``otsu_threshold``, beside ``channel``, ``sigma`` and the ``viscy_preprocess`` marker). Plates
+written by earlier viscy versions carry it as ``normalization[channel]["otsu_threshold"]`` (a number, which VisCy
+0.4.1 cannot read); :func:`fg_mask_threshold` still reads it there, and a rerun over a FOV removes it.
+
 NGFF 0.5 (zarr v3) plates get the same keys at the top level of ``zarr.json``'s ``attributes`` (beside the
 NGFF ``ome`` block, where iohub 0.3 and VisCy put them) and a zarr v3 ``fg_mask``. Pixel data are never modified;
 rerunning gives the same values (the sampling grid is deterministic). A rerun replaces only an ``fg_mask`` viscy
@@ -27,9 +33,10 @@ from typing import Any
 
 import numpy as np
 
-from viscy.config import PreprocessConfig
-from viscy.data.ngff import create_v3_array, read_node, write_attrs
+from viscy.data.config import PreprocessConfig
+from viscy.data.ngff import read_node
 from viscy.data.plate import FG_MASK_KEY, Plate
+from viscy.data.store_writer import create_array, write_attrs
 from viscy.errors import DataError, ViscyError
 
 STAT_KEYS = ("mean", "std", "median", "iqr", "min", "max", "p1", "p5", "p95", "p99", "p95_p5", "p99_p1")
@@ -39,6 +46,9 @@ MAX_SAMPLES_PER_FOV = 200_000
 MASK_ATTR = "viscy_preprocess"
 # The attributes of an fg_mask written before the marker existed (exactly these, and only viscy wrote them).
 LEGACY_MASK_ATTRS = {"channel", "otsu_threshold", "sigma"}
+# The fg_mask attribute holding its Otsu threshold; earlier versions also wrote it (a number) under
+# normalization[channel], where VisCy expects only levels of statistics.
+THRESHOLD_ATTR = "otsu_threshold"
 
 
 def compute_statistics(values: np.ndarray) -> dict[str, float]:
@@ -73,7 +83,7 @@ class FovResult:
     timepoint_statistics: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     samples: dict[str, np.ndarray] = field(default_factory=dict)
     timepoint_samples: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
-    otsu_threshold: float | None = None
+    otsu_threshold: float | None = None  # as written in the fg_mask's attributes
     skipped: str | None = None
 
 
@@ -122,11 +132,12 @@ def check_fg_masks(plate: Plate, names: list[str]) -> None:
 
 
 def write_fg_mask(plate: Plate, name: str, channel: int, sigma: float) -> float:
-    """Otsu foreground mask of one channel, written as uint8 array ``fg_mask`` (T, 1, Z, Y, X).
+    """Otsu foreground mask of one channel, written as uint8 array ``fg_mask`` (T, 1, Z, Y, X); returns the threshold.
 
     The mask is written to a temporary array and renamed when complete, so a killed run never leaves a
     mask that looks finished. NGFF 0.4 plates get a zarr v2 array, NGFF 0.5 plates a zarr v3 one. Both carry
-    the ``viscy_preprocess`` marker; an existing mask without it is refused (:func:`check_fg_masks`).
+    the ``viscy_preprocess`` marker; an existing mask without it is refused (:func:`check_fg_masks`). The
+    threshold, the channel and the smoothing sigma are the mask's attributes (never in ``normalization``).
     """
     from skimage.filters import gaussian, threshold_otsu
 
@@ -139,36 +150,14 @@ def write_fg_mask(plate: Plate, name: str, channel: int, sigma: float) -> float:
     group_path = _fov_group(plate, name)
     tmp_key = f"{FG_MASK_KEY}.partial"
     mask_shape, mask_chunks = (t_n, 1, z_n, y_n, x_n), (1, 1, 1, y_n, x_n)
-    if plate.zarr_format == 3:
-        mask_arr = create_v3_array(group_path / tmp_key, mask_shape, mask_chunks, "uint8")
-
-        def write(t: int, z: int, mask: np.ndarray) -> None:
-            mask_arr[t, 0, z].write(mask).result()
-    else:
-        import zarr
-
-        group = zarr.open_group(str(group_path), mode="r+")
-        if tmp_key in group:
-            del group[tmp_key]
-        mask_arr = group.create_dataset(
-            tmp_key,
-            shape=mask_shape,
-            chunks=mask_chunks,
-            dtype="uint8",
-            overwrite=True,
-            dimension_separator="/",  # NGFF 0.4 nested chunk keys, as iohub reads them
-        )
-
-        def write(t: int, z: int, mask: np.ndarray) -> None:
-            mask_arr[t, 0, z] = mask
-
+    mask_arr = create_array(group_path / tmp_key, mask_shape, mask_chunks, "uint8", plate.zarr_format)
     # the marker before any pixel: a partial left by a killed run is recognisably viscy's
     write_attrs(group_path / tmp_key, MASK_ATTR, {"array": FG_MASK_KEY})
     for t in range(t_n):
         for z in range(z_n):
             img = plate.read(name, t, [channel], slice(z, z + 1))[0, 0].astype(np.float32)
-            write(t, z, (gaussian(img, sigma=sigma) > threshold).astype(np.uint8))
-    mask_attrs = {"channel": plate.channel_names[channel], "otsu_threshold": threshold, "sigma": sigma}
+            mask_arr.write((t, 0, z), (gaussian(img, sigma=sigma) > threshold).astype(np.uint8))
+    mask_attrs = {"channel": plate.channel_names[channel], THRESHOLD_ATTR: threshold, "sigma": sigma}
     for key, value in mask_attrs.items():
         write_attrs(group_path / tmp_key, key, value)
     final = group_path / FG_MASK_KEY
@@ -177,6 +166,45 @@ def write_fg_mask(plate: Plate, name: str, channel: int, sigma: float) -> float:
         shutil.rmtree(final)
     os.replace(group_path / tmp_key, final)
     return threshold
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def fg_mask_threshold(plate: Plate, name: str) -> float | None:
+    """The Otsu threshold of a FOV's ``fg_mask``, or None when the FOV has no threshold recorded.
+
+    Read from the mask's attributes; for plates preprocessed by earlier viscy versions, from the number they
+    wrote under ``normalization[channel]["otsu_threshold"]`` (the mask's channel first, else any channel).
+    """
+    mask = read_node(_fov_group(plate, name) / FG_MASK_KEY)
+    mask_attrs = mask.attrs if mask is not None else {}
+    if _is_number(mask_attrs.get(THRESHOLD_ATTR)):
+        return float(mask_attrs[THRESHOLD_ATTR])
+    norm = plate.position_attrs(name).get("normalization") or {}
+    channel = mask_attrs.get("channel")
+    for entry in ([norm.get(channel)] if channel in norm else []) + list(norm.values()):
+        if isinstance(entry, dict) and _is_number(entry.get(THRESHOLD_ATTR)):
+            return float(entry[THRESHOLD_ATTR])
+    return None
+
+
+def _without_legacy_threshold(entry: Any) -> Any:
+    """A channel's ``normalization`` entry without the threshold number earlier viscy versions put in it."""
+    if isinstance(entry, dict) and _is_number(entry.get(THRESHOLD_ATTR)):
+        return {level: stats for level, stats in entry.items() if level != THRESHOLD_ATTR}
+    return entry
+
+
+def _keep_legacy_threshold(plate: Plate, name: str) -> None:
+    """Copy a threshold found only under ``normalization`` onto the FOV's own ``fg_mask`` before it is removed there."""
+    path = _fov_group(plate, name) / FG_MASK_KEY
+    if not path.exists() or not is_viscy_fg_mask(path) or THRESHOLD_ATTR in read_node(path).attrs:
+        return
+    threshold = fg_mask_threshold(plate, name)
+    if threshold is not None:
+        write_attrs(path, THRESHOLD_ATTR, threshold)
 
 
 def fov_statistics_task(
@@ -208,15 +236,10 @@ def fov_statistics_task(
     return result
 
 
-def _write_attrs(group_path: Path, key: str, value: Any) -> None:
-    write_attrs(group_path, key, value)
-
-
-def write_statistics(
-    plate: Plate, results: list[FovResult], channels: list[str], fg_channel: str | None = None
-) -> dict[str, dict[str, float]]:
+def write_statistics(plate: Plate, results: list[FovResult], channels: list[str]) -> dict[str, dict[str, float]]:
     """Write FOV and plate ``normalization`` attributes (VisCy's layout) from per-FOV results; the dataset
-    statistics. Statistics of channels not recomputed are kept; the plate-level entry is written last.
+    statistics. Statistics of channels not recomputed are kept (less the threshold number earlier viscy versions
+    put among them); the plate-level entry is written last.
     """
     dataset_stats = {ch: compute_statistics(np.concatenate([r.samples[ch] for r in results])) for ch in channels}
     t_keys = sorted({t for r in results for t in r.timepoint_samples[channels[0]]}, key=int)
@@ -230,24 +253,24 @@ def write_statistics(
         for ch in channels
     }
     # Merge with statistics of channels not recomputed now, so a partial rerun keeps the others.
-    plate_norm = dict(plate.plate_attrs().get("normalization", {}))
+    plate_norm = {ch: _without_legacy_threshold(e) for ch, e in plate.plate_attrs().get("normalization", {}).items()}
     for ch in channels:
         plate_norm[ch] = {"dataset_statistics": dataset_stats[ch], "timepoint_statistics": timepoint_stats[ch]}
     for r in results:
-        fov_norm = dict(plate.position_attrs(r.name).get("normalization", {}))
+        old_norm = plate.position_attrs(r.name).get("normalization", {})
+        if any(_without_legacy_threshold(e) is not e for e in old_norm.values()):
+            _keep_legacy_threshold(plate, r.name)
+        fov_norm = {ch: _without_legacy_threshold(e) for ch, e in old_norm.items()}
         for ch in channels:
-            entry = {
+            fov_norm[ch] = {
                 "dataset_statistics": dataset_stats[ch],
                 "fov_statistics": r.fov_statistics[ch],
                 "timepoint_statistics": r.timepoint_statistics[ch],
             }
-            if ch == fg_channel and r.otsu_threshold is not None:
-                entry["otsu_threshold"] = r.otsu_threshold
-            fov_norm[ch] = entry
-        _write_attrs(plate.root / r.name if plate.kind == "hcs" else plate.root, "normalization", fov_norm)
+        plate.set_position_attr(r.name, "normalization", fov_norm)
     # The plate-level entry is written last: its presence means every FOV entry is complete.
     if plate.kind == "hcs":
-        _write_attrs(plate.root, "normalization", plate_norm)
+        plate.set_plate_attr("normalization", plate_norm)
     return dataset_stats
 
 
@@ -339,7 +362,7 @@ def run_preprocess(config: PreprocessConfig, progress: bool = True) -> Preproces
     if not ok:
         raise DataError(f"every FOV was skipped: {skipped}")
 
-    dataset_stats = write_statistics(plate, ok, channels, fg.channel if fg else None)
+    dataset_stats = write_statistics(plate, ok, channels)
     from viscy.config import save_config
     from viscy.console import place_log
 

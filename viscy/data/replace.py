@@ -15,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from viscy.errors import DataError
-from viscy.testing import hook
 
 PARTIAL = ".viscy-partial"
 OLD = ".viscy-old"
@@ -43,7 +42,7 @@ def refuse_links(path: Path) -> None:
             )
 
 
-def swap_in(new: Path, final: Path, is_ours: Callable[[Path], bool], hook_point: str) -> None:
+def swap_in(new: Path, final: Path, is_ours: Callable[[Path], bool]) -> None:
     """Move the complete store ``new`` to ``final``, replacing (atomically, per rename) what is there.
 
     Raises
@@ -66,7 +65,6 @@ def swap_in(new: Path, final: Path, is_ours: Callable[[Path], bool], hook_point:
             )
     if final.exists():
         os.replace(final, old)
-    hook(hook_point, path=str(final))
     os.replace(new, final)
     if old.exists():
         shutil.rmtree(old)

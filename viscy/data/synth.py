@@ -1,6 +1,6 @@
 """Synthetic HCS OME-Zarr plates: label-free phase plus nuclei and membrane fluorescence.
 
-The plate is written with iohub (OME-NGFF 0.4, HCS layout) and looks like a small VisCy
+The plate is written with iohub (OME-NGFF 0.4, HCS layout; ``viscy.data.store_writer``) and looks like a small VisCy
 training set::
 
     <output>/<row>/<col>/<fov>/0                 float32 (T, 3, Z, Y, X)  Phase3D, Nuclei, Membrane
@@ -37,16 +37,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import zarr
-from iohub.ngff import open_ome_zarr
-from iohub.ngff.models import TransformationMeta
 from scipy import ndimage as ndi
 from skimage.segmentation import find_boundaries
 
-from viscy.config import SynthConfig, save_config
+from viscy.config import save_config
+from viscy.data.config import SynthConfig
 from viscy.data.replace import refuse_links, siblings, swap_in
+from viscy.data.store_writer import Ngff04Writer
 from viscy.errors import DataError
-from viscy.testing import hook
 
 CHANNEL_NAMES = ("Phase3D", "Nuclei", "Membrane")
 LABEL_NAMES = ("nuclei", "cells")
@@ -317,36 +315,6 @@ def _scale(config: SynthConfig) -> list[float]:
     return [1.0, 1.0, Z_SCALE_UM if config.z > 1 else 1.0, YX_SCALE_UM, YX_SCALE_UM]
 
 
-def _write_labels(
-    group: zarr.Group,
-    axes: list[dict],
-    scale: list[float],
-    chunks: tuple[int, ...],
-    labels: dict[str, np.ndarray],
-) -> None:
-    """NGFF 0.4 ``labels`` subgroup of a position group."""
-    root = group.require_group("labels")
-    root.attrs["labels"] = list(labels)
-    for name, data in labels.items():
-        sub = root.require_group(name)
-        sub.attrs.update(
-            {
-                "multiscales": [
-                    {
-                        "version": "0.4",
-                        "name": name,
-                        "axes": axes,
-                        "datasets": [
-                            {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}
-                        ],
-                    }
-                ],
-                "image-label": {"version": "0.4", "source": {"image": "../../"}},
-            }
-        )
-        sub.array("0", data, chunks=chunks, overwrite=True)
-
-
 def _write_store(config: SynthConfig, path: Path, progress: bool = False) -> None:
     names = position_names(config)
     ny, nx = config.yx
@@ -358,17 +326,13 @@ def _write_store(config: SynthConfig, path: Path, progress: bool = False) -> Non
         from tqdm import tqdm
 
         iterator = tqdm(names, desc="synth", unit="fov")
-    with open_ome_zarr(path, layout="hcs", mode="w-", channel_names=list(CHANNEL_NAMES)) as plate:
-        plate.zattrs[ATTR] = config.model_dump(mode="json", exclude={"output", "overwrite"})
+    with Ngff04Writer(path, layout="hcs", mode="w-", channel_names=list(CHANNEL_NAMES)) as plate:
+        plate.set_root_attr(ATTR, config.model_dump(mode="json", exclude={"output", "overwrite"}))
         for index, (row, col, fov) in enumerate(iterator):
             image, nuclei, cells = synthesize_position(config, index)
-            pos = plate.create_position(row, col, fov)
-            pos.create_image(
-                "0", image, chunks=chunks, transform=[TransformationMeta(type="scale", scale=scale)]
-            )
-            axes = [a.model_dump(exclude_none=True) for a in pos.axes]
-            _write_labels(pos.zgroup, axes, scale, chunks, {"nuclei": nuclei, "cells": cells})
-            hook("synth.position_done", index=index, path=str(path))
+            position = f"{row}/{col}/{fov}"
+            plate.add_image(position, "0", scale, chunks, data=image)
+            plate.add_labels(position, {"nuclei": nuclei, "cells": cells}, scale, chunks)
 
 
 def is_synth_store(path: Path) -> bool:
@@ -424,7 +388,7 @@ def write_synthetic_plate(config: SynthConfig, progress: bool = False) -> Path:
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    swap_in(partial, out, is_synth_store, "synth.swap")
+    swap_in(partial, out, is_synth_store)
     return out
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from viscy.config import SegmentationConfig
 from viscy.errors import ModelError, ViscyError
+from viscy.evaluate.config import SegmentationConfig
 
 Segmenter = Callable[[np.ndarray], np.ndarray]
 CLASSICAL_DEFAULT_DIAMETER = 15.0

@@ -6,16 +6,19 @@
 32
 
 Architectures: ``unet2d``, ``unet25d``, ``unet3d``, ``unext2``, ``fcmae``; presets: ``VSCyto2D``,
-``VSCyto3D``, ``VSNeuromast``. Heavy modules (torch, timm, MONAI) load on first use.
+``VSCyto3D``, ``VSNeuromast``; a network of one's own by import path (``package.module:Class``) or an
+installed package's ``viscy.models`` entry point (:mod:`viscy.models.registry`). Heavy modules (torch, timm,
+MONAI) load on first use.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from viscy.errors import ModelError
-from viscy.models.card import ModelCard
+from viscy.models.card import ModelCard, read_onnx_card
 from viscy.models.presets import Preset, get_preset, is_preset, list_presets
 from viscy.models.registry import ModelSpec, get_model_class, list_models, model_kwargs, register_model
 
@@ -37,7 +40,7 @@ __all__ = [
     "load_checkpoint",
     "model_kwargs",
     "model_spec",
-    "read_model_card",
+    "read_card",
     "register_model",
     "resolve_model",
     "resolve_model_source",
@@ -46,13 +49,18 @@ __all__ = [
 
 
 def resolve_model(name: str, kwargs: dict[str, Any] | None = None) -> tuple[str, dict[str, Any], Preset | None]:
-    """(architecture, constructor kwargs, preset or None) for a registry name or a preset name."""
+    """(model name as a card stores it, constructor kwargs, preset or None) for any model name or a preset.
+
+    Imports an import path's (or entry point's) module, so a name that cannot be built fails here.
+    """
+    from viscy.models.registry import canonical_name
+
     kwargs = dict(kwargs or {})
     if is_preset(name):
         preset = get_preset(name)
         return preset.architecture, preset.model_kwargs(**kwargs), preset
-    get_model_class(name)  # raises ModelError listing the allowed names
-    return name.lower(), kwargs, None
+    get_model_class(name)  # raises ModelError saying what was tried
+    return canonical_name(name), kwargs, None
 
 
 def create_model(name: str, checkpoint: str | Path | None = None, **kwargs: Any) -> nn.Module:
@@ -61,7 +69,8 @@ def create_model(name: str, checkpoint: str | Path | None = None, **kwargs: Any)
     Parameters
     ----------
     name
-        Registry name (``list_models()``) or preset name (``list_presets()``).
+        Registry name (``list_models()``), preset name (``list_presets()``) or import path
+        ``package.module:Class`` of a network of one's own.
     checkpoint
         Plain state dict or Lightning checkpoint to load strictly.
     **kwargs
@@ -95,23 +104,27 @@ def resolve_model_source(
     """(name, kwargs, card) of a model given by name and/or a checkpoint that carries a model card.
 
     A self-describing checkpoint (``viscy train``'s ``best_model.pt``) supplies the name and kwargs; explicit
-    ``kwargs`` override the card's. A plain state dict needs ``name``.
+    ``kwargs`` override the card's. A plain state dict needs ``name``. The name returned is the one a card
+    stores (:func:`~viscy.models.registry.canonical_name`).
     """
-    from viscy.models.checkpoint import read_model_card
+    from viscy.models.checkpoint import read_checkpoint_card
+    from viscy.models.registry import canonical_name, same_model
 
-    card = read_model_card(checkpoint) if checkpoint is not None else None
+    # model.checkpoint is torch weights: an ONNX file given there is refused here, with the fix
+    card = read_checkpoint_card(checkpoint) if checkpoint is not None else None
     kwargs = dict(kwargs or {})
     if name is None:
         if card is None:
             where = f"checkpoint {checkpoint} holds weights only (no viscy model card)" if checkpoint else "no model"
             raise ModelError(
-                f"{where}; set model.name (an architecture or preset: {', '.join(list_models() + list_presets())}) "
-                "and model.kwargs, or use a best_model.pt written by `viscy train`"
+                f"{where}; set model.name (an architecture or preset: {', '.join(list_models() + list_presets())}; "
+                "or package.module:Class) and model.kwargs, or use a best_model.pt written by `viscy train`"
             )
         return card.name, {**card.kwargs, **kwargs}, card
-    if card is not None and card.name.lower() == name.lower():
+    if card is not None and same_model(card.name, name):
         kwargs = {**card.kwargs, **kwargs}
-    return name, kwargs, card
+    # an entry point is stored as its import path, so the card rebuilds the model where the module imports
+    return (name if is_preset(name) else canonical_name(name)), kwargs, card
 
 
 def training_kwargs(
@@ -120,7 +133,7 @@ def training_kwargs(
     """Constructor kwargs for training.
 
     An architecture (not a preset, whose kwargs are complete) gets the data arguments the config leaves out
-    from ``data_shape`` (``in_channels``, ``out_channels``, ``in_depth``, ``out_depth``; see
+    from ``data_shape`` (``in_channels``, ``out_channels``, ``z_window_size``, ``out_depth``; see
     :func:`~viscy.models.registry.fit_to_data`). Models with a masked pre-training mode get it switched on or off.
     """
     from viscy.models.registry import fit_to_data
@@ -155,8 +168,30 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     return _load(model, path)
 
 
-def read_model_card(path: str | Path) -> ModelCard | None:
-    """The model card stored with a checkpoint by ``viscy train`` (None for plain weights)."""
-    from viscy.models.checkpoint import read_model_card as _read
+# Readers of exported formats by file suffix (one line per new export format); anything else is a torch checkpoint.
+CARD_READERS: dict[str, Callable[[Path], ModelCard]] = {".onnx": read_onnx_card}
 
-    return _read(path)
+
+def read_card(path: str | Path) -> ModelCard | None:
+    """The model card of a checkpoint or an exported model, whichever viscy version wrote it.
+
+    ``.onnx`` files are read from their metadata; anything else as a torch checkpoint (``best_model.pt`` of
+    ``viscy train``, a Lightning ``.ckpt`` or a plain state dict) with ``torch.load(weights_only=True)``.
+
+    Returns
+    -------
+    ModelCard or None
+        None for a checkpoint that holds weights only (it needs ``model.name`` and kwargs to be used).
+
+    Raises
+    ------
+    ModelError
+        If the file is missing, unreadable, or an export without viscy metadata, or its card is malformed.
+    """
+    path = Path(path)
+    reader = CARD_READERS.get(path.suffix.lower())
+    if reader is not None:
+        return reader(path)
+    from viscy.models.checkpoint import read_checkpoint_card
+
+    return read_checkpoint_card(path)

@@ -19,14 +19,19 @@ def _load(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"checkpoint {path} does not exist; check model.checkpoint")
+    if path.suffix.lower() == ".onnx":
+        raise ModelError(
+            f"{path} is an ONNX export, not torch weights; give it as `onnx` to predict or serve, or use the "
+            "best_model.pt it was exported from"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and weights-only errors all mean "unreadable"
         raise ModelError(f"cannot read checkpoint {path}: {exc}") from exc
 
 
-def read_model_card(path: str | Path) -> ModelCard | None:
-    """The model card stored in a checkpoint by ``viscy train`` (None for weights-only checkpoints)."""
+def read_checkpoint_card(path: str | Path) -> ModelCard | None:
+    """The model card stored in a checkpoint (None for weights only); use :func:`viscy.models.read_card`."""
     obj = _load(path)
     if isinstance(obj, Mapping) and isinstance(obj.get(CARD_KEY), Mapping):
         return ModelCard.from_dict(obj[CARD_KEY], source=f"model card of {path}")
@@ -103,15 +108,6 @@ def load_state_dict(model: nn.Module, state: Mapping[str, Tensor], source: str =
 def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     """Load weights from ``path`` into ``model`` (in place) and return it."""
     return load_state_dict(model, read_state_dict(path), source=f"checkpoint {path}")
-
-
-def save_lightning_checkpoint(model: nn.Module, path: str | Path, epoch: int = 0, global_step: int = 0) -> Path:
-    """Write ``model`` in VisCy's Lightning layout: ``{"state_dict": {"model.<key>": ...}, ...}``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {f"model.{k}": v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"state_dict": state, "epoch": epoch, "global_step": global_step}, path)
-    return path
 
 
 def _short(items: list[str], n: int = 8) -> str:

@@ -7,7 +7,7 @@ model's ``yx_multiple``); Z is fixed by the model.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import time
 import warnings
@@ -21,19 +21,17 @@ import torch
 from torch import Tensor, nn
 
 from viscy.errors import ModelError
-from viscy.models import create_model, get_spec, resolve_model_source
-from viscy.models.card import ModelCard
+from viscy.models import create_model, get_spec, read_card, resolve_model_source
+from viscy.models.card import ONNX_PREFIX, ModelCard, card_for_model, onnx_metadata_props, read_onnx_props
 from viscy.models.presets import Preset
-from viscy.models.registry import ModelSpec
 
 if TYPE_CHECKING:
     import onnxruntime as ort
 
-    from viscy.config import ExportConfig
+    from viscy.models.config import ExportConfig
 
 log = logging.getLogger(__name__)
 
-META_PREFIX = "viscy."
 MIN_OPSET = 18
 PARITY_TOL = 1e-3  # CLI check on full-size models; tests use 1e-4 on small ones
 
@@ -50,7 +48,12 @@ class _FirstOutput(nn.Module):
         return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def onnx_metadata(
+def onnx_metadata(model: nn.Module, **card_fields: Any) -> dict[str, str]:
+    """The metadata_props written into an exported file: the model card of :func:`export_card` (same arguments)."""
+    return onnx_metadata_props(export_card(model, **card_fields))
+
+
+def export_card(
     model: nn.Module,
     name: str | None = None,
     source_channels: Sequence[str] | None = None,
@@ -58,57 +61,33 @@ def onnx_metadata(
     normalization: Sequence[Mapping[str, Any]] | None = None,
     kwargs: Mapping[str, Any] | None = None,
     card: ModelCard | None = None,
-) -> dict[str, str]:
-    """The metadata_props written into an exported file (all values are strings, JSON where structured).
+) -> ModelCard:
+    """The card of an exported ``model``.
 
     Channel names and normalisation come from the explicit arguments, else the model card of the checkpoint,
-    else the preset. Unknown channel names are left out (never invented), so ``viscy predict`` asks for them
-    instead of looking for channels that do not exist. With channel names known, the full model card is
-    stored as ``viscy.model_card``.
+    else the preset. Unknown channel names are left empty (never invented), so ``viscy predict`` asks for
+    them instead of looking for channels that do not exist.
     """
     spec = get_spec(model)
     preset: Preset | None = getattr(model, "preset", None)
-    base_sources = card.source_channels if card else preset.source_channels if preset else None
-    base_targets = card.target_channels if card else preset.target_channels if preset else None
-    base_norm = card.normalization if card else preset.normalization if preset else None
-    sources = list(source_channels or base_sources or []) or None
-    targets = list(target_channels or base_targets or []) or None
-    norm = [dict(n) for n in (normalization if normalization is not None else base_norm or [])]
     name = name or (card.name if card else preset.name if preset else spec.architecture)
     kwargs = dict(kwargs if kwargs is not None else card.kwargs if card else {})
-    for what, names, n in (("source", sources, spec.in_channels), ("target", targets, spec.out_channels)):
-        if names is not None and len(names) != n:
-            raise ModelError(f"{len(names)} {what} channel names {names} for a model with {n} {what} channel(s)")
-    meta = {
-        "model_name": name,
-        "architecture": spec.architecture,
-        "in_channels": str(spec.in_channels),
-        "out_channels": str(spec.out_channels),
-        "in_depth": str(spec.in_depth),
-        "out_depth": str(spec.out_depth),
-        "yx_multiple": str(spec.yx_multiple),
-        "normalization": json.dumps(norm),
-        "kwargs": json.dumps(kwargs, default=str),
-        "input_layout": "BCZYX",
-    }
-    if sources is not None:
-        meta["source_channels"] = json.dumps(sources)
-    if targets is not None:
-        meta["target_channels"] = json.dumps(targets)
-    if sources is not None and targets is not None:
-        full = ModelCard(
-            name=name,
-            kwargs=kwargs,
-            spec=spec,
-            source_channels=sources,
-            target_channels=targets,
-            normalization=norm,
-            z_window_size=card.z_window_size if card else spec.in_depth,
-            target_depth=card.target_depth if card else spec.out_depth,
-            training=card.training if card else {},
-        )
-        meta["model_card"] = json.dumps(full.to_dict())
-    return {META_PREFIX + k: v for k, v in meta.items()}
+    for what, names, n in (
+        ("source", source_channels, spec.in_channels),
+        ("target", target_channels, spec.out_channels),
+    ):
+        if names and len(names) != n:
+            raise ModelError(
+                f"{len(names)} {what} channel names {list(names)} for a model with {n} {what} channel(s); "
+                f"give {n} name(s) in {what}_channels"
+            )
+    base = card_for_model(name, kwargs, spec, card)
+    return dataclasses.replace(
+        base,
+        source_channels=list(source_channels or base.source_channels),
+        target_channels=list(target_channels or base.target_channels),
+        normalization=[dict(n) for n in normalization] if normalization is not None else base.normalization,
+    )
 
 
 def export_onnx(
@@ -146,7 +125,7 @@ def export_onnx(
     y, x = spec.padded_yx(*(example_yx or (2 * m, 2 * m)))
     # a size of exactly one multiple would be specialised to a constant by torch.export
     ny, nx = max(2, y // m), max(2, x // m)
-    example = torch.randn(2, spec.in_channels, spec.in_depth, ny * m, nx * m)
+    example = torch.randn(2, spec.in_channels, spec.z_window_size, ny * m, nx * m)
     dyn = {
         0: Dim("batch", min=1, max=4096),
         3: m * Dim("ny", min=1, max=8192 // m),
@@ -180,43 +159,6 @@ def export_onnx(
     onnx.save(proto, str(path))
     onnx.checker.check_model(str(path))
     return path
-
-
-def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
-    """Parsed viscy metadata of an exported file (channel lists, depths, normalisation, ...)."""
-    import onnx
-
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:
-        raise ModelError(f"cannot read ONNX file {path}: {exc}") from exc
-    raw = {p.key[len(META_PREFIX) :]: p.value for p in proto.metadata_props if p.key.startswith(META_PREFIX)}
-    if not raw:
-        raise ModelError(f"{path} carries no viscy metadata; export it with `viscy export`")
-    out: dict[str, Any] = dict(raw)
-    for key in ("source_channels", "target_channels", "normalization", "kwargs", "model_card"):
-        if key in raw:
-            out[key] = json.loads(raw[key])
-    if isinstance(out.get("normalization"), dict):  # files exported before normalisation groups: {channel: spec}
-        out["normalization"] = [{"channels": [ch], **spec} for ch, spec in out["normalization"].items()]
-    for key in ("in_channels", "out_channels", "in_depth", "out_depth", "yx_multiple"):
-        if key in raw:
-            out[key] = int(raw[key])
-    opsets = {o.domain or "ai.onnx": o.version for o in proto.opset_import}
-    out["opset"] = opsets.get("ai.onnx")
-    return out
-
-
-def spec_from_metadata(meta: Mapping[str, Any]) -> ModelSpec:
-    """The :class:`ModelSpec` recorded in an exported file's metadata."""
-    return ModelSpec(
-        architecture=meta["architecture"],
-        in_channels=meta["in_channels"],
-        out_channels=meta["out_channels"],
-        in_depth=meta["in_depth"],
-        out_depth=meta["out_depth"],
-        yx_multiple=meta["yx_multiple"],
-    )
 
 
 def cuda_usable() -> bool:
@@ -270,7 +212,7 @@ def parity(
     model.eval()
     try:
         for y, x in yx_sizes:
-            inp = torch.randn(batch, spec.in_channels, spec.in_depth, y, x, generator=gen)
+            inp = torch.randn(batch, spec.in_channels, spec.z_window_size, y, x, generator=gen)
             with torch.no_grad():
                 ref = _FirstOutput(model)(inp).numpy()
             out = session.run(["output"], {"input": inp.numpy()})[0]
@@ -304,8 +246,8 @@ def run_export(config: ExportConfig) -> ExportResult:
         name=name,
         kwargs=kwargs,
         card=card,
-        source_channels=config.source_channel,
-        target_channels=config.target_channel,
+        source_channels=config.source_channels,
+        target_channels=config.target_channels,
         normalization=norm,
     )
     # Written under a temporary name and renamed only after the parity check passes, so a failed export
@@ -325,19 +267,14 @@ def run_export(config: ExportConfig) -> ExportResult:
         partial.unlink(missing_ok=True)
     config_path = save_config(config, output.parent, "export", filename=output.stem + ".viscy_config.yaml")
     size_mb = output.stat().st_size / 2**20
-    parsed = read_onnx_metadata(output)
-    channels = (
-        f"{', '.join(parsed['source_channels'])} -> {', '.join(parsed['target_channels'])}"
-        if "source_channels" in parsed and "target_channels" in parsed
-        else "channel names unknown (pass --source_channel/--target_channel to name them)"
-    )
+    written = read_card(output)
+    hint = "" if written.names_channels else " (pass --source_channels/--target_channels to name the channels)"
     print(
-        f"viscy export: {meta[META_PREFIX + 'model_name']} ({spec.architecture}, {channels}, Z {spec.in_depth}->"
-        f"{spec.out_depth}) -> {output} ({size_mb:.1f} MiB, opset {config.opset}"
+        f"viscy export: {written.describe()} -> {output} ({size_mb:.1f} MiB, opset {config.opset}"
         + (f", parity max|diff| {diff:.1e}" if diff is not None else ", parity not checked")
-        + f", {time.perf_counter() - t0:.1f} s)"
+        + f", {time.perf_counter() - t0:.1f} s){hint}"
     )
-    return ExportResult(onnx=output, config=config_path, metadata=parsed, parity_max_abs_diff=diff)
+    return ExportResult(onnx=output, config=config_path, card=written, parity_max_abs_diff=diff)
 
 
 @dataclass(frozen=True)
@@ -346,7 +283,7 @@ class ExportResult:
 
     onnx: Path
     config: Path
-    metadata: dict[str, Any]
+    card: ModelCard  # as read back from the written file
     parity_max_abs_diff: float | None
 
 
@@ -357,7 +294,7 @@ def check_export_output(output: Path, overwrite: bool) -> None:
     if output.is_dir():
         raise ModelError(f"output {output} is a directory; give a file path ending in .onnx")
     try:
-        ours = bool(read_onnx_metadata(output))
+        ours = any(key.startswith(ONNX_PREFIX) for key in read_onnx_props(output)[0])
     except ModelError:
         ours = False
     if not ours:

@@ -224,7 +224,7 @@ class FullyConvolutionalMAE(nn.Module):
             architecture="fcmae",
             in_channels=in_channels,
             out_channels=out_channels,
-            in_depth=in_stack_depth,
+            z_window_size=in_stack_depth,
             out_depth=out_stack_depth,
             yx_multiple=self.grid_factor,
         )

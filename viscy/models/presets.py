@@ -33,7 +33,7 @@ class Preset:
     kwargs: dict[str, Any]
     source_channels: list[str]
     target_channels: list[str]
-    in_depth: int
+    z_window_size: int
     out_depth: int
     normalization: list[dict[str, Any]]  # NormalizationConfig dicts
     description: str = ""
@@ -65,7 +65,7 @@ _PRESETS: dict[str, Preset] = {
             },
             source_channels=["Phase3D"],
             target_channels=["Nuclei", "Membrane"],
-            in_depth=1,
+            z_window_size=1,
             out_depth=1,
             normalization=copy.deepcopy(_PHASE_NORM),
             description="2D virtual staining of nuclei and membrane from phase (FCMAE-pretrained UNeXt2_2D).",
@@ -77,7 +77,7 @@ _PRESETS: dict[str, Preset] = {
             kwargs=dict(_UNEXT2_KWARGS, in_stack_depth=5, stem_kernel_size=[5, 4, 4]),
             source_channels=["Phase3D"],
             target_channels=["Nuclei", "Membrane"],
-            in_depth=5,
+            z_window_size=5,
             out_depth=5,
             normalization=copy.deepcopy(_PHASE_NORM),
             description="3D virtual staining of nuclei and membrane in cultured cells (UNeXt2, 5-slice window).",
@@ -89,7 +89,7 @@ _PRESETS: dict[str, Preset] = {
             kwargs=dict(_UNEXT2_KWARGS, in_stack_depth=21, stem_kernel_size=[7, 4, 4]),
             source_channels=["Phase3D"],
             target_channels=["Nuclei", "Membrane"],
-            in_depth=21,
+            z_window_size=21,
             out_depth=21,
             normalization=copy.deepcopy(_PHASE_NORM),
             description="3D virtual staining of nuclei and membrane in zebrafish neuromasts (UNeXt2, 21 slices).",

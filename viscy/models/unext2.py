@@ -106,7 +106,7 @@ class UNeXt2(nn.Module):
             architecture="unext2",
             in_channels=in_channels,
             out_channels=out_channels,
-            in_depth=in_stack_depth,
+            z_window_size=in_stack_depth,
             out_depth=out_stack_depth,
             yx_multiple=stem_kernel_size[1] * 2 ** (len(channels) - 1),
         )

@@ -16,15 +16,18 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from viscy.config import NormalizationConfig, PredictConfig, save_config
+from viscy.config import save_config
+from viscy.data.config import NormalizationConfig
 from viscy.data.patches import denormalize, normalization_for_channel, normalization_params, normalize
 from viscy.data.plate import Plate
 from viscy.errors import DataError, ModelError, ShapeError
-from viscy.predict.backends import ModelInfo, describe_model, load_backend
+from viscy.models.card import ModelCard
+from viscy.predict.backends import describe_model, load_backend
+from viscy.predict.config import PredictConfig
 from viscy.predict.tiling import TilingOptions, predict_stack
 from viscy.predict.writer import (
     RESUMING,
@@ -38,7 +41,6 @@ from viscy.predict.writer import (
     resolve_output_version,
     write_block,
 )
-from viscy.testing import hook
 
 log = logging.getLogger(__name__)
 
@@ -47,40 +49,41 @@ FALLBACK_TARGETS = ["Nuclei", "Membrane"]
 
 
 # ------------------------------------------------------------------------------------------ resolving
-def resolve_channels(config: PredictConfig, info: ModelInfo) -> tuple[list[str], list[str]]:
-    """Source and target channel names: config, else preset/ONNX metadata, else VisCy's defaults."""
-    sources = config.source_channel or info.source_channels
-    targets = config.target_channel or info.target_channels
-    if sources is None and info.spec.in_channels == len(FALLBACK_SOURCES):
+def resolve_channels(config: PredictConfig, card: ModelCard) -> tuple[list[str], list[str]]:
+    """Source and target channel names: config, else the model card (checkpoint, preset, ONNX), else VisCy's."""
+    spec = card.spec
+    sources = config.source_channels or card.source_channels or None
+    targets = config.target_channels or card.target_channels or None
+    if sources is None and spec.in_channels == len(FALLBACK_SOURCES):
         sources = FALLBACK_SOURCES
-    if targets is None and info.spec.out_channels <= len(FALLBACK_TARGETS):
-        targets = FALLBACK_TARGETS[: info.spec.out_channels]
-    if sources is None or len(sources) != info.spec.in_channels:
+    if targets is None and spec.out_channels <= len(FALLBACK_TARGETS):
+        targets = FALLBACK_TARGETS[: spec.out_channels]
+    if sources is None or len(sources) != spec.in_channels:
         raise ModelError(
-            f"the model takes {info.spec.in_channels} input channel(s) but source_channel is {sources}; "
-            f"set source_channel to {info.spec.in_channels} channel name(s)"
+            f"the model takes {spec.in_channels} input channel(s) but source_channels is {sources}; "
+            f"set source_channels to {spec.in_channels} channel name(s)"
         )
-    if targets is None or len(targets) != info.spec.out_channels:
+    if targets is None or len(targets) != spec.out_channels:
         raise ModelError(
-            f"the model predicts {info.spec.out_channels} channel(s) but target_channel is {targets}; "
-            f"set target_channel to {info.spec.out_channels} name(s)"
+            f"the model predicts {spec.out_channels} channel(s) but target_channels is {targets}; "
+            f"set target_channels to {spec.out_channels} name(s)"
         )
     return list(sources), list(targets)
 
 
-def resolve_normalization(config: PredictConfig, info: ModelInfo, sources: list[str]) -> list[NormalizationConfig]:
-    """Config normalisation, else the preset's/ONNX file's, else fov median/iqr of the sources."""
+def resolve_normalization(config: PredictConfig, card: ModelCard, sources: list[str]) -> list[NormalizationConfig]:
+    """Config normalisation, else the model card's, else fov median/iqr of the sources."""
     if config.normalization is not None:
         return list(config.normalization)
-    if info.normalization:
-        return [NormalizationConfig(**group) for group in info.normalization]
+    if card.normalization:
+        return [NormalizationConfig(**group) for group in card.normalization]
     return [NormalizationConfig(channels=list(sources))]
 
 
-def tiling_options(config: PredictConfig, info: ModelInfo) -> TilingOptions:
+def tiling_options(config: PredictConfig, card: ModelCard) -> TilingOptions:
     """Tiling options from the config and the model's spec."""
     return TilingOptions.for_model(
-        info.spec,
+        card.spec,
         config.tile_yx,
         overlap=config.tile_overlap,
         blend=config.blend,
@@ -149,7 +152,8 @@ class PredictActor:
 
     def __init__(
         self,
-        model: dict | None,
+        card: ModelCard,
+        checkpoint: str | None,
         onnx: str | None,
         opts: dict,
         sources: list[str],
@@ -160,10 +164,7 @@ class PredictActor:
         device: str = "cpu",
         threads: int | None = None,
     ) -> None:
-        from viscy.config import ModelConfig
-
-        model_cfg = ModelConfig(**model) if model is not None else None
-        self.predict_fn = load_backend(model_cfg, Path(onnx) if onnx else None, device=device, threads=threads)
+        self.predict_fn = load_backend(card, checkpoint, Path(onnx) if onnx else None, device=device, threads=threads)
         self.opts = TilingOptions(**opts)
         self.sources, self.targets = sources, targets
         self.norms = [NormalizationConfig(**n) for n in norms]
@@ -193,7 +194,6 @@ class PredictActor:
                 self.denorm,
                 self.outputs[str(batch["plate"][i])],
             )
-            hook("predict.unit_done", fov=str(batch["fov"][i]), t=int(batch["t"][i]), z0=int(batch["z0"][i]))
             seconds.append(time.perf_counter() - t0)
         return {"plate": batch["plate"], "fov": batch["fov"], "seconds": np.asarray(seconds)}
 
@@ -303,20 +303,88 @@ class PredictResult:
     unit_seconds: float
 
 
+class PlatePlan(NamedTuple):
+    """One input plate's share of the job, validated before anything is written."""
+
+    plate: Plate
+    fovs: list[str]
+    output: Path | None  # None: append the prediction channels to the plate
+    action: str  # what check_output decided: a new store, resume, replace, ...
+    version: str  # NGFF version of a new store
+
+
 def run_predict(config: PredictConfig) -> PredictResult:
     """Predict every selected FOV of every plate (resuming a killed job); see the module docstring."""
-    from viscy.console import place_log
     t_start = time.perf_counter()
-    info = describe_model(config.model, config.onnx)
-    sources, targets = resolve_channels(config, info)
-    norms = resolve_normalization(config, info, sources)
-    opts = tiling_options(config, info)
+    card = describe_model(config.model, config.onnx)
+    sources, targets = resolve_channels(config, card)
+    norms = resolve_normalization(config, card, sources)
+    opts = tiling_options(config, card)
     fp = fingerprint(config, sources, targets, norms)
-    # NGFF version of new stores: "auto" keeps each input plate's. The config key is ``ngff_version`` (see
-    # viscy.predict.writer.resolve_output_version); a config without it predicts with "auto".
-    requested_version = config.ngff_version
-
     # 1. validate every plate and output before writing anything
+    plans = plan_plates(config, sources, targets, norms, fp)
+    # 2. create outputs, list the units of incomplete FOVs (a rerun skips the complete ones)
+    job = _job_metadata(config, card, sources, targets, norms)
+    outputs, units, skipped = _prepare_outputs(config, plans, targets, fp, job)
+    remaining: dict[tuple[str, str], int] = defaultdict(int)  # units left per (plate, FOV)
+    for u in units:
+        remaining[(u["plate"], u["fov"])] += 1
+    n_fovs = len(remaining)
+    megapixels = 0.0
+    for plan in plans:
+        for fov in plan.fovs:
+            if (str(plan.plate.path), fov) in remaining:
+                t_n, _, z_n, y, x = plan.plate.info(fov).shape
+                megapixels += t_n * z_n * y * x / 1e6
+
+    def result(seconds: float, unit_seconds: float) -> PredictResult:
+        return PredictResult(
+            outputs=[t.path for t in outputs.values()],
+            channels=prediction_names(targets),
+            denormalized=config.denormalize,
+            fovs=n_fovs,
+            skipped=skipped,
+            units=len(units),
+            megapixels=megapixels,
+            seconds=seconds,
+            unit_seconds=unit_seconds,
+        )
+
+    if not units:
+        for target in outputs.values():
+            finish_output(target)  # a replacement completed by a killed job
+        print(f"viscy predict: nothing to do ({skipped} FOV(s) already complete)")
+        return result(time.perf_counter() - t_start, 0.0)
+
+    # 3. stream units through the actor pool, marking each FOV complete as its last unit comes back
+    _start_ray(outputs)
+    ds, gpu = _actor_pool_dataset(config, card, opts, sources, targets, norms, outputs, units)
+    unit_seconds = _collect(ds, remaining, outputs, fp, targets, config.progress)
+    # 4. publish: every FOV is complete, the outputs are finished
+    for target in outputs.values():
+        finish_output(target)
+    elapsed = time.perf_counter() - t_start
+    where = ", ".join(str(t.path) for t in outputs.values())
+    print(
+        f"viscy predict: {n_fovs} FOV(s), {len(units)} unit(s), {megapixels:.1f} Mpx in {elapsed:.1f} s "
+        f"({megapixels / max(elapsed, 1e-9):.2f} Mpx/s; {unit_seconds:.1f} s inside {config.num_actors} actor(s), "
+        f"{'GPU' if gpu else 'CPU'}); {skipped} FOV(s) already complete; channels "
+        f"{prediction_names(targets)} in {where}"
+    )
+    return result(elapsed, unit_seconds)
+
+
+def plan_plates(
+    config: PredictConfig, sources: list[str], targets: list[str], norms: list[NormalizationConfig], fp: str
+) -> list[PlatePlan]:
+    """Every plate's FOVs, output and action, once plates, statistics and outputs are checked; nothing is written.
+
+    Raises
+    ------
+    DataError
+        For outputs that collide or contain their input, a plate viscy cannot append to, missing statistics, or
+        an output that holds something else (naming the fix).
+    """
     plans = []
     seen_outputs: set[Path] = set()
     for path in config.data_path:
@@ -337,14 +405,20 @@ def run_predict(config: PredictConfig) -> PredictResult:
                 raise DataError(f"output {output} is the input plate; set output: null to append channels instead")
             if plate.root.resolve().is_relative_to(written):
                 raise DataError(f"output {output} contains the input plate {plate.root}; choose another output")
-        version = resolve_output_version(plate, requested_version, output)
+        # NGFF version of new stores: "auto" (a config without ngff_version) keeps each input plate's.
+        version = resolve_output_version(plate, config.ngff_version, output)
         _validate_plate(plate, fovs, sources, targets, norms, config.denormalize, output is None)
         action = check_output(plate, fovs, output, targets, fp, config.overwrite, version)
-        plans.append((plate, fovs, output, action, version))
+        plans.append(PlatePlan(plate, fovs, output, action, version))
+    return plans
 
-    # 2. create outputs, list the units of incomplete FOVs
-    job = {
-        "model": info.name or (str(config.model.checkpoint) if config.model else str(config.onnx)),
+
+def _job_metadata(
+    config: PredictConfig, card: ModelCard, sources: list[str], targets: list[str], norms: list[NormalizationConfig]
+) -> dict[str, Any]:
+    """What the outputs record about the job (``viscy evaluate`` reads the units and normalisation)."""
+    return {
+        "model": card.name,
         "targets": targets,
         "sources": sources,
         "denormalized": config.denormalize,
@@ -353,6 +427,14 @@ def run_predict(config: PredictConfig) -> PredictResult:
         "target_normalization": target_normalization(targets, norms),
         "units": "raw intensity (denormalized)" if config.denormalize else "normalized",
     }
+
+
+def _prepare_outputs(
+    config: PredictConfig, plans: list[PlatePlan], targets: list[str], fp: str, job: dict[str, Any]
+) -> tuple[dict[str, OutputTarget], list[dict[str, Any]], int]:
+    """Create every output (config and log beside it); (outputs by plate, units to run, FOVs already complete)."""
+    from viscy.console import place_log
+
     outputs: dict[str, OutputTarget] = {}
     units: list[dict[str, Any]] = []
     skipped = 0
@@ -367,58 +449,49 @@ def run_predict(config: PredictConfig) -> PredictResult:
                 skipped += 1
                 continue
             units.extend(_units(plate, fov, config.z_block, z_chunk))
-    remaining: dict[tuple[str, str], int] = defaultdict(int)
-    for u in units:
-        remaining[(u["plate"], u["fov"])] += 1
-    n_fovs = len(remaining)
-    megapixels = 0.0
-    for plate, fovs, *_ in plans:
-        for fov in fovs:
-            if (str(plate.path), fov) in remaining:
-                t_n, _, z_n, y, x = plate.info(fov).shape
-                megapixels += t_n * z_n * y * x / 1e6
-    def result(seconds: float, unit_seconds: float) -> PredictResult:
-        return PredictResult(
-            outputs=[t.path for t in outputs.values()],
-            channels=prediction_names(targets),
-            denormalized=config.denormalize,
-            fovs=n_fovs,
-            skipped=skipped,
-            units=len(units),
-            megapixels=megapixels,
-            seconds=seconds,
-            unit_seconds=unit_seconds,
-        )
+    return outputs, units, skipped
 
-    if not units:
-        for target in outputs.values():
-            finish_output(target)  # a replacement completed by a killed job
-        print(f"viscy predict: nothing to do ({skipped} FOV(s) already complete)")
-        return result(time.perf_counter() - t_start, 0.0)
 
-    # 3. stream units through the actor pool
+def _start_ray(outputs: dict[str, OutputTarget]) -> None:
+    """Start (or join) Ray, say where outputs are not shared across nodes, and set up Ray Data."""
+    import ray
+
     from viscy.ray_utils import check_shared_path, ensure_ray
 
     ensure_ray()
-    import ray
-
     for target in outputs.values():  # actors on every node write the predictions
         where = Path(target.path)
         note = check_shared_path(str(where if where.is_dir() else where.parent), "output")
         if note:
             print(f"viscy predict: {note}")
-
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.op_resource_reservation_enabled = False
     ctx.raise_original_map_exception = True  # a ViscyError in an actor reaches the CLI as itself
+
+
+def _actor_pool_dataset(
+    config: PredictConfig,
+    card: ModelCard,
+    opts: TilingOptions,
+    sources: list[str],
+    targets: list[str],
+    norms: list[NormalizationConfig],
+    outputs: dict[str, OutputTarget],
+    units: list[dict[str, Any]],
+) -> tuple[Any, bool]:
+    """The units mapped through a pool of :class:`PredictActor` (the Ray Data pipeline); whether it uses GPUs."""
+    import ray
+
     gpu = _use_gpu(config.use_gpu)
     cpus_total = ray.cluster_resources().get("CPU", 1)
     cpus = min(config.num_cpus_per_actor, cpus_total / config.num_actors)
     if cpus < config.num_cpus_per_actor:
         log.warning("only %s CPUs for %d actors; using %.2f CPUs per actor", cpus_total, config.num_actors, cpus)
+    checkpoint = config.model.checkpoint if config.model else None
     actor_kwargs = {
-        "model": config.model.model_dump(mode="json") if config.model else None,
+        "card": card,  # actors build exactly what the driver described
+        "checkpoint": str(checkpoint) if checkpoint else None,
         "onnx": str(config.onnx) if config.onnx else None,
         "opts": asdict(opts),
         "sources": sources,
@@ -438,11 +511,30 @@ def run_predict(config: PredictConfig) -> PredictResult:
         num_cpus=cpus,
         num_gpus=1 if gpu else 0,
     )
+    return ds, gpu
+
+
+def _collect(
+    ds: Any,
+    remaining: dict[tuple[str, str], int],
+    outputs: dict[str, OutputTarget],
+    fp: str,
+    targets: list[str],
+    progress: bool,
+) -> float:
+    """Run the pipeline and mark each FOV complete as its last unit comes back; the seconds spent in actors.
+
+    Raises
+    ------
+    ShapeError
+        If a FOV did not finish (a rerun resumes it).
+    """
+    n_fovs = len(remaining)
     bar = None
-    if config.progress:
+    if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(units), desc="predict", unit="unit")
+        bar = tqdm(total=sum(remaining.values()), desc="predict", unit="unit")
     done_fovs = 0
     unit_seconds = 0.0
     for row in ds.iter_rows():
@@ -459,14 +551,4 @@ def run_predict(config: PredictConfig) -> PredictResult:
         bar.close()
     if done_fovs != n_fovs:
         raise ShapeError(f"only {done_fovs} of {n_fovs} FOVs finished; rerun to resume")
-    for target in outputs.values():
-        finish_output(target)
-    elapsed = time.perf_counter() - t_start
-    where = ", ".join(str(t.path) for t in outputs.values())
-    print(
-        f"viscy predict: {n_fovs} FOV(s), {len(units)} unit(s), {megapixels:.1f} Mpx in {elapsed:.1f} s "
-        f"({megapixels / max(elapsed, 1e-9):.2f} Mpx/s; {unit_seconds:.1f} s inside {config.num_actors} actor(s), "
-        f"{'GPU' if gpu else 'CPU'}); {skipped} FOV(s) already complete; channels "
-        f"{prediction_names(targets)} in {where}"
-    )
-    return result(elapsed, unit_seconds)
+    return unit_seconds

@@ -10,7 +10,7 @@ so the torch and onnxruntime backends plug in the same way.
   spatial window axis (a 2.5D model's 5 -> 1 slice output becomes a "zoom") and keeps the whole padded
   volume on the device; here Z is handled explicitly and only one plane stack is held.
 * **Z**: 2D/2.5D models (``out_depth == 1``) predict slice ``z`` from the window
-  ``[z - d//2, z - d//2 + d)``; 3D models (``out_depth == in_depth``) run windows with ``z_stride`` and
+  ``[z - d//2, z - d//2 + d)``; 3D models (``out_depth == z_window_size``) run windows with ``z_stride`` and
   average the overlapping slice predictions uniformly (VisCy's ``_blend_in``). Windows leaving the stack
   read reflected slices (edge slices when Z == 1).
 * **TTA**: rot90 / flips applied per tile and inverted on the output (non-square tiles stay valid
@@ -37,8 +37,8 @@ class TilingOptions:
 
     Parameters
     ----------
-    in_depth, out_depth, yx_multiple
-        The model's input/output Z depth and YX multiple (``ModelSpec``).
+    z_window_size, out_depth, yx_multiple
+        The model's input Z window, output Z depth and YX multiple (``ModelSpec``).
     tile_yx
         Tile size (rounded up to the multiple); None predicts the whole (padded) image at once.
     overlap
@@ -53,7 +53,7 @@ class TilingOptions:
         Tiles per ``predict_fn`` call (each TTA transform is a separate call), and Z windows held at once.
     """
 
-    in_depth: int = 1
+    z_window_size: int = 1
     out_depth: int = 1
     yx_multiple: int = 1
     tile_yx: tuple[int, int] | None = None
@@ -67,14 +67,14 @@ class TilingOptions:
     @classmethod
     def for_model(cls, spec, tile_yx: tuple[int, int] | None = None, **options) -> TilingOptions:
         """Options for a model with :class:`~viscy.models.registry.ModelSpec` ``spec`` (depths, YX multiple)."""
-        return cls(in_depth=spec.in_depth, out_depth=spec.out_depth, yx_multiple=spec.yx_multiple,
+        return cls(z_window_size=spec.z_window_size, out_depth=spec.out_depth, yx_multiple=spec.yx_multiple,
                    tile_yx=tuple(tile_yx) if tile_yx else None, **options)
 
     def __post_init__(self) -> None:
-        if self.out_depth not in (1, self.in_depth):
+        if self.out_depth not in (1, self.z_window_size):
             raise ShapeError(
-                f"model maps {self.in_depth} slices to {self.out_depth}; only 2D/2.5D (out depth 1) and 3D "
-                "(out depth == in depth) models are supported"
+                f"model maps {self.z_window_size} slices to {self.out_depth}; only 2D/2.5D (out depth 1) and 3D "
+                "(out depth == Z window) models are supported"
             )
         if not 0 <= self.overlap < 1:
             raise ShapeError(f"tile overlap must be in [0, 1), got {self.overlap}")
@@ -205,20 +205,21 @@ def predict_yx(windows: np.ndarray, predict_fn: PredictFn, opts: TilingOptions) 
     return out[..., :y, :x]
 
 
-def z_windows(n_z: int, in_depth: int, out_depth: int, z_stride: int = 1) -> list[np.ndarray]:
+def z_windows(n_z: int, z_window_size: int, out_depth: int, z_stride: int = 1) -> list[np.ndarray]:
     """Input slice indices of every Z window of a stack of ``n_z`` slices (reflected at the edges).
 
     2D/2.5D: one window per output slice, centred on it. 3D: windows starting every ``z_stride`` slices,
-    the last one ending at the last slice (one reflect-padded window if ``n_z < in_depth``).
+    the last one ending at the last slice (one reflect-padded window if ``n_z < z_window_size``).
     """
     if out_depth == 1:
-        return [reflect_index(np.arange(z - in_depth // 2, z - in_depth // 2 + in_depth), n_z) for z in range(n_z)]
-    if n_z <= in_depth:
-        return [reflect_index(np.arange(in_depth), n_z)]
-    starts = list(range(0, n_z - in_depth + 1, z_stride))
-    if starts[-1] != n_z - in_depth:
-        starts.append(n_z - in_depth)
-    return [np.arange(s, s + in_depth) for s in starts]
+        half = z_window_size // 2
+        return [reflect_index(np.arange(z - half, z - half + z_window_size), n_z) for z in range(n_z)]
+    if n_z <= z_window_size:
+        return [reflect_index(np.arange(z_window_size), n_z)]
+    starts = list(range(0, n_z - z_window_size + 1, z_stride))
+    if starts[-1] != n_z - z_window_size:
+        starts.append(n_z - z_window_size)
+    return [np.arange(s, s + z_window_size) for s in starts]
 
 
 def predict_stack(
@@ -245,7 +246,7 @@ def predict_stack(
     z0, z1 = z_range or (0, n_z)
     if not 0 <= z0 < z1 <= n_z:
         raise ShapeError(f"z range {z_range} is outside the {n_z}-slice stack")
-    windows = z_windows(n_z, opts.in_depth, opts.out_depth, opts.z_stride)
+    windows = z_windows(n_z, opts.z_window_size, opts.out_depth, opts.z_stride)
     if opts.out_depth == 1:
         chosen = windows[z0:z1]
         targets = [np.array([z]) for z in range(z0, z1)]
@@ -253,8 +254,9 @@ def predict_stack(
         chosen, targets = [], []
         for w in windows:
             # which output slice each window position writes: the stack index, or for a reflect-padded window
-            # (n_z < in_depth) its first n_z positions
-            tgt = np.arange(w[0], w[0] + opts.in_depth) if n_z > opts.in_depth else np.arange(opts.in_depth)
+            # (n_z < z_window_size) its first n_z positions
+            d = opts.z_window_size
+            tgt = np.arange(w[0], w[0] + d) if n_z > d else np.arange(d)
             if np.any((tgt >= z0) & (tgt < z1) & (tgt < n_z)):
                 chosen.append(w)
                 targets.append(tgt)
@@ -297,5 +299,5 @@ def tile_grid(shape_yx: Sequence[int], opts: TilingOptions) -> list[tuple[int, i
 
 def count_model_calls(n_z: int, shape_yx: Sequence[int], opts: TilingOptions) -> int:
     """How many tiles the model runs on for a ``(C, n_z, Y, X)`` stack: Z windows x YX tiles x TTA transforms."""
-    windows = len(z_windows(n_z, opts.in_depth, opts.out_depth, opts.z_stride))
+    windows = len(z_windows(n_z, opts.z_window_size, opts.out_depth, opts.z_stride))
     return windows * len(tile_grid(shape_yx, opts)) * len(tta_transforms(opts.tta))

@@ -3,8 +3,9 @@ to the input plate, with per-FOV completion markers that make a killed job resum
 
 Layout and safety rules:
 
-* A new store is NGFF 0.4 on zarr v2 (written with iohub) or NGFF 0.5 on zarr v3 (written here, through
-  tensorstore); by default it keeps the input plate's version (:func:`resolve_output_version`).
+* A new store is NGFF 0.4 on zarr v2 (written with iohub) or NGFF 0.5 on zarr v3 (written through
+  tensorstore); by default it keeps the input plate's version (:func:`resolve_output_version`). Every write
+  goes through ``viscy.data.store_writer``; this module decides what is written and when.
 * New stores use chunks ``(1, 1, 1, Y, X)`` (VisCy's writer), unsharded; a task writes whole ``(t, c, z)``
   planes, so no two tasks ever touch the same chunk (a shard spanning several planes would be written by
   several tasks at once). Appending keeps the input's chunks; the task Z blocks are then aligned to its Z
@@ -31,21 +32,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
 
-from viscy.data.ngff import (
+from viscy.data.ngff import plate_images, read_node
+from viscy.data.plate import IMAGE_KEY, Plate
+from viscy.data.replace import refuse_links, siblings, swap_in
+from viscy.data.store_writer import (
+    Ngff04Writer,
     create_v3_array,
     delete_attr,
     image_metadata,
-    open_v3_array,
-    plate_images,
+    open_array,
     plate_metadata,
-    read_node,
     write_attrs,
     write_v3_group,
+    write_v3_image_groups,
 )
-from viscy.data.plate import IMAGE_KEY, Plate
-from viscy.data.replace import refuse_links, siblings, swap_in
 from viscy.errors import DataError
 
 ATTR = "viscy_prediction"
@@ -221,7 +222,7 @@ def check_output(
         raise DataError(
             f"{plate.root} has channel(s) {foreign} that viscy predict did not write (the plate's .zattrs has no "
             f"'{ATTR}' record of them); viscy never overwrites them, even with overwrite: true. Predict into a "
-            "new store with output, or choose other target_channel names"
+            "new store with output, or choose other target_channels names"
         )
     if len(existing) != len(names):
         raise DataError(
@@ -301,9 +302,6 @@ def prepare_output(
     A replacement (``"replace"``/``"continue"``) is built beside ``output``; :func:`finish_output` swaps it in.
     A new store is NGFF ``version`` (``"0.4"`` or ``"0.5"``; ``None``: the input plate's).
     """
-    from iohub.ngff import open_ome_zarr
-    from iohub.ngff.models import TransformationMeta
-
     names = prediction_names(targets)
     if output is None:
         return _prepare_append(plate, fovs, names, fingerprint, action, job)
@@ -326,24 +324,18 @@ def prepare_output(
     if action in ("create", "replace") or (action in RESUMING and layout == "hcs"):
         info = {f: plate.info(f) for f in fovs}
         mode = "a" if action in RESUMING else "w-"
-        with open_ome_zarr(root, layout=layout, mode=mode, channel_names=names) as store:
+        with Ngff04Writer(root, layout=layout, mode=mode, channel_names=names) as store:
             if action not in RESUMING:
                 # the marker first, so that even a store killed while being created is recognisably viscy's
-                store.zattrs[ATTR] = {**job, "fingerprint": fingerprint, "store": True}
-            existing = {n for n, _ in store.positions()} if action in RESUMING else set()
+                store.set_root_attr(ATTR, {**job, "fingerprint": fingerprint, "store": True})
+            existing = store.positions() if action in RESUMING else set()
             for fov in fovs:
                 if fov in existing:
                     continue
                 # a resumed job may select more positions than the killed one
                 t, _, z, y, x = info[fov].shape
-                pos = store if layout == "fov" else store.create_position(*fov.split("/"))
-                pos.create_zeros(
-                    IMAGE_KEY,
-                    shape=(t, len(names), z, y, x),
-                    dtype=np.float32,
-                    chunks=(1, 1, 1, y, x),
-                    transform=[TransformationMeta(type="scale", scale=list(info[fov].scale))],
-                )
+                shape = (t, len(names), z, y, x)
+                store.add_image(fov, IMAGE_KEY, info[fov].scale, (1, 1, 1, y, x), shape=shape, dtype=np.float32)
     return OutputTarget(root, layout, 0, False, final)
 
 
@@ -379,18 +371,7 @@ def _prepare_v3_store(
         if resume and existing is not None and existing.node_type == "array":
             continue  # created by the killed job (its completion marker says whether it is done)
         image = image_metadata(plate.image_axes(fov), plate.info(fov).scale, names, IMAGE_KEY)
-        if plate.kind == "fov":
-            write_v3_group(group, {**root_attrs, "ome": image})
-        else:
-            row, col, field = fov.split("/")
-            if read_node(root / row) is None:
-                write_v3_group(root / row, {})
-            well = read_node(root / row / col)
-            images = well.ome.get("well", {}).get("images", []) if well is not None else []
-            if field not in [i.get("path") for i in images if isinstance(i, dict)]:
-                images = [*images, {"path": field}]
-                write_v3_group(root / row / col, {"ome": {"version": "0.5", "well": {"images": images}}})
-            write_v3_group(group, {"ome": image})
+        write_v3_image_groups(root, fov, image, root_attrs if plate.kind == "fov" else None)
         create_v3_array(arr, shape, (1, 1, 1, y, x), "float32")
 
 
@@ -402,14 +383,12 @@ def finish_output(target: OutputTarget) -> None:
     """
     if target.final is None or not target.root.exists():
         return
-    swap_in(target.root, target.final, is_prediction_store, "predict.swap")
+    swap_in(target.root, target.final, is_prediction_store)
 
 
 def _prepare_append(
     plate: Plate, fovs: list[str], names: list[str], fingerprint: str, action: str, job: dict[str, Any]
 ) -> OutputTarget:
-    from iohub.ngff import open_ome_zarr
-
     for fov in fovs:
         chunks = plate.info(fov).chunks
         if chunks[0] != 1:
@@ -420,20 +399,16 @@ def _prepare_append(
     target = OutputTarget(plate.root, plate.kind, len(plate.channel_names), True)
     if action == "replace":
         _clear_markers(target, fovs)
-    root = zarr.open_group(str(plate.root), mode="r+")
-    state = root.attrs.get(ATTR, {})
+    state = _read_attrs(plate.root).get(ATTR, {})
     # a single-FOV store's root is also its position: a resumed job keeps its completion flag
     kept = {"complete": state["complete"]} if action == "resume" and "complete" in state else {}
     # the ownership record goes first: channels appended by a job killed right after still count as viscy's
     owned = sorted(_owned_channels(state) | set(names))
-    root.attrs[ATTR] = {**kept, **job, "fingerprint": fingerprint, "channels": owned}
+    write_attrs(plate.root, ATTR, {**kept, **job, "fingerprint": fingerprint, "channels": owned})
     if action == "append":
         # appending resizes every position of the plate, so the whole plate gains the channels
-        with open_ome_zarr(plate.root, mode="r+") as store:
-            nodes = [store] if plate.kind == "fov" else [pos for _, pos in store.positions()]
-            for pos in nodes:
-                for n in names:
-                    pos.append_channel(n, resize_arrays=True)
+        with Ngff04Writer(plate.root, mode="r+") as store:
+            store.append_channels(names)
     else:
         target = OutputTarget(plate.root, plate.kind, plate.channel_names.index(names[0]), True)
     return target
@@ -442,10 +417,5 @@ def _prepare_append(
 def write_block(target: OutputTarget, fov: str, t: int, z0: int, data: np.ndarray) -> None:
     """Write a ``(C', Z_block, Y, X)`` prediction block at time ``t`` and slices ``z0:``."""
     c0 = target.channel_offset
-    if target.zarr_format == 3:
-        arr = open_v3_array(Path(target.array_path(fov)))
-        block = data.astype(arr.dtype.numpy_dtype, copy=False)
-        arr[t, c0 : c0 + data.shape[0], z0 : z0 + data.shape[1]].write(block).result()
-        return
-    arr = zarr.open_array(target.array_path(fov), mode="r+")
-    arr[t, c0 : c0 + data.shape[0], z0 : z0 + data.shape[1]] = data.astype(arr.dtype, copy=False)
+    arr = open_array(Path(target.array_path(fov)), target.zarr_format)
+    arr.write((t, slice(c0, c0 + data.shape[0]), slice(z0, z0 + data.shape[1])), data)

@@ -17,15 +17,11 @@
 """
 
 import asyncio
-import base64
-import io
 import logging
 import math
 import os
-import re
 import threading
 import time
-import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
@@ -38,12 +34,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from viscy.config import (
-    ConfigError,
-    ServeConfig,
-    StainerSettings,
-    format_validation_error,
-)
+from viscy.config import ConfigError, format_validation_error
 from viscy.serve.codecs import (
     ARRAY_ANSWERS,
     JSON,
@@ -57,8 +48,10 @@ from viscy.serve.codecs import (
     negotiate,
     parse_statistics,
 )
-from viscy.serve.gate import Gate, current_gate, install_gate
+from viscy.serve.config import ServeConfig, StainerSettings
+from viscy.serve.gate import Gate, current_gate, gatekeeper, install_gate
 from viscy.serve.models import MIN_YX, ServedModel, find_models
+from viscy.serve.preview import preview
 
 # Ray Serve writes this logger to the replica's own log file (logs/serve/replica_<app>_<deployment>_<id>.log).
 log = logging.getLogger("ray.serve")
@@ -86,7 +79,6 @@ QUERY_PARAMETERS = {
     "channel": "Channel index of a (C, Z, Y, X) image to segment (default 0).",
     "segment_channel": "Predicted channel to segment (default: the model's first target).",
 }
-REQUEST_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 # Cellpose resizes a plane so that objects of the requested diameter become this many pixels across.
 CELLPOSE_DIAMETER = 30.0
 
@@ -109,6 +101,8 @@ api = FastAPI(
         "`{\"detail\": ...}` naming the problem. With a token configured, send `Authorization: Bearer TOKEN`."
     ),
 )
+# Host check, auth and the mapping of every error to JSON, before any route (viscy.serve.gate).
+api.middleware("http")(gatekeeper)
 
 
 # ---------------------------------------------------------------------------------------- stainer
@@ -129,7 +123,7 @@ class VirtualStainer:
         s = self.settings
         self.options = {
             name: TilingOptions.for_model(
-                m.spec, s.tile_yx, overlap=s.tile_overlap, blend=s.blend, batch_size=s.max_batch_size
+                m.card.spec, s.tile_yx, overlap=s.tile_overlap, blend=s.blend, batch_size=s.max_batch_size
             )
             for name, m in self.models.items()
         }
@@ -196,8 +190,8 @@ class Segmenter:
     """The segmenters of ``viscy evaluate``: classical always, Cellpose when a model is configured."""
 
     def __init__(self, settings: dict[str, Any]) -> None:
-        from viscy.config import SegmenterSettings
         from viscy.evaluate.segment import cached_cellpose
+        from viscy.serve.config import SegmenterSettings
 
         self.settings = SegmenterSettings(**settings)
         self.methods = ["classical"]
@@ -216,7 +210,7 @@ class Segmenter:
         Planes run one at a time on the replica's segmentation thread; a cancelled request stops between
         planes (a plane already running finishes: neither Cellpose nor scikit-image can be interrupted).
         """
-        from viscy.config import SegmentationConfig
+        from viscy.evaluate.config import SegmentationConfig
         from viscy.evaluate.segment import get_segmenter
 
         config = SegmentationConfig(
@@ -231,56 +225,7 @@ class Segmenter:
         return np.stack(planes).astype(np.int32)
 
 
-# ---------------------------------------------------------------------------------------- previews
-def _png(plane: np.ndarray) -> str:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(plane).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def _gray(plane: np.ndarray) -> np.ndarray:
-    lo, hi = np.percentile(plane, [1, 99.5])
-    return (np.clip((plane - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
-
-
-def _labels_rgb(labels: np.ndarray) -> np.ndarray:
-    rng = np.random.default_rng(0)
-    colors = rng.integers(60, 256, size=(int(labels.max()) + 1, 3), dtype=np.uint8)
-    colors[0] = 0
-    return colors[labels]
-
-
-def preview(image: np.ndarray, pred: np.ndarray, masks: np.ndarray, served: ServedModel, channel: str,
-            timing: dict[str, float]) -> dict[str, Any]:
-    """PNG previews (middle Z slice) of the input, every predicted channel and the masks, with timings."""
-    def middle(a: np.ndarray) -> np.ndarray:
-        while a.ndim > 2:
-            a = a[a.shape[0] // 2] if a.ndim == 3 else a[0]
-        return a
-
-    src = image[0] if image.ndim == 4 else image
-    return {
-        "model": served.name,
-        "shape": list(image.shape),
-        "channels": served.target_channels,
-        "segmented": channel,
-        "objects": int(masks.max()),
-        "timing_ms": {k: round(v * 1000, 1) for k, v in timing.items()},
-        "images": {
-            "input": _png(_gray(middle(np.asarray(src, dtype=np.float32)))),
-            **{ch: _png(_gray(middle(pred[i]))) for i, ch in enumerate(served.target_channels)},
-            "masks": _png(_labels_rgb(middle(masks))),
-        },
-    }
-
-
 # ---------------------------------------------------------------------------------------- ingress
-def _error(status: int, detail: str, request_id: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"detail": detail, "request_id": request_id}, status_code=status, headers=headers)
-
-
 def _timing(parts: dict[str, float]) -> str:
     return ", ".join(f"{k};dur={v * 1000:.1f}" for k, v in parts.items())
 
@@ -293,54 +238,6 @@ def _bool(value: str | None, name: str, default: bool) -> bool:
     if value.lower() in ("0", "false", "no"):
         return False
     raise PayloadError(400, f"query parameter {name}={value[:40]!r} must be true or false")
-
-
-def _error_of(exc: BaseException) -> BaseException:
-    """The error a deployment raised, out of Ray's wrapping (whose text carries a traceback, paths and pids)."""
-    from ray.exceptions import RayTaskError
-
-    while isinstance(exc, RayTaskError) and exc.cause is not None and exc.cause is not exc:
-        exc = exc.cause
-    return exc
-
-
-@api.middleware("http")
-async def gatekeeper(request: Request, call_next) -> Response:
-    """Host check and auth before any route reads anything; every error becomes JSON with a request id.
-
-    Input errors are 4xx naming the problem; anything else is a 500 with a fixed text and the request id,
-    whose traceback goes to the replica log under that id.
-    """
-    # Ray Serve's proxy gives every request an id (the client's own x-request-id, if it sent one) and writes it
-    # in its access logs and the answer's x-request-id header: the same id names the failure in the replica log.
-    request_id = request.headers.get("x-request-id", "")
-    if not REQUEST_ID.fullmatch(request_id):
-        request_id = uuid.uuid4().hex
-    root = request.scope.get("root_path", "")
-    path = request.scope["path"]
-    path = path[len(root):] if root and path.startswith(root) else path
-    try:
-        gate = current_gate()
-        if gate is None:
-            raise PayloadError(503, "the server is starting; retry in a few seconds")
-        gate.check(request, path or "/")
-        response = await call_next(request)
-    except Exception as raised:  # noqa: BLE001 - nothing but a fixed text may reach the client
-        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-        from starlette.requests import ClientDisconnect
-
-        exc = _error_of(raised)
-        if isinstance(exc, PayloadError):
-            return _error(exc.status, str(exc), request_id)
-        if isinstance(exc, BackPressureError | DeploymentUnavailableError):
-            retry = getattr(exc, "retry_after_s", None) or 5
-            return _error(503, "the server is busy; retry later", request_id,
-                          {"Retry-After": str(math.ceil(retry))})
-        if isinstance(exc, ClientDisconnect):
-            return _error(400, "the client disconnected before the body arrived", request_id)
-        log.error("request %s failed", request_id, exc_info=raised)
-        return _error(500, f"internal error; the server logged it as request {request_id}", request_id)
-    return response
 
 
 @serve.deployment(name="Ingress")
@@ -362,7 +259,7 @@ class Ingress:
         self.cpu_pool = ThreadPoolExecutor(self.config.ingress.max_ongoing_requests, thread_name_prefix="viscy-cpu")
         s = self.config.stainer
         self.tiling = {
-            name: TilingOptions.for_model(m.spec, s.tile_yx, overlap=s.tile_overlap, blend=s.blend)
+            name: TilingOptions.for_model(m.card.spec, s.tile_yx, overlap=s.tile_overlap, blend=s.blend)
             for name, m in self.models.items()
         }
         install_gate(Gate.for_config(self.config))
@@ -457,7 +354,7 @@ class Ingress:
         timing = {"decode": t1 - t0, "stain": t2 - t1}
         headers = {
             "X-Viscy-Model": served.name,
-            "X-Viscy-Channels": ",".join(served.target_channels),
+            "X-Viscy-Channels": ",".join(served.card.target_channels),
             "X-Viscy-Normalization": source,
             "X-Viscy-Units": "raw" if denorm else "normalized",
         }
@@ -583,11 +480,11 @@ class Ingress:
         accept = negotiate(request.headers.get("accept"), NPZ, (NPZ, JSON))
         diameter = self._diameter(q)
         served, pred, timing, extra = await self._stain(request, q)
-        channel = q.get("segment_channel") or served.target_channels[0]
-        if channel not in served.target_channels:
+        channel = q.get("segment_channel") or served.card.target_channels[0]
+        if channel not in served.card.target_channels:
             raise PayloadError(422, f"segment_channel {channel[:40]!r} is not predicted by {served.name!r}; "
-                                    f"choose one of {served.target_channels}")
-        ci = served.target_channels.index(channel)
+                                    f"choose one of {served.card.target_channels}")
+        ci = served.card.target_channels.index(channel)
         plane = pred[ci] if pred.ndim == 4 else pred[ci][None]
         t0 = time.perf_counter()
         masks = await self._segment(plane, q.get("method"), diameter)
@@ -598,7 +495,7 @@ class Ingress:
             answer = await self._cpu(preview, extra["image"], pred, masks, served, channel, timing)
             return JSONResponse(answer, headers=headers)
         t1 = time.perf_counter()
-        arrays = {"stain": pred, "masks": masks, "channels": np.array(served.target_channels)}
+        arrays = {"stain": pred, "masks": masks, "channels": np.array(served.card.target_channels)}
         body = await self._cpu(encode_npz, arrays)
         timing["encode"] = time.perf_counter() - t1
         return Response(body, media_type=NPZ, headers={**headers, "Server-Timing": _timing(timing)})

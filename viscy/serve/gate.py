@@ -1,4 +1,5 @@
-"""Who may talk to the server: the Host check (against DNS rebinding) and the bearer token.
+"""Who may talk to the server: the Host check (against DNS rebinding) and the bearer token, and the
+``gatekeeper`` middleware that applies them before any route and turns every error into JSON with a request id.
 
 The gate lives in this module rather than in :mod:`viscy.serve.app` because Ray Serve ships the FastAPI
 app (and its middleware) to the replica by value: the Ingress replica installs its gate here, where the
@@ -9,14 +10,20 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import logging
+import math
 import os
+import re
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
-from viscy.config import ConfigError, ServeConfig, is_loopback
+from viscy.config import ConfigError
 from viscy.serve.codecs import PayloadError
+from viscy.serve.config import ServeConfig, is_loopback
 
 
 def read_token(config: ServeConfig) -> str | None:
@@ -117,3 +124,60 @@ def install_gate(gate: Gate) -> None:
 def current_gate() -> Gate | None:
     """The installed gate (None until the Ingress replica has started)."""
     return _installed[0] if _installed else None
+
+
+# ---------------------------------------------------------------------------------------- middleware
+# Ray Serve writes this logger to the replica's own log file (logs/serve/replica_<app>_<deployment>_<id>.log).
+log = logging.getLogger("ray.serve")
+REQUEST_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def _error(status: int, detail: str, request_id: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail, "request_id": request_id}, status_code=status, headers=headers)
+
+
+def _error_of(exc: BaseException) -> BaseException:
+    """The error a deployment raised, out of Ray's wrapping (whose text carries a traceback, paths and pids)."""
+    from ray.exceptions import RayTaskError
+
+    while isinstance(exc, RayTaskError) and exc.cause is not None and exc.cause is not exc:
+        exc = exc.cause
+    return exc
+
+
+async def gatekeeper(request: Request, call_next) -> Response:
+    """Host check and auth before any route reads anything; every error becomes JSON with a request id.
+
+    Input errors are 4xx naming the problem; anything else is a 500 with a fixed text and the request id,
+    whose traceback goes to the replica log under that id.
+    """
+    # Ray Serve's proxy gives every request an id (the client's own x-request-id, if it sent one) and writes it
+    # in its access logs and the answer's x-request-id header: the same id names the failure in the replica log.
+    request_id = request.headers.get("x-request-id", "")
+    if not REQUEST_ID.fullmatch(request_id):
+        request_id = uuid.uuid4().hex
+    root = request.scope.get("root_path", "")
+    path = request.scope["path"]
+    path = path[len(root):] if root and path.startswith(root) else path
+    try:
+        gate = current_gate()
+        if gate is None:
+            raise PayloadError(503, "the server is starting; retry in a few seconds")
+        gate.check(request, path or "/")
+        response = await call_next(request)
+    except Exception as raised:  # noqa: BLE001 - nothing but a fixed text may reach the client
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+        from starlette.requests import ClientDisconnect
+
+        exc = _error_of(raised)
+        if isinstance(exc, PayloadError):
+            return _error(exc.status, str(exc), request_id)
+        if isinstance(exc, BackPressureError | DeploymentUnavailableError):
+            retry = getattr(exc, "retry_after_s", None) or 5
+            return _error(503, "the server is busy; retry later", request_id,
+                          {"Retry-After": str(math.ceil(retry))})
+        if isinstance(exc, ClientDisconnect):
+            return _error(400, "the client disconnected before the body arrived", request_id)
+        log.error("request %s failed", request_id, exc_info=raised)
+        return _error(500, f"internal error; the server logged it as request {request_id}", request_id)
+    return response

@@ -6,7 +6,7 @@ serve config (a test compares the two)::
     python -m viscy.serve.kuberay configs/serve.yaml --image ghcr.io/your-org/viscy:0.1.0-cpu \\
         > clusters/kuberay/rayservice.yaml
 
-``serveConfigV2`` is the Ray Serve config itself, validated by :class:`viscy.config.ServeConfig` exactly as
+``serveConfigV2`` is the Ray Serve config itself, validated by :class:`viscy.serve.config.ServeConfig` exactly as
 ``viscy serve --config`` validates it (a bad config is refused with the same message), with what a pod
 needs changed and nothing else:
 
@@ -34,7 +34,8 @@ from typing import Any
 import yaml
 
 from viscy import __version__
-from viscy.config import RAY_SERVE_KEYS, SERVE_IMPORT_PATH, ConfigError, ServeConfig, load_config
+from viscy.config import ConfigError, load_config
+from viscy.serve.config import RAY_SERVE_KEYS, SERVE_IMPORT_PATH, ServeConfig
 
 RAY_VERSION = "2.60.0"  # the base image of clusters/docker/Dockerfile
 IMAGE_REPOSITORY = "ghcr.io/your-org/viscy"  # build and push clusters/docker/Dockerfile yourself

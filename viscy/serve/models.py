@@ -1,7 +1,7 @@
-"""What the server knows about each exported model: found on disk, described by its ONNX metadata.
+"""What the server knows about each exported model: found on disk, described by its model card.
 
-Everything a request needs (channels, Z depth, YX multiple, normalisation) comes from the metadata that
-``viscy export`` writes (the model card of training), so nothing is retyped in the serve config.
+Everything a request needs (channels, Z window, YX multiple, normalisation) comes from the card that
+``viscy export`` writes into the file (the model card of training), so nothing is retyped in the serve config.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from viscy.config import NormalizationConfig
+from viscy.data.config import NormalizationConfig
 from viscy.data.patches import denormalize, normalization_for_channel, normalize
 from viscy.errors import ModelError
-from viscy.models.registry import ModelSpec
+from viscy.models import read_card
+from viscy.models.card import ModelCard, read_onnx_props
 from viscy.serve.codecs import PayloadError
 
 MIN_YX = 8
@@ -26,51 +27,45 @@ MAX_STAT_SAMPLES = 1 << 20
 
 @dataclass(frozen=True)
 class ServedModel:
-    """One exported model: name (file stem), spec, channels and normalisation from its metadata."""
+    """One exported model as served: its name (the file stem), file and card."""
 
     name: str
     path: Path
-    spec: ModelSpec
-    source_channels: list[str]
-    target_channels: list[str]
-    normalization: list[NormalizationConfig]
-    meta: dict[str, Any] = field(repr=False, default_factory=dict)
+    card: ModelCard
+    opset: int | None = None
+    normalization: list[NormalizationConfig] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.card.names_channels:
+            raise ModelError(
+                f"{self.path} does not name its channels; export it from a trained best_model.pt (its model card), "
+                "or pass --source_channels/--target_channels to `viscy export`"
+            )
+        norms = [NormalizationConfig(**group) for group in self.card.normalization]
+        object.__setattr__(self, "normalization", norms)  # parsed once, here
 
     @classmethod
     def load(cls, path: Path) -> ServedModel:
-        """Read the metadata of an ONNX file exported by ``viscy export`` (no session is created)."""
-        from viscy.models.export import read_onnx_metadata, spec_from_metadata
-
-        meta = read_onnx_metadata(path)
-        try:
-            spec = spec_from_metadata(meta)
-        except KeyError as exc:
-            raise ModelError(f"{path} metadata lacks {exc}; re-export it with `viscy export`") from None
-        sources, targets = meta.get("source_channels"), meta.get("target_channels")
-        if not sources or not targets:
-            raise ModelError(
-                f"{path} does not name its channels; export it from a trained best_model.pt (its model card), "
-                "or pass --source_channel/--target_channel to `viscy export`"
-            )
-        norms = [NormalizationConfig(**group) for group in meta.get("normalization") or []]
-        return cls(Path(path).stem, Path(path), spec, list(sources), list(targets), norms, meta)
+        """Read the card of an ONNX file exported by ``viscy export`` (no session is created)."""
+        path = Path(path)
+        return cls(path.stem, path, read_card(path), read_onnx_props(path)[1])
 
     def describe(self) -> dict[str, Any]:
         """The public description served by ``GET /v1/models`` (no server paths)."""
-        card = self.meta.get("model_card") or {}
+        card, spec = self.card, self.card.spec
         return {
             "name": self.name,
             "file": self.path.name,
-            "model_name": self.meta.get("model_name"),
-            "architecture": self.spec.architecture,
-            "source_channels": self.source_channels,
-            "target_channels": self.target_channels,
-            "in_depth": self.spec.in_depth,
-            "out_depth": self.spec.out_depth,
-            "yx_multiple": self.spec.yx_multiple,
+            "model_name": card.name,
+            "architecture": spec.architecture,
+            "source_channels": card.source_channels,
+            "target_channels": card.target_channels,
+            "z_window_size": spec.z_window_size,
+            "out_depth": spec.out_depth,
+            "yx_multiple": spec.yx_multiple,
             "normalization": [n.model_dump(mode="json") for n in self.normalization],
-            "training": card.get("training", {}),
-            "opset": self.meta.get("opset"),
+            "training": card.training,
+            "opset": self.opset,
         }
 
     # ------------------------------------------------------------------------------------ requests
@@ -79,8 +74,9 @@ class ServedModel:
 
         ``(Y, X)`` and ``(Z, Y, X)`` are single-channel images; ``(C, Z, Y, X)`` must have the model's channels.
         """
-        c, d = self.spec.in_channels, self.spec.in_depth
-        needs = "send (Y, X) or (Z, Y, X)" if c == 1 else f"send (C={c}, Z, Y, X) with channels {self.source_channels}"
+        c, d = self.card.spec.in_channels, self.card.spec.z_window_size
+        sources = self.card.source_channels
+        needs = "send (Y, X) or (Z, Y, X)" if c == 1 else f"send (C={c}, Z, Y, X) with channels {sources}"
         if image.ndim == 2 and c == 1:
             x = image[None, None]
         elif image.ndim == 3 and c == 1:
@@ -91,7 +87,7 @@ class ServedModel:
             raise PayloadError(422, f"model {self.name!r} cannot take an image of shape {image.shape}; {needs}")
         if x.shape[0] != c:
             raise PayloadError(
-                422, f"model {self.name!r} takes {c} channel(s) {self.source_channels}, the image has {x.shape[0]}"
+                422, f"model {self.name!r} takes {c} channel(s) {sources}, the image has {x.shape[0]}"
             )
         if x.shape[1] < d:
             raise PayloadError(
@@ -143,13 +139,13 @@ class ServedModel:
         Statistics sent with the request (the plate's stored ``fov_statistics`` for an exact match with
         ``viscy predict``) win; otherwise they are computed from the image itself.
         """
-        params, source = self._stats_for(self.source_channels, self.normalization, x, sent)
+        params, source = self._stats_for(self.card.source_channels, self.normalization, x, sent)
         return normalize(x.astype(np.float32, copy=False), params), source
 
     def denormalize(self, pred: np.ndarray, sent: dict[str, dict[str, float]] | None) -> np.ndarray:
         """Rescale a prediction to the targets' units with their statistics (sent with the request)."""
         groups = list(self.normalization) + [NormalizationConfig()]
-        params, _ = self._stats_for(self.target_channels, groups, None, sent)
+        params, _ = self._stats_for(self.card.target_channels, groups, None, sent)
         return denormalize(pred, params)
 
 

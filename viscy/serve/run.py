@@ -13,8 +13,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from viscy.config import ConfigError, ServeConfig, absolute_paths
+from viscy.config import ConfigError, absolute_paths
 from viscy.errors import ViscyError
+from viscy.serve.config import ServeConfig
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 300.0
@@ -156,8 +157,9 @@ def _describe(result: ServeResult, config: ServeConfig) -> str:
              f"ready in {result.seconds:.0f} s)"]
     for name, m in models.items():
         provider = result.health.get("providers", {}).get(name, "?")
-        lines.append(f"  {name}: {', '.join(m.source_channels)} -> {', '.join(m.target_channels)} "
-                     f"(Z {m.spec.in_depth}->{m.spec.out_depth}, {provider})")
+        card = m.card
+        lines.append(f"  {name}: {', '.join(card.source_channels)} -> {', '.join(card.target_channels)} "
+                     f"(Z {card.spec.z_window_size}->{card.spec.out_depth}, {provider})")
     lines.append(f"  segmentation: {', '.join(result.health.get('segmentation', []))}")
     lines.append(f"  page {result.url}/   API docs {result.url}/docs   health {result.url}/healthz")
     token_set = config.auth_token_env is not None or config.auth_token_file is not None

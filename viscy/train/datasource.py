@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from viscy.config import DataConfig
+from viscy.data.config import DataConfig
 from viscy.data.patches import PatchSampler, PatchSpec, prefetched
 from viscy.data.plate import Plate
 from viscy.errors import DataError
@@ -133,11 +133,6 @@ def start_read(read: Read, data: DataConfig, augment: bool) -> Callable[[], dict
     return _sampler(read.plate, data, augment).start(read.fov, read.n, seed, augment=augment)
 
 
-def read_patches(read: Read, data: DataConfig, augment: bool) -> dict[str, np.ndarray]:
-    """Execute one read (in a Ray Data worker)."""
-    return start_read(read, data, augment)()
-
-
 def _read_task_fn(reads: list[Read], data: DataConfig, augment: bool):
     def fn():
         from ray.data.block import BlockAccessor
@@ -230,19 +225,12 @@ def _read_task_runtime_env() -> dict[str, Any] | None:
 
     Ray reuses an idle worker only for tasks of the same runtime env. Ray Train gives its controller the
     driver's Ray Train settings as env vars (and Ray's blocking-get warning off); the dataset coordinators
-    that launch the read tasks inherit them. Private Ray names: without them, no env (the warm-up misses).
+    that launch the read tasks inherit them. Without those (a Ray that changed them), no env: the warm-up misses.
     """
-    try:
-        from ray._common.constants import RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR
-        from ray.train.v2._internal.constants import (
-            DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
-            get_env_vars_to_propagate,
-        )
-    except ImportError:
-        return None
-    env_vars = get_env_vars_to_propagate()
-    env_vars.setdefault(RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR, DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)
-    return {"env_vars": env_vars}
+    from viscy.ray_utils import train_controller_env_vars
+
+    env_vars = train_controller_env_vars()
+    return None if env_vars is None else {"env_vars": env_vars}
 
 
 # Validation crops are fixed: a worker keeps its share in memory up to this size instead of re-reading it.
@@ -251,7 +239,7 @@ VAL_CACHE_BYTES = 1 << 30
 
 def _bytes_per_patch(data: DataConfig) -> int:
     spec = PatchSpec.from_config(data)
-    planes = len(spec.source_channels) * spec.z_window + len(spec.target_channels) * spec.target_depth
+    planes = len(spec.source_channels) * spec.z_window_size + len(spec.target_channels) * spec.target_depth
     return 4 * spec.yx_patch[0] * spec.yx_patch[1] * planes
 
 
@@ -263,13 +251,15 @@ def build_datasets(
     train_steps_per_epoch: int | None = None,
     val_steps: int | None = None,
     seed: int = 42,
+    fovs: list[tuple[str, str]] | None = None,
 ) -> tuple[Any, Any | None, Split, dict[str, int]]:
     """Train and validation datasets sized so that every worker gets the same whole number of batches.
 
     Training reads are planned one epoch at a time (a dataset of many epochs' reads made Ray Data read ahead
     and slowed training steps on a 2-core machine: 111.5 s against 95.6 s for 8 demo epochs). The validation
     set is kept by each worker after its first pass when ``val_cache`` is set (at most
-    :data:`VAL_CACHE_BYTES` per worker).
+    :data:`VAL_CACHE_BYTES` per worker). ``fovs`` is :func:`list_fovs`' answer where the caller has it (the
+    plates are then not listed again).
 
     Returns
     -------
@@ -277,7 +267,7 @@ def build_datasets(
         (train dataset, validation dataset or None, split, {"train_steps", "val_steps"} per worker and epoch
         and "val_cache")
     """
-    split = split_fovs(list_fovs(data), data)
+    split = split_fovs(list_fovs(data) if fovs is None else fovs, data)
     bs, pps = data.batch_size, data.patches_per_stack
     if train_steps_per_epoch is None:
         train_steps_per_epoch = max(1, (len(split.train) * reads_per_fov * pps) // (world_size * bs))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from viscy.config import TrainConfig
+from viscy.train.config import TrainConfig
 
 
 def demo_train_dict(plate: str | Path, storage: str | Path, epochs: int = 16, workers: int = 2) -> dict[str, Any]:
@@ -13,8 +13,8 @@ def demo_train_dict(plate: str | Path, storage: str | Path, epochs: int = 16, wo
     return {
         "data": {
             "data_path": [str(plate)],
-            "source_channel": ["Phase3D"],
-            "target_channel": ["Nuclei", "Membrane"],
+            "source_channels": ["Phase3D"],
+            "target_channels": ["Nuclei", "Membrane"],
             "yx_patch_size": [96, 96],
             "batch_size": 8,
             "patches_per_stack": 8,

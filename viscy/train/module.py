@@ -15,7 +15,7 @@ from torchmetrics import MeanAbsoluteError, MeanMetric, PearsonCorrCoef
 from torchmetrics.functional.image import peak_signal_noise_ratio
 from torchmetrics.image import StructuralSimilarityIndexMeasure
 
-from viscy.config import TrainerConfig
+from viscy.train.config import TrainerConfig
 from viscy.train.loss import MixedLoss
 
 METRICS = ("pearson", "ssim", "psnr", "mae")

@@ -1,5 +1,8 @@
 """``viscy train``: Ray Train ``TorchTrainer`` running Lightning in every worker, fed by Ray Data.
 
+This module is the driver: checks, the worker group and its datasets, the run's files and the best model.
+The workers' loop is :mod:`viscy.train.worker`; where a run lives, :mod:`viscy.train.storage`.
+
 Layout of a run (``<storage_path>/<run_name>/``): Ray's ``checkpoint_*/checkpoint.ckpt`` and snapshot,
 ``viscy_config.yaml`` + ``run_info.json`` (git commit, split, steps), ``figures/epoch_*.png``,
 ``tensorboard/`` or ``wandb/``, and after fit ``best_model.pt`` (plain state dict, keys without ``model.``).
@@ -7,22 +10,24 @@ Layout of a run (``<storage_path>/<run_name>/``): Ray's ``checkpoint_*/checkpoin
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as _dt
 import json
 import logging
 import os
-import subprocess
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from viscy.config import ConfigError, TrainConfig, save_config
+from viscy.config import ConfigError, save_config
 from viscy.errors import ViscyError
 from viscy.models.card import ModelCard
+from viscy.train.config import TrainConfig
+from viscy.train.storage import is_uri, run_exists, run_paths, upload_run_files
+from viscy.train.worker import train_loop
 
 BEST_MODEL = "best_model.pt"
 HEALTH_CHECK_INTERVAL_S = "0.5"
@@ -32,331 +37,6 @@ RUN_INFO = "run_info.json"
 
 class TrainingError(ViscyError):
     """Training failed inside the Ray workers; the message names the root cause."""
-
-
-def git_commit() -> str | None:
-    """``git rev-parse HEAD`` of the code being run, or None outside a git checkout."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            cwd=Path(__file__).resolve().parent,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def is_uri(path: str) -> bool:
-    """Whether a storage path is a URI (``s3://``, ``gs://``, ``file://``) rather than a local path."""
-    return "://" in path
-
-
-def run_paths(config: TrainConfig) -> tuple[str, str, Path]:
-    """(run name, absolute storage path or URI, local directory for figures/logs/exports)."""
-    tc = config.trainer
-    name = tc.run_name
-    if name is None:  # a resumed run has one (TrainConfig checks)
-        name = f"{config.model.name}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
-    return (name, *storage_location(tc.storage_path, name))
-
-
-def storage_location(storage_path: str, name: str) -> tuple[str, Path]:
-    """(absolute storage path or the URI, local directory of ``<storage>/<name>``'s own files).
-
-    With a URI, figures, logs and exports are written under ``./viscy_runs/<name>`` and uploaded.
-    """
-    storage = storage_path if is_uri(storage_path) else str(Path(storage_path).expanduser().resolve())
-    local = Path(storage) / name if not is_uri(storage) else Path("viscy_runs").resolve() / name
-    return storage, local
-
-
-def _uri_fs(storage: str) -> tuple[Any, str]:
-    """(pyarrow filesystem, path inside it) of a storage URI, as Ray Train resolves it."""
-    import pyarrow.fs
-
-    fs, root = pyarrow.fs.FileSystem.from_uri(storage)
-    return fs, root.rstrip("/")
-
-
-def run_exists(storage: str, name: str) -> bool:
-    """Whether ``<storage>/<name>`` holds a Ray Train run (its checkpoint-manager snapshot), local or URI."""
-    marker = "checkpoint_manager_snapshot.json"
-    if not is_uri(storage):
-        return (Path(storage) / name / marker).exists()
-    import pyarrow.fs
-
-    fs, root = _uri_fs(storage)
-    return fs.get_file_info(f"{root}/{name}/{marker}").type != pyarrow.fs.FileType.NotFound
-
-
-def upload_run_files(local: Path, storage: str, name: str, dirs: bool) -> None:
-    """Copy the run directory's subdirectories (``dirs``) or top-level files to ``<storage>/<name>``.
-
-    Rank 0 copies the directories it writes (figures, logs); the driver copies the files it writes (config,
-    run info, best weights). Only for URI storage (a local ``storage_path`` is written in place).
-    """
-    if not is_uri(storage) or not local.is_dir():
-        return
-    import pyarrow.fs
-
-    fs, root = _uri_fs(storage)
-    for entry in local.iterdir():
-        if entry.is_dir() == dirs:
-            dest = f"{root}/{name}/{entry.name}"
-            if dirs:
-                fs.create_dir(dest, recursive=True)
-            pyarrow.fs.copy_files(
-                str(entry), dest, source_filesystem=pyarrow.fs.LocalFileSystem(), destination_filesystem=fs
-            )
-
-
-def _epoch_metrics(trainer: Any) -> dict[str, float]:
-    """The epoch's scalar metrics as Lightning holds them (what Ray Train's report callback sends)."""
-    return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-
-
-def _epoch_callbacks():
-    import lightning.pytorch as pl
-
-    from viscy.console import emit_event
-    from viscy.testing import hook
-
-    class EpochEvents(pl.Callback):
-        """Tell the driver's console about each epoch (rank 0), and run the test hook at each epoch start."""
-
-        def on_train_epoch_start(self, trainer, pl_module) -> None:
-            hook(
-                "train.epoch_start",
-                epoch=trainer.current_epoch,
-                rank=trainer.global_rank,
-                run_dir=str(pl_module.figure_dir.parent) if pl_module.figure_dir else "",
-            )
-
-        def on_train_epoch_end(self, trainer, pl_module) -> None:
-            if trainer.global_rank == 0:
-                metrics = _epoch_metrics(trainer)
-                emit_event("train_epoch", epoch=trainer.current_epoch, max_epochs=trainer.max_epochs, metrics=metrics)
-
-    return EpochEvents()
-
-
-def _next_pass_callback(train_data: Any):
-    """Start the next epoch's training stream when this epoch's batches are done (before validation).
-
-    Each epoch re-executes the Ray Data pipeline; starting it during validation takes its start (coordinator
-    round trips, the first read) off the next epoch's critical path. Not after the last epoch.
-    """
-    import lightning.pytorch as pl
-
-    class NextPass(pl.Callback):
-        def _start(self, trainer) -> None:
-            if trainer.current_epoch + 1 < trainer.max_epochs and not trainer.should_stop:
-                train_data.start_next_pass()
-
-        def on_validation_epoch_start(self, trainer, pl_module) -> None:
-            if not trainer.sanity_checking:
-                self._start(trainer)
-
-        def on_train_epoch_end(self, trainer, pl_module) -> None:  # runs without validation too
-            self._start(trainer)
-
-    return NextPass()
-
-
-TIMINGS = "timings/rank0.json"  # a folder: rank 0 uploads folders to URI storage
-
-
-def _phase_timers(path: Path, loop_started: float) -> tuple[Any, Any]:
-    """Two callbacks that time rank 0's phases into ``path`` (``timings/rank0.json``): one before Ray's report
-    callback and one after it, so the checkpoint save and report are measured on their own.
-
-    ``fit_started`` / ``train_started``: Lightning's fit and train starts (between them the first batch
-    arrives: Lightning fetches it before the first epoch starts). Per epoch: ``data_start_s`` (epoch start to
-    the first batch: the dataset execution starting), ``train_s`` (the epoch's steps after the first),
-    ``steps``, ``val_s`` (the validation loop, figures included), ``report_s`` (checkpoint save, report and
-    barrier) and ``epoch_s``. Wall-clock stamps (``time.time``) compare with the driver's.
-    """
-    import lightning.pytorch as pl
-
-    state: dict[str, Any] = {"loop_started": loop_started, "epochs": []}
-
-    def save() -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=1))
-        tmp.replace(path)
-
-    class Before(pl.Callback):
-        def on_fit_start(self, trainer, pl_module) -> None:
-            state["fit_started"] = time.time()
-
-        def on_train_start(self, trainer, pl_module) -> None:
-            state["train_started"] = time.time()
-
-        def on_train_epoch_start(self, trainer, pl_module) -> None:
-            self.epoch = {"epoch": trainer.current_epoch, "started": time.time(), "steps": 0}
-            state["epochs"].append(self.epoch)
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            now = time.time()
-            if batch_idx == 0:
-                self.epoch["data_start_s"] = now - self.epoch["started"]
-            elif batch_idx == 1:
-                self.steady_from = now
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            self.epoch["steps"] = batch_idx + 1
-            if batch_idx >= 1:
-                self.epoch["train_s"] = time.time() - self.steady_from
-
-        def on_validation_epoch_start(self, trainer, pl_module) -> None:
-            self.val_started = time.time()
-
-        def on_validation_epoch_end(self, trainer, pl_module) -> None:
-            self.epoch["val_s"] = time.time() - self.val_started
-
-        def on_train_epoch_end(self, trainer, pl_module) -> None:
-            self.epoch["report_started"] = time.time()
-
-    before = Before()
-
-    class After(pl.Callback):
-        def on_train_epoch_end(self, trainer, pl_module) -> None:
-            now = time.time()
-            before.epoch["report_s"] = now - before.epoch.pop("report_started")
-            before.epoch["epoch_s"] = now - before.epoch["started"]
-            save()
-
-        def on_fit_end(self, trainer, pl_module) -> None:
-            state["fit_ended"] = time.time()
-            save()
-
-    return before, After()
-
-
-def _metric_history(replay: bool):
-    import lightning.pytorch as pl
-
-    class MetricHistory(pl.Callback):
-        """Every epoch's report, kept in the Lightning checkpoint so a resumed run knows its past.
-
-        With ``replay`` (a ``viscy tune`` trial), a resumed run first reports the epochs it restored, so the
-        trial's results are complete even when Tune never saw them (it starts a continued trial's results afresh,
-        and a run can finish its last checkpoint just as the sweep is interrupted).
-        """
-
-        def __init__(self) -> None:
-            self.history: list[dict[str, float]] = []
-
-        def on_fit_start(self, trainer, pl_module) -> None:
-            import ray.train
-
-            for metrics in self.history if replay else []:
-                ray.train.report(metrics=dict(metrics))
-
-        def on_train_epoch_end(self, trainer, pl_module) -> None:
-            # before RayTrainReportCallback, so the checkpoint it saves holds this epoch too; the same metrics
-            self.history.append(_epoch_metrics(trainer) | {"epoch": trainer.current_epoch, "step": trainer.global_step})
-
-        def state_dict(self) -> dict[str, Any]:
-            return {"history": self.history}
-
-        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-            self.history = list(state_dict.get("history", []))
-
-    return MetricHistory()
-
-
-def train_loop(loop_config: dict[str, Any]) -> None:
-    """Worker function: build the module, loggers and Lightning trainer, then fit (resuming if Ray has a checkpoint)."""
-    loop_started = time.time()  # before the heavy imports, which are part of the worker group's start
-    import lightning.pytorch as pl
-    import ray.train
-    from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, RayTrainReportCallback, prepare_trainer
-
-    from viscy.testing import adopt
-    from viscy.train.module import ThroughputCallback, VSModule, resolve_precision
-    from viscy.train.shard import RayShardIterable
-
-    adopt(loop_config.get("test_hook"))
-    config = TrainConfig.model_validate(loop_config["config"])
-    tc, run_dir, name = config.trainer, Path(loop_config["run_dir"]), loop_config["run_name"]
-    pl.seed_everything(tc.seed, workers=True, verbose=False)
-    module = VSModule(
-        loop_config["model_name"],
-        loop_config["model_kwargs"],
-        config.data.source_channel,
-        config.data.target_channel,
-        tc.model_dump(mode="json"),
-        model_checkpoint=str(config.model.checkpoint) if config.model.checkpoint else None,
-        figure_dir=str(run_dir / "figures"),
-    )
-    if config.logging.wandb:
-        from lightning.pytorch.loggers import WandbLogger
-
-        os.environ["WANDB_DIR"] = str(run_dir)
-        logger = WandbLogger(
-            project=config.logging.project,
-            name=config.logging.run_name or name,
-            group=config.logging.group,
-            save_dir=str(run_dir),
-            offline=config.logging.offline,
-            id=name.replace("/", "-"),
-            resume="allow",
-            config=loop_config["config"],
-        )
-    else:
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        logger = TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="")
-    # EpochEvents after ThroughputCallback, so the epoch's samples/s is in the event.
-    report = RayTrainReportCallback()
-    timers = _phase_timers(run_dir / TIMINGS, loop_started) if ray.train.get_context().get_world_rank() == 0 else ()
-    callbacks: list[pl.Callback] = [
-        ThroughputCallback(),
-        _epoch_callbacks(),
-        _metric_history(bool(loop_config.get("replay_history"))),
-        *timers[:1],
-        report,
-        *timers[1:],
-    ]
-    steps = loop_config["steps"]
-    bs = config.data.batch_size
-    train_dl = RayShardIterable(ray.train.get_dataset_shard("train"), bs, shuffle_buffer=4 * bs)
-    val_dl = None
-    if steps["val_steps"]:
-        val_dl = RayShardIterable(ray.train.get_dataset_shard("val"), bs, cache=bool(steps.get("val_cache")))
-    callbacks.append(_next_pass_callback(train_dl))
-    trainer = pl.Trainer(
-        max_epochs=tc.max_epochs,
-        accelerator="gpu" if tc.use_gpu else "cpu",
-        devices="auto",
-        strategy=RayDDPStrategy(find_unused_parameters=False),
-        plugins=[RayLightningEnvironment()],
-        precision=resolve_precision(tc.precision, tc.use_gpu),
-        callbacks=callbacks,
-        logger=logger,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,  # a partial validation pass would desynchronise the streaming split
-        log_every_n_steps=max(1, min(50, steps["train_steps"])),
-    )
-    trainer = prepare_trainer(trainer)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as ckpt_dir:
-            ckpt = str(Path(ckpt_dir) / RayTrainReportCallback.CHECKPOINT_NAME)
-            trainer.fit(module, train_dataloaders=train_dl, val_dataloaders=val_dl, ckpt_path=ckpt)
-    else:
-        trainer.fit(module, train_dataloaders=train_dl, val_dataloaders=val_dl)
-    with contextlib.suppress(OSError):  # Ray's callback leaves its (by now empty) staging folder in /tmp
-        os.rmdir(report.tmpdir_prefix)
-    if ray.train.get_context().get_world_rank() == 0:  # figures and logs live on rank 0's node
-        upload_run_files(run_dir, loop_config["storage"], name, dirs=True)
 
 
 def save_checkpoint_weights(
@@ -422,34 +102,6 @@ class TrainResult:
     card: ModelCard
     storage: str
     result: Any = None
-
-
-def model_card_for(config: TrainConfig, run_name: str | None = None) -> ModelCard:
-    """The model card of what ``config`` trains: resolved name and kwargs, spec, channels, normalisation."""
-    from viscy.config import DEFAULT_TRAIN_MODEL
-    from viscy.data.patches import explicit_normalization
-    from viscy.models import model_spec, resolve_model_source, training_kwargs
-
-    mc, data, fcmae = config.model, config.data, config.trainer.fcmae
-    name, kwargs, _ = resolve_model_source(
-        mc.name or (None if mc.checkpoint else DEFAULT_TRAIN_MODEL), mc.kwargs, mc.checkpoint
-    )
-    shape = data.model_shape(fcmae.pretraining)
-    kwargs = training_kwargs(name, kwargs, fcmae.pretraining, fcmae.mask_ratio, shape)
-    return ModelCard(
-        name=name,
-        kwargs=kwargs,
-        spec=model_spec(name, kwargs),
-        source_channels=list(data.source_channel),
-        target_channels=list(data.source_channel if fcmae.pretraining else data.target_channel),
-        normalization=[
-            n.model_dump(mode="json")
-            for n in explicit_normalization([*data.source_channel, *data.target_channel], data.normalization)
-        ],
-        z_window_size=data.z_window_size,
-        target_depth=shape["out_depth"],
-        training={"run_name": run_name, "git_commit": git_commit()},
-    )
 
 
 def check_run_dir(run_dir: Path, storage: str, name: str, resume: bool) -> None:
@@ -524,48 +176,6 @@ def check_cluster_resources(tc: Any) -> None:
         raise ConfigError("the worker group can never be scheduled:\n  - " + "\n  - ".join(problems))
 
 
-class _EpochPrinter:
-    """Driver-side console of a training run: a progress bar over epochs and one line per epoch."""
-
-    def __init__(self, max_epochs: int, channels: list[str], score: str) -> None:
-        from tqdm.auto import tqdm
-
-        self.channels, self.score = channels, score
-        self.bar = tqdm(total=max_epochs, desc="train", unit="epoch", dynamic_ncols=True)
-        self.started: float | None = None
-        self.first_epoch: int | None = None
-
-    def __call__(self, event: dict[str, Any]) -> None:
-        m, epoch = event["metrics"], int(event["epoch"])
-        now = time.monotonic()
-        if self.first_epoch is None:
-            self.first_epoch, self.started = epoch, now
-            self.bar.n = epoch
-        done = epoch + 1 - self.first_epoch
-        eta = ""
-        if done > 1:
-            per = (now - self.started) / (done - 1)
-            eta = f"  ETA {_duration(per * (int(event['max_epochs']) - epoch - 1))}"
-        parts = [f"epoch {epoch + 1}/{event['max_epochs']}", f"train_loss {m.get('train_loss', float('nan')):.4f}"]
-        if "val_loss" in m:
-            parts.append(f"val_loss {m['val_loss']:.4f}")
-        pearson = [f"{c} {m[f'val_pearson_{c}']:.3f}" for c in self.channels if f"val_pearson_{c}" in m]
-        if pearson:
-            parts.append("val Pearson " + " ".join(pearson))
-        if "train_samples_per_s" in m:
-            parts.append(f"{m['train_samples_per_s']:.1f} samples/s")
-        self.bar.write("  ".join(parts) + eta)
-        self.bar.update(epoch + 1 - self.bar.n)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
 def run_train(
     config: TrainConfig,
     *,
@@ -594,37 +204,21 @@ def run_train(
     replay_history
         On resume, report the restored epochs' metrics again before training on (a tune trial's results).
     """
-    import ray
-    import ray.train
-    from ray.data import DataContext
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from viscy.console import failure_message, log_path, on_event, place_log
-    from viscy.ray_utils import check_shared_path, ensure_ray
-    from viscy.testing import forwarded
-    from viscy.train.datasource import build_datasets, list_fovs, warm_read_workers
+    from viscy.console import place_log
+    from viscy.train.check import check_model
+    from viscy.train.datasource import build_datasets, list_fovs
+    from viscy.train.progress import EpochConsole, EpochPrinter
 
     started = time.time()
     tc = config.trainer
     name, storage, run_dir = run_paths(config)
     check_run_dir(run_dir, storage, name, tc.resume)
-    card = model_card_for(config, name)
-    list_fovs(config.data)  # plates, channels, windows and patch sizes, before Ray starts
+    card = check_model(config, name)  # the model is resolved and checked here only; workers get the card
+    fovs = list_fovs(config.data)  # plates, channels, windows and patch sizes, before Ray starts
     if tc.precision == "16-mixed" and not tc.use_gpu:
         warnings.warn("precision 16-mixed needs a GPU; workers will train in 32", stacklevel=2)
 
-    # Ray Train's controller polls its workers at this interval (default 2 s), so a run ended up to that much
-    # before fit() returned; the controller reads it from the driver's environment.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", HEALTH_CHECK_INTERVAL_S)
-    ray_called = time.time()
-    ensure_ray()
-    ray_ready = time.time()
-    check_cluster_resources(tc)
-    shared = check_shared_path(storage, "trainer.storage_path")
-    # On small nodes the per-operator reservation keeps Ray Data to about one read task at a time.
-    DataContext.get_current().op_resource_reservation_enabled = False
-    DataContext.get_current().enable_progress_bars = False
+    shared, ray_start_s = _start_ray(tc, storage)
     train_ds, val_ds, split, steps = build_datasets(
         config.data,
         tc.num_workers,
@@ -633,7 +227,77 @@ def run_train(
         tc.train_steps_per_epoch,
         tc.val_steps,
         tc.seed,
+        fovs=fovs,
     )
+    info = _write_run_start(config, card, run_dir, name, storage, split, steps)
+    logfile = place_log(run_dir)
+    score = score or ("val_loss" if val_ds is not None else "train_loss")
+    say = logging.getLogger("viscy").info if quiet else print
+    _announce(say, config, card, name, run_dir, shared, split, steps, logfile)
+    # Each epoch's report reaches this console through a Ray Train callback (run in the controller).
+    console = None if quiet else EpochConsole(EpochPrinter(tc.max_epochs, card.target_channels))
+    loop_config = {
+        "config": json.loads(config.model_dump_json()), "card": card.to_dict(), "steps": steps,
+        "run_dir": str(run_dir), "run_name": name, "storage": storage, "replay_history": replay_history,
+    }
+    trainer = _torch_trainer(
+        config,
+        {"train": train_ds} | ({"val": val_ds} if val_ds is not None else {}),
+        loop_config,
+        score,
+        score_order,
+        [*(callbacks or []), *([console.callback()] if console is not None else [])],
+    )
+    _warm_first_reads(config)
+    fit_called = time.time()
+    result = _fit(trainer, storage, name, console)
+    fit_returned = time.time()
+    exported = export_best(result, score, run_dir, card, score_order)
+    best, card = exported if exported is not None else (None, card)
+    # Wall-clock stamps of the driver's phases, beside rank 0's (timings/rank0.json).
+    info["timings"] = {
+        "started": started,
+        "ray_start_s": ray_start_s,
+        "fit_called": fit_called,
+        "fit_returned": fit_returned,
+        "finished": time.time(),
+    }
+    (run_dir / RUN_INFO).write_text(json.dumps(info, indent=2))
+    upload_run_files(run_dir, storage, name, dirs=False)
+    epochs = int((result.metrics or {}).get("epoch", -1)) + 1
+    summary = TrainResult(run_dir, best, card.training.get("metrics", {}), epochs, card, storage, result)
+    _report_finished(say, summary, score, name, config.logging.wandb)
+    return summary
+
+
+def _start_ray(tc: Any, storage: str) -> tuple[str | None, float]:
+    """Start (or join) Ray and check the worker group and storage against the cluster.
+
+    Returns the note on the storage's sharing across nodes (None when there is nothing to say) and the
+    seconds Ray took to be ready.
+    """
+    from ray.data import DataContext
+
+    from viscy.ray_utils import check_shared_path, ensure_ray
+
+    # Ray Train's controller polls its workers at this interval (default 2 s), so a run ended up to that much
+    # before fit() returned; the controller reads it from the driver's environment.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", HEALTH_CHECK_INTERVAL_S)
+    ray_called = time.time()
+    ensure_ray()
+    ray_start_s = time.time() - ray_called
+    check_cluster_resources(tc)
+    shared = check_shared_path(storage, "trainer.storage_path")
+    # On small nodes the per-operator reservation keeps Ray Data to about one read task at a time.
+    DataContext.get_current().op_resource_reservation_enabled = False
+    DataContext.get_current().enable_progress_bars = False
+    return shared, ray_start_s
+
+
+def _write_run_start(
+    config: TrainConfig, card: ModelCard, run_dir: Path, name: str, storage: str, split: Any, steps: dict[str, Any]
+) -> dict[str, Any]:
+    """Create the run directory and write ``run_info.json`` and the config; return the run info."""
     run_dir.mkdir(parents=True, exist_ok=True)
     info = {
         "git_commit": card.training.get("git_commit"),
@@ -646,11 +310,24 @@ def run_train(
     }
     (run_dir / RUN_INFO).write_text(json.dumps(info, indent=2))
     save_config(config, run_dir, "train")
-    logfile = place_log(run_dir)
-    score = score or ("val_loss" if val_ds is not None else "train_loss")
-    say = logging.getLogger("viscy").info if quiet else print
-    datasets = {"train": train_ds} | ({"val": val_ds} if val_ds is not None else {})
-    resources = {"CPU": tc.cpus_per_worker} | ({"GPU": tc.gpus_per_worker} if tc.use_gpu else {})
+    return info
+
+
+def _announce(
+    say: Callable[[str], Any],
+    config: TrainConfig,
+    card: ModelCard,
+    name: str,
+    run_dir: Path,
+    shared: str | None,
+    split: Any,
+    steps: dict[str, Any],
+    logfile: Path | None,
+) -> None:
+    """The run's first console lines: where it writes, the model, the split and the worker group."""
+    from viscy.console import log_path
+
+    tc = config.trainer
     say(f"viscy train: {'resuming' if tc.resume else 'run'} '{name}' -> {run_dir}")
     if shared:
         say(f"  {shared}")
@@ -660,19 +337,26 @@ def run_train(
         f"train / {steps['val_steps']} val batches of {config.data.batch_size}; {tc.num_workers} worker(s) on "
         f"{'GPU' if tc.use_gpu else 'CPU'}; log {logfile or log_path()}"
     )
-    trainer = TorchTrainer(
+
+
+def _torch_trainer(
+    config: TrainConfig,
+    datasets: dict[str, Any],
+    loop_config: dict[str, Any],
+    score: str,
+    score_order: str,
+    callbacks: list[Any],
+) -> Any:
+    """Ray Train's ``TorchTrainer`` running :func:`~viscy.train.worker.train_loop` on the worker group."""
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    tc = config.trainer
+    resources = {"CPU": tc.cpus_per_worker} | ({"GPU": tc.gpus_per_worker} if tc.use_gpu else {})
+    return TorchTrainer(
         train_loop,
-        train_loop_config={
-            "config": json.loads(config.model_dump_json()),
-            "run_dir": str(run_dir),
-            "run_name": name,
-            "steps": steps,
-            "storage": storage,
-            "model_name": card.name,
-            "model_kwargs": card.kwargs,
-            "test_hook": forwarded(),
-            "replay_history": replay_history,
-        },
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=tc.num_workers,
             use_gpu=tc.use_gpu,
@@ -683,8 +367,8 @@ def run_train(
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split="all"),
         run_config=RunConfig(
-            name=name,
-            storage_path=storage,
+            name=loop_config["run_name"],
+            storage_path=loop_config["storage"],
             checkpoint_config=CheckpointConfig(
                 num_to_keep=tc.num_to_keep, checkpoint_score_attribute=score, checkpoint_score_order=score_order
             ),
@@ -692,14 +376,23 @@ def run_train(
             callbacks=callbacks or None,
         ),
     )
-    channels = card.target_channels
-    printer = None if quiet else _EpochPrinter(tc.max_epochs, channels, score)
-    if printer is not None:
-        on_event("train_epoch", printer)
-    # Reads of the first epoch start in warm workers; free CPUs bound how many run at once.
+
+
+def _warm_first_reads(config: TrainConfig) -> None:
+    """Start the first epoch's reads in warm workers; the CPUs the worker group leaves bound how many run at once."""
+    import ray
+
+    from viscy.train.datasource import warm_read_workers
+
+    tc = config.trainer
     free_cpus = ray.cluster_resources().get("CPU", 1) - tc.num_workers * tc.cpus_per_worker
     warm_read_workers(config.data, int(min(max(free_cpus, 1), MAX_WARM_READ_WORKERS)))
-    fit_called = time.time()
+
+
+def _fit(trainer: Any, storage: str, name: str, console: Any) -> Any:
+    """Run the trainer; a failure becomes a :class:`TrainingError` naming its root cause and how to resume."""
+    from viscy.console import failure_message
+
     try:
         result = trainer.fit()
         if result.error is not None:
@@ -711,33 +404,27 @@ def run_train(
             f"--trainer.run_name {name} --trainer.resume true once fixed"
         ) from exc
     finally:
-        if printer is not None:
-            on_event("train_epoch", None)
-            printer.close()
-    fit_returned = time.time()
-    exported = export_best(result, score, run_dir, card, score_order)
-    best, card = exported if exported is not None else (None, card)
-    metrics = card.training.get("metrics", {})
-    epochs = int((result.metrics or {}).get("epoch", -1)) + 1
-    # Wall-clock stamps of the driver's phases, beside rank 0's (timings/rank0.json).
-    info["timings"] = {
-        "started": started,
-        "ray_start_s": ray_ready - ray_called,
-        "fit_called": fit_called,
-        "fit_returned": fit_returned,
-        "finished": time.time(),
-    }
-    (run_dir / RUN_INFO).write_text(json.dumps(info, indent=2))
-    upload_run_files(run_dir, storage, name, dirs=False)
-    summary = TrainResult(run_dir, best, metrics, epochs, card, storage, result)
+        if console is not None:
+            console.close()
+    return result
+
+
+def _report_finished(say: Callable[[str], Any], summary: TrainResult, score: str, name: str, wandb: bool) -> None:
+    """The run's last console lines: best score and Pearson per channel, and where everything is."""
+    metrics = summary.metrics
     say(
-        f"viscy train: finished {epochs} epochs; best {score} {metrics.get(score, float('nan')):.4f} "
+        f"viscy train: finished {summary.epochs} epochs; best {score} {metrics.get(score, float('nan')):.4f} "
         f"(epoch {int(metrics.get('epoch', -1)) + 1})"
         + "".join(
-            f", val Pearson {c} {metrics[f'val_pearson_{c}']:.3f}" for c in channels if f"val_pearson_{c}" in metrics
+            f", val Pearson {c} {metrics[f'val_pearson_{c}']:.3f}"
+            for c in summary.card.target_channels
+            if f"val_pearson_{c}" in metrics
         )
     )
-    say(f"  best model {best} (self-describing: viscy export / predict need nothing else)")
-    tracker = "wandb" if config.logging.wandb else "tensorboard"
-    say(f"  checkpoints {storage}/{name}/checkpoint_*  figures {run_dir / 'figures'}  {tracker} {run_dir / tracker}")
-    return summary
+    say(f"  best model {summary.best_model} (self-describing: viscy export / predict need nothing else)")
+    tracker = "wandb" if wandb else "tensorboard"
+    run_dir = summary.run_dir
+    say(
+        f"  checkpoints {summary.storage}/{name}/checkpoint_*  figures {run_dir / 'figures'}  "
+        f"{tracker} {run_dir / tracker}"
+    )

@@ -11,10 +11,10 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from viscy.config import TuneConfig
+from viscy.tune.config import TuneConfig
 
 if TYPE_CHECKING:
-    from viscy.tune.run import TrialRow
+    from viscy.tune.leaderboard import TrialRow
 
 log = logging.getLogger("viscy")
 

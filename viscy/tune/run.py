@@ -25,9 +25,19 @@ from typing import Any
 
 import yaml
 
-from viscy.config import ConfigError, SearchParam, TuneConfig, config_to_yaml, save_config
+from viscy.config import ConfigError, config_to_yaml, save_config
 from viscy.errors import ViscyError
-from viscy.train.trainer import is_uri, storage_location
+from viscy.train.storage import is_uri, storage_location
+from viscy.tune.config import SearchParam, TuneConfig
+from viscy.tune.leaderboard import (
+    LEADERBOARD,
+    TIME_ATTR,
+    TrialRow,
+    collect_rows,
+    format_leaderboard,
+    short,
+    write_leaderboard,
+)
 from viscy.tune.space import (
     base_tree,
     check_metric,
@@ -43,9 +53,7 @@ from viscy.tune.space import (
 
 log = logging.getLogger("viscy")
 
-LEADERBOARD = "leaderboard.csv"
 BEST_CONFIG = "best_config.yaml"
-TIME_ATTR = "epochs_done"
 TRIAL_DRIVER_MEMORY = 256 * 1024**2
 
 
@@ -82,15 +90,13 @@ def run_trial(
     experiment: str,
     metric: str,
     mode: str,
-    test_hook: str | None = None,
 ) -> None:
     """Tune trainable: one ``viscy train`` run with this trial's values, resumed if it was interrupted."""
     from ray import tune
 
-    from viscy.testing import adopt
-    from viscy.train.trainer import run_exists, run_train
+    from viscy.train.storage import run_exists
+    from viscy.train.trainer import run_train
 
-    adopt(test_hook)
     trial_id = tune.get_context().get_trial_id()
     values = decode_params(params, {k: SearchParam.model_validate(v) for k, v in space.items()})
     tree = trial_tree(base, values)
@@ -140,7 +146,7 @@ def _console_callback(num_samples: int, metric: str, mode: str, space_keys: list
                 self._bar(trials).set_postfix_str(f"{running} running", refresh=True)
 
         def _line(self, trials, trial, outcome: str) -> None:
-            params = ", ".join(f"{k}={_short(trial.config.get(k))}" for k in space_keys if k in trial.config)
+            params = ", ".join(f"{k}={short(trial.config.get(k))}" for k in space_keys if k in trial.config)
             best = self.best.get(trial.trial_id)
             score = f"best {metric} {best:.4g}" if best is not None else f"no {metric} reported"
             bar = self._bar(trials)
@@ -165,12 +171,6 @@ def _console_callback(num_samples: int, metric: str, mode: str, space_keys: list
     return Console()
 
 
-def _short(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    return str(value)
-
-
 # ------------------------------------------------------------------------------------------ layout
 def experiment_location(config: TuneConfig) -> tuple[str, str, Path]:
     """(experiment name, absolute storage path or URI, local directory for the sweep's own files)."""
@@ -179,7 +179,9 @@ def experiment_location(config: TuneConfig) -> tuple[str, str, Path]:
     if name is None:
         if config.resume:
             raise ConfigError("resume needs search.experiment (the experiment to continue)")
-        name = f"tune-{config.model.name or 'model'}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
+        from viscy.models.registry import model_label  # an import path's class name, not 'package.module:Class'
+
+        name = f"tune-{model_label(config.model.name or 'model')}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
     storage, local = storage_location(search.storage_path or config.trainer.storage_path, name)
     return name, storage, local
 
@@ -221,22 +223,6 @@ def check_experiment(config: TuneConfig, name: str, storage: str, local: Path) -
 
 # ------------------------------------------------------------------------------------------ results
 @dataclass(frozen=True)
-class TrialRow:
-    """One line of the leaderboard."""
-
-    trial_id: str
-    params: dict[str, Any]
-    metric: float
-    epochs: int
-    max_epochs: int
-    status: str  # finished | stopped early | failed | interrupted
-    error: str
-    run_dir: str
-    history: list[tuple[int, float]]  # (epochs done, metric) per report
-    checkpoints: list[tuple[float, str]]  # (metric, checkpoint path) per report with a checkpoint
-
-
-@dataclass(frozen=True)
 class TuneResult:
     """What ``viscy tune`` produced.
 
@@ -267,105 +253,15 @@ class TuneResult:
     interrupted: bool
 
 
-def collect_rows(grid: Any, config: TuneConfig, runs: str) -> list[TrialRow]:
-    """Leaderboard rows from Tune's results, best first (trials without the metric last)."""
-    metric, mode = config.search.metric, config.search.metric_mode()
-    space = config.search.space
-    statuses = saved_statuses(grid)
-    rows = []
-    for i in range(len(grid)):
-        result = grid[i]
-        trial_id = Path(result.path).name.removeprefix("trial_")
-        df = result.metrics_dataframe
-        history: list[tuple[int, float]] = []
-        checkpoints: list[tuple[float, str]] = []
-        if df is not None and metric in df.columns:
-            for _, r in df.iterrows():
-                value = r.get(metric)
-                if value is None or not math.isfinite(float(value)):
-                    continue
-                history.append((int(r.get(TIME_ATTR, len(history) + 1)), float(value)))
-                path = r.get("checkpoint_path")
-                if isinstance(path, str) and path:
-                    checkpoints.append((float(value), path))
-        values = [v for _, v in history]
-        best = (min(values) if mode == "min" else max(values)) if values else float("nan")
-        params = decode_params({k: v for k, v in (result.config or {}).items() if k in space}, space)
-        epochs = max((e for e, _ in history), default=0)
-        target = int(params.get("trainer.max_epochs", config.trainer.max_epochs))
-        if result.error is not None:
-            status, error = "failed", _first_line(result.error)
-        elif epochs >= target:
-            status, error = "finished", ""
-        else:
-            ended = statuses.get(trial_id) == "TERMINATED"
-            status, error = ("stopped early", "") if ended else ("interrupted", "")
-        rows.append(
-            TrialRow(trial_id, params, best, epochs, target, status, error, f"{runs}/{trial_id}", history, checkpoints)
-        )
-    sign = 1.0 if mode == "min" else -1.0
-    return sorted(rows, key=lambda r: (math.isnan(r.metric), sign * r.metric if not math.isnan(r.metric) else 0))
-
-
-def saved_statuses(grid: Any) -> dict[str, str]:
-    """Each trial's status as Tune saved it. After a Ctrl-C the trials in memory all read TERMINATED; the saved
-    state still tells the ones that were cut off (loaded back as PENDING) from the ones that ended."""
-    from ray.tune import ExperimentAnalysis
-
-    analysis = ExperimentAnalysis(grid.experiment_path, storage_filesystem=grid.filesystem)
-    return {t.trial_id: t.status for t in analysis.trials}
-
-
-def _first_line(error: BaseException | str) -> str:
-    from viscy.console import failure_message
-
-    text = failure_message(error) if isinstance(error, BaseException) else str(error).strip().splitlines()[-1]
-    return text[:300]
-
-
-def write_leaderboard(rows: list[TrialRow], path: Path, metric: str) -> Path:
-    """``leaderboard.csv``: rank, trial, status, metric, epochs, parameters, run directory."""
-    import pandas as pd
-
-    records = [
-        {
-            "rank": i + 1,
-            "trial_id": r.trial_id,
-            "status": r.status,
-            metric: r.metric,
-            "epochs": r.epochs,
-            "max_epochs": r.max_epochs,
-            "stopped_early": r.status == "stopped early",
-            **{k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.params.items()},
-            "run_dir": r.run_dir,
-            "error": r.error,
-        }
-        for i, r in enumerate(rows)
-    ]
-    pd.DataFrame.from_records(records).to_csv(path, index=False)
-    return path
-
-
-def format_leaderboard(rows: list[TrialRow], metric: str, keys: list[str]) -> str:
-    """The leaderboard as a console table."""
-    head = ["#", "trial", *keys, metric, "epochs", "status"]
-    body = [
-        [str(i + 1), r.trial_id, *(_short(r.params.get(k)) for k in keys), f"{r.metric:.4g}",
-         f"{r.epochs}/{r.max_epochs}", r.status + (f": {r.error[:60]}" if r.error else "")]
-        for i, r in enumerate(rows)
-    ]
-    widths = [max(len(row[c]) for row in [head, *body]) for c in range(len(head))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [head, *body]]
-    return "\n".join(lines)
-
-
 def export_best_trial(
     best: TrialRow, config: TuneConfig, storage: str, out_dir: Path
 ) -> tuple[Path, Path | None]:
     """Write the best trial's training config (``viscy train`` takes it unchanged) and its best weights."""
     from ray.train import Checkpoint
 
-    from viscy.train.trainer import _uri_fs, model_card_for, save_checkpoint_weights
+    from viscy.train.check import check_model
+    from viscy.train.storage import uri_fs
+    from viscy.train.trainer import save_checkpoint_weights
 
     tree = trial_tree(base_tree(config), best.params)
     tree["trainer"] |= {"run_name": None, "resume": False}
@@ -378,8 +274,8 @@ def export_best_trial(
     config_path.write_text(header + config_to_yaml(train_config))
     mode = config.search.metric_mode()
     sign = 1.0 if mode == "min" else -1.0
-    filesystem = _uri_fs(storage)[0] if is_uri(storage) else None
-    card = model_card_for(train_config, best.trial_id)
+    filesystem = uri_fs(storage)[0] if is_uri(storage) else None
+    card = check_model(train_config, best.trial_id)
     for value, path in sorted(best.checkpoints, key=lambda vp: sign * vp[0]):
         checkpoint = Checkpoint(path, filesystem=filesystem)
         try:
@@ -397,15 +293,11 @@ def run_tune(config: TuneConfig) -> TuneResult:
     """Run (or continue) a hyper-parameter sweep; write leaderboard, figures, best config and best model."""
     from ray import tune
     from ray.data import DataContext
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
-    from viscy.console import log_path, place_log
+    from viscy.console import place_log
     from viscy.ray_utils import ensure_ray
-    from viscy.testing import forwarded
     from viscy.train.datasource import list_fovs
-    from viscy.train.trainer import check_cluster_resources, upload_run_files
-    from viscy.tune.report import write_figures
+    from viscy.train.trainer import check_cluster_resources
 
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # with verbose=0 Tune prints nothing; our console reports trials
     search = config.search
@@ -429,7 +321,23 @@ def run_tune(config: TuneConfig) -> TuneResult:
     logfile = place_log(local, "viscy_tune.log")
     runs = f"{storage.rstrip('/')}/{name}/runs"
     keys = [k for k, p in search.space.items() if p.kind != "fixed"]
-    trainable = tune.with_resources(
+    trainable = _trainable(config, runs, name, mode)
+    path = f"{storage.rstrip('/')}/{name}"
+    _announce(config, name, path, resuming, mode, epochs, keys, biggest, logfile)
+    if resuming:
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = _new_tuner(config, trainable, name, storage, mode, epochs, keys)
+    grid = tuner.fit()
+    return _publish(grid, config, name, storage, local, runs, keys)
+
+
+def _trainable(config: TuneConfig, runs: str, name: str, mode: str) -> Any:
+    """:func:`run_trial` with this sweep's fixed arguments and each trial driver's resources."""
+    from ray import tune
+
+    search = config.search
+    return tune.with_resources(
         tune.with_parameters(
             run_trial,
             base=base_tree(config),
@@ -438,13 +346,28 @@ def run_tune(config: TuneConfig) -> TuneResult:
             experiment=name,
             metric=search.metric,
             mode=mode,
-            test_hook=forwarded(),
         ),
         # The trial's driver function only waits on its TorchTrainer, which reserves the workers. Any CPU share
         # here would leave less than the 1 CPU a Ray Data read task needs on a small node, and reads would hang.
         {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY},
     )
-    path = f"{storage.rstrip('/')}/{name}"
+
+
+def _announce(
+    config: TuneConfig,
+    name: str,
+    path: str,
+    resuming: bool,
+    mode: str,
+    epochs: int,
+    keys: list[str],
+    biggest: Any,
+    logfile: Path | None,
+) -> None:
+    """The sweep's first console lines: where it writes, what it searches and what each trial takes."""
+    from viscy.console import log_path
+
+    search = config.search
     print(
         f"viscy tune: {'continuing' if resuming else 'experiment'} '{name}' -> {path}\n"
         f"  {search.num_samples} trials ({search.max_concurrent_trials} at a time), {search.metric} ({mode}), "
@@ -453,46 +376,68 @@ def run_tune(config: TuneConfig) -> TuneResult:
         + (f" + {biggest.gpus_per_worker:g} GPU" if biggest.use_gpu else "")
         + (f"; log {logfile or log_path()}" if (logfile or log_path()) else "")
     )
-    if resuming:
-        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+
+
+def _new_tuner(
+    config: TuneConfig, trainable: Any, name: str, storage: str, mode: str, epochs: int, keys: list[str]
+) -> Any:
+    """A fresh ``Tuner``: Optuna's TPE search with ASHA (or FIFO) over the trials, our console as its callback."""
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    search = config.search
+    if search.scheduler.name == "asha":
+        scheduler = ASHAScheduler(
+            time_attr=TIME_ATTR,
+            max_t=epochs,
+            grace_period=min(search.scheduler.grace_period, epochs),
+            reduction_factor=search.scheduler.reduction_factor,
+        )
     else:
-        if search.scheduler.name == "asha":
-            scheduler = ASHAScheduler(
-                time_attr=TIME_ATTR,
-                max_t=epochs,
-                grace_period=min(search.scheduler.grace_period, epochs),
-                reduction_factor=search.scheduler.reduction_factor,
-            )
-        else:
-            scheduler = FIFOScheduler()
-        import optuna
+        scheduler = FIFOScheduler()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    searcher = OptunaSearch(
+        points_to_evaluate=[encode_point(p, config) for p in search.points_to_evaluate] or None,
+        seed=search.seed,
+    )
+    return tune.Tuner(
+        trainable,
+        param_space=tune_domains(config),
+        tune_config=tune.TuneConfig(
+            metric=search.metric,
+            mode=mode,
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=search.num_samples,
+            max_concurrent_trials=search.max_concurrent_trials,
+            trial_dirname_creator=trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=storage,
+            verbose=0,
+            callbacks=[_console_callback(search.num_samples, search.metric, mode, keys, epochs)],
+        ),
+    )
 
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        searcher = OptunaSearch(
-            points_to_evaluate=[encode_point(p, config) for p in search.points_to_evaluate] or None,
-            seed=search.seed,
-        )
-        tuner = tune.Tuner(
-            trainable,
-            param_space=tune_domains(config),
-            tune_config=tune.TuneConfig(
-                metric=search.metric,
-                mode=mode,
-                search_alg=searcher,
-                scheduler=scheduler,
-                num_samples=search.num_samples,
-                max_concurrent_trials=search.max_concurrent_trials,
-                trial_dirname_creator=trial_dirname,
-            ),
-            run_config=tune.RunConfig(
-                name=name,
-                storage_path=storage,
-                verbose=0,
-                callbacks=[_console_callback(search.num_samples, search.metric, mode, keys, epochs)],
-            ),
-        )
-    grid = tuner.fit()
 
+def _publish(grid: Any, config: TuneConfig, name: str, storage: str, local: Path, runs: str, keys: list[str]
+             ) -> TuneResult:
+    """Write the leaderboard, figures, best config and model (uploaded to URI storage), print the summary.
+
+    Raises
+    ------
+    KeyboardInterrupt
+        If the sweep was interrupted (a rerun continues it).
+    TuneError
+        If no trial reported the metric.
+    """
+    from viscy.train.storage import upload_run_files
+    from viscy.tune.report import write_figures
+
+    search = config.search
     rows = collect_rows(grid, config, runs)
     interrupted = any(r.status == "interrupted" for r in rows) or len(rows) < search.num_samples
     write_leaderboard(rows, local / LEADERBOARD, search.metric)
@@ -503,6 +448,8 @@ def run_tune(config: TuneConfig) -> TuneResult:
         best_config, best_model = export_best_trial(scored[0], config, storage, local)
     upload_run_files(local, storage, name, dirs=False)
     upload_run_files(local, storage, name, dirs=True)
+    path = f"{storage.rstrip('/')}/{name}"
+    mode = search.metric_mode()
     result = TuneResult(local, path, rows, search.metric, mode, best_config, best_model, figures, interrupted)
     _print_summary(result, keys, config)
     if interrupted:

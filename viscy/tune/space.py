@@ -1,21 +1,29 @@
 """The search space of ``viscy tune``: dotted training-config keys, checked by the training schema itself.
 
 A trial's config is the base training config with each searched key replaced, then validated as a
-:class:`~viscy.config.TrainConfig`. Choices are sent to Optuna as JSON strings (Optuna's categorical values
-must be scalars, and a patch size or a normalisation list is not), and decoded for the trial.
+:class:`~viscy.train.config.TrainConfig` (and, where a searched key can change the model or what it must fit,
+checked by :func:`~viscy.train.check.check_model`, as ``viscy train`` does). Choices are sent to Optuna as JSON
+strings (Optuna's categorical values must be scalars, and a patch size or a normalisation list is not), and
+decoded for the trial.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Iterable
 from typing import Any
 
 from pydantic import ValidationError
 
-from viscy.config import ConfigError, SearchParam, TrainConfig, TuneConfig, format_validation_error, set_dotted
+from viscy.config import ConfigError, canonical_key, format_validation_error, set_dotted
+from viscy.train.config import TrainConfig
+from viscy.tune.config import SearchParam, TuneConfig
 
 TRAIN_SECTIONS = tuple(TrainConfig.model_fields)
+# Keys the model/data check reads: a trial searching one of them gets the check (torch, a meta-device model).
+MODEL_KEYS = ("model", "trainer.fcmae", "data.source_channels", "data.target_channels", "data.z_window_size",
+              "data.target_2d", "data.yx_patch_size")
 
 
 def base_tree(config: TuneConfig) -> dict[str, Any]:
@@ -58,6 +66,22 @@ def trial_config(base: dict[str, Any], params: dict[str, Any]) -> TrainConfig:
         raise ConfigError(format_validation_error(err, TrainConfig)) from None
 
 
+def changes_model(keys: Iterable[str]) -> bool:
+    """Whether any of these dotted training keys can change the model or what it must fit."""
+    keys = [canonical_key(TrainConfig, k) for k in keys]
+    return any(k == m or k.startswith(m + ".") for k in keys for m in MODEL_KEYS)
+
+
+def checked_trial(base: dict[str, Any], params: dict[str, Any]) -> TrainConfig:
+    """:func:`trial_config`, plus the model/data check where ``params`` can change the model."""
+    from viscy.train.check import check_model
+
+    config = trial_config(base, params)
+    if changes_model(params):
+        check_model(config)
+    return config
+
+
 def _one_line(exc: ConfigError) -> str:
     """A training-schema error as one line (its problems joined by '; ')."""
     return str(exc).removeprefix("invalid configuration:\n  ").replace("\n  ", "; ")
@@ -68,9 +92,13 @@ def check_space(config: TuneConfig) -> None:
 
     Every key is tried at each of its extremes (both ends of a range, every choice) in the base config, so an
     unknown key, a value out of the schema's bounds or a model that cannot take a value fails here with the
-    training schema's own message. ``points_to_evaluate`` must name searched keys only and validate too.
+    training schema's own message (the model/data check runs for the base config once, and per value only for
+    keys that can change the model). ``points_to_evaluate`` must name searched keys only and validate too.
     """
+    from viscy.train.check import check_model
+
     base = base_tree(config)
+    check_model(trial_config(base, {}))
     problems: list[str] = []
     for key, param in config.search.space.items():
         if key.split(".")[0] not in TRAIN_SECTIONS:
@@ -81,7 +109,7 @@ def check_space(config: TuneConfig) -> None:
             continue
         for value in param.extremes():
             try:
-                trial_config(base, {key: value})
+                checked_trial(base, {key: value})
             except ConfigError as exc:
                 problems.append(f"search.space.{key} value {value!r}: {_one_line(exc)}")
                 break
@@ -108,7 +136,7 @@ def check_space(config: TuneConfig) -> None:
                     "value inside the space"
                 )
         try:
-            trial_config(base, full)
+            checked_trial(base, full)
         except ConfigError as exc:
             problems.append(f"search.points_to_evaluate[{i}]: {_one_line(exc)}")
     if not searched:
@@ -122,7 +150,7 @@ def allowed_metrics(config: TrainConfig) -> list[str]:
     """Metrics a training run reports: train/val loss and validation metrics per target channel."""
     from viscy.train.module import METRICS
 
-    targets = config.data.source_channel if config.trainer.fcmae.pretraining else config.data.target_channel
+    targets = config.data.source_channels if config.trainer.fcmae.pretraining else config.data.target_channels
     return ["val_loss", "train_loss"] + [f"val_{m}_{c}" for c in targets for m in METRICS]
 
 
