@@ -24,7 +24,7 @@ $(BROWSER):
 
 test: $(STAMP) $(BROWSER)
 	$(BIN)/ruff check viscy tests benchmarks
-	RAY_AUTH_MODE=token WANDB_MODE=offline $(BIN)/python -m pytest -q -ra --durations=25
+	RAY_AUTH_MODE=token WANDB_MODE=offline $(BIN)/python -m pytest -q -ra --durations=25 -n 2 --dist loadgroup
 
 lint: $(STAMP)
 	$(BIN)/ruff check viscy tests benchmarks

@@ -45,6 +45,48 @@ def write_iohub_plate(
     return path
 
 
+# Modules that start Ray clusters of their own (a head, `viscy` processes with a local Ray) and stop the shared
+# in-process one: run after every module that uses the shared cluster, so it starts once, not after each of them.
+OWN_CLUSTER_MODULES = (
+    "tune/test_tune_resume.py",
+    "plugins/test_plugin_e2e.py",
+    "serve/",
+    "test_ray_utils.py",
+    "test_readme.py",
+    "clusters/test_multinode.py",
+)
+# `make test` runs two pytest-xdist workers, each running one of these groups in the order above: the
+# shared-cluster modules and tune's resume (its sweeps run in processes of their own), and the modules with heads
+# of their own. Much of a Ray test is waiting (process start-up, polling, fault sleeps), so on 2 cores the two
+# streams overlap; each has about half of the suite's time.
+XDIST_GROUPS = ("shared_cluster", "shared_cluster", "own_heads", "own_heads", "own_heads", "own_heads", "own_heads")
+
+
+def _cluster_order(test_path: str) -> int:
+    """0 for a module on the shared cluster, else 1 + the index of its entry in ``OWN_CLUSTER_MODULES``."""
+    path = test_path.removeprefix("tests/")
+    return next((i + 1 for i, prefix in enumerate(OWN_CLUSTER_MODULES) if path.startswith(prefix)), 0)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: _cluster_order(item.path.relative_to(_TESTS_DIR.parent).as_posix()))  # stable
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """With ``--dist loadgroup``: one work unit per group of ``XDIST_GROUPS`` (pytest 9.2's node ids no longer
+    take pytest-xdist's ``@group`` suffix, so its own ``xdist_group`` marks are not seen)."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ClusterGroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return XDIST_GROUPS[_cluster_order(nodeid.split("::")[0])]
+
+    return ClusterGroupScheduling(config, log)
+
+
 @pytest.fixture
 def small_plate(tmp_path: Path) -> Path:
     """A 3-position, 3-channel, 3-slice 64x64 plate written by iohub."""

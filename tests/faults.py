@@ -10,8 +10,6 @@ where the test wants the job cut short or slowed down.
     (``viscy predict`` and ``viscy synth``, in the driver).
 ``crash_synth_at_position2`` / ``kill_synth_at_position2``
     Raise / SIGKILL the process when ``viscy synth`` starts its third position (two are written).
-``crash_rank1_at_epoch2``
-    SIGKILL Ray Train rank 1 at the start of epoch 2, once (marker file ``killed`` beside the run directory).
 ``fail_rank0_at_epoch1``
     Raise in rank 0 at the start of epoch 1 (a bug in a worker, not a lost node).
 ``slow_epochs``
@@ -51,9 +49,10 @@ def _slow_predict_units(setattr_: SetAttr) -> None:
     real = _unwrapped(predict_run.predict_unit)
 
     @functools.wraps(real)
-    def slow_unit(*args: Any, **kwargs: Any) -> None:
-        real(*args, **kwargs)
+    def slow_unit(*args: Any, **kwargs: Any) -> Any:
+        prediction = real(*args, **kwargs)
         time.sleep(4)
+        return prediction  # the segmentation stage receives it
 
     setattr_(predict_run, "predict_unit", slow_unit)
 
@@ -101,13 +100,6 @@ def _sigkill_self() -> None:
 
 
 # ------------------------------------------------------------------------------------------ training
-def _crash_rank1_at_epoch2(epoch: int, rank: int, run_dir: Path | None) -> None:
-    marker = run_dir.parent / "killed"
-    if epoch == 2 and rank == 1 and not marker.exists():
-        marker.write_text("crashed")
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def _fail_rank0_at_epoch1(epoch: int, rank: int, run_dir: Path | None) -> None:
     if epoch == 1 and rank == 0:
         raise InjectedFault("simulated bug in the training step")
@@ -168,7 +160,6 @@ FAULTS: dict[str, Callable[[SetAttr], None]] = {
     "crash_at_swap": _crash_at_swap,
     "crash_synth_at_position2": _at_synth_position(2, _raise_simulated_crash),
     "kill_synth_at_position2": _at_synth_position(2, _sigkill_self),
-    "crash_rank1_at_epoch2": _at_epoch_start(_crash_rank1_at_epoch2),
     "fail_rank0_at_epoch1": _at_epoch_start(_fail_rank0_at_epoch1),
     "slow_epochs": _at_epoch_start(_slow_epochs),
 }

@@ -1,6 +1,7 @@
-"""Real Ray Train runs: 2 CPU workers (gloo, 0.5 CPU each) on a tiny synthetic plate; resume; worker kill.
+"""Real Ray Train runs: 2 CPU workers (gloo, 0.5 CPU each) on a tiny synthetic plate; resume; a failing worker.
 
-Storage by URI (``file://``) is tested on the two-node job in tests/clusters/test_multinode.py.
+Storage by URI (``file://``) and a lost worker (every process of a node killed mid-run: the group restarts from
+the last checkpoint) are tested on the two-node cluster in tests/clusters/test_multinode.py.
 """
 
 from __future__ import annotations
@@ -91,16 +92,6 @@ def test_train_resume_and_refuse_overwrite(plate, tmp_path, capsys):
     assert replayed.read_text().split() == ["0", "1", "2"]
     assert again.epochs == 3 and again.result.metrics["step"] == 3 * 2  # nothing trained again
     assert len(_checkpoints(run_dir)) == 2  # num_to_keep
-
-
-def test_worker_kill_is_retried_from_checkpoint(plate, tmp_path, monkeypatch):
-    inject(monkeypatch, "crash_rank1_at_epoch2")
-    cfg = _config(plate, tmp_path, "faulty", epochs=3, max_failures=1)
-    cfg.logging.wandb = True
-    trained = run_train(cfg)
-    assert (tmp_path / "killed").exists()
-    assert trained.epochs == 3 and trained.result.metrics["step"] == 3 * 2
-    assert list((tmp_path / "faulty" / "wandb").glob("offline-run-*"))
 
 
 def test_worker_failure_is_one_line_naming_the_cause(plate, tmp_path, monkeypatch):

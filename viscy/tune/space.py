@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from pydantic import ValidationError
@@ -87,6 +87,27 @@ def _one_line(exc: ConfigError) -> str:
     return str(exc).removeprefix("invalid configuration:\n  ").replace("\n  ", "; ")
 
 
+def _space_problems(
+    config: TuneConfig, base: dict[str, Any], check: Callable[[dict[str, Any], dict[str, Any]], TrainConfig]
+) -> list[str]:
+    """What ``check`` (a trial's config from ``base``) refuses at the extremes of each searched key."""
+    problems = []
+    for key, param in config.search.space.items():
+        if key.split(".")[0] not in TRAIN_SECTIONS:
+            problems.append(
+                f"search.space: {key!r} is not a training-config key; keys start with one of "
+                f"{', '.join(TRAIN_SECTIONS)} (e.g. trainer.lr)"
+            )
+            continue
+        for value in param.extremes():
+            try:
+                check(base, {key: value})
+            except ConfigError as exc:
+                problems.append(f"search.space.{key} value {value!r}: {_one_line(exc)}")
+                break
+    return problems
+
+
 def check_space(config: TuneConfig) -> None:
     """Reject keys and values the training schema refuses, before anything starts.
 
@@ -98,21 +119,12 @@ def check_space(config: TuneConfig) -> None:
     from viscy.train.check import check_model
 
     base = base_tree(config)
+    # The schema alone first: a misspelt key is named in a second, before the model check imports torch.
+    problems = _space_problems(config, base, trial_config)
+    if problems:
+        raise ConfigError("invalid search:\n  " + "\n  ".join(problems))
     check_model(trial_config(base, {}))
-    problems: list[str] = []
-    for key, param in config.search.space.items():
-        if key.split(".")[0] not in TRAIN_SECTIONS:
-            problems.append(
-                f"search.space: {key!r} is not a training-config key; keys start with one of "
-                f"{', '.join(TRAIN_SECTIONS)} (e.g. trainer.lr)"
-            )
-            continue
-        for value in param.extremes():
-            try:
-                checked_trial(base, {key: value})
-            except ConfigError as exc:
-                problems.append(f"search.space.{key} value {value!r}: {_one_line(exc)}")
-                break
+    problems = _space_problems(config, base, checked_trial)
     searched = {k for k, p in config.search.space.items() if p.kind != "fixed"}
     for i, point in enumerate(config.search.points_to_evaluate):
         unknown = sorted(set(point) - searched)
