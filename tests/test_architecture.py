@@ -20,6 +20,7 @@ LAYERS: dict[str, int] = {
     "viscy.ray_utils": 3,
     "viscy.data": 4,
     "viscy.models": 4,
+    "viscy.segment": 4,
     "viscy.train": 5,
     "viscy.predict": 5,
     "viscy.evaluate": 6,

@@ -107,7 +107,9 @@ VERBS: list[Verb] = [
         "viscy.api:predict",
         "An actor pool (one model per actor) reads, predicts tile by tile (overlap + Gaussian blending, Z\n"
         "sliding windows, optional TTA) and writes '<target>_prediction' channels into a new store (output)\n"
-        "or the input plate (output: null). FOVs are marked complete last; a rerun resumes the same job.",
+        "or the input plate (output: null). With --segment.method, segmentation actors of their own segment\n"
+        "the predictions in the same pass: NGFF label images and a per-object table (viscy_objects.csv).\n"
+        "FOVs are marked complete last; a rerun resumes the same job.",
     ),
     Verb(
         "serve",

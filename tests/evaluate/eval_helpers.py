@@ -40,3 +40,51 @@ def synth_plate(path: Path, yx: tuple[int, int] = (96, 96), z: int = 1, fovs: in
     """A small synthetic plate (one well) with Phase3D, Nuclei, Membrane and nuclei/cells labels."""
     config = SynthConfig(output=path, yx=yx, z=z, t=t, cols=["1"], fovs_per_well=fovs, seed=3)
     return write_synthetic_plate(config)
+
+
+def write_prediction_masks(
+    store: Path,
+    position: str,
+    channel: str,
+    masks: np.ndarray,
+    *,
+    method: str = "classical",
+    model: str | None = None,
+    diameter: float | None = None,
+    dims: str = "2d",
+    complete: bool = True,
+    record: bool = True,
+) -> None:
+    """Write (or replace) ``<position>/labels/<channel>_masks`` of an NGFF 0.4 store the way `viscy predict` does.
+
+    ``masks`` is (T, 1, Z, Y, X); the label group gets the image's axes and scale, ``image-label`` and (unless
+    ``record`` is false) ``viscy_segmentation``; the name is added to ``labels/.zattrs`` next to the others.
+    """
+    import zarr
+
+    image = zarr.open_group(str(store / position), mode="r+")
+    labels = image.require_group("labels")
+    name = f"{channel}_masks"
+    names = list(labels.attrs.get("labels", []))
+    labels.attrs["labels"] = names if name in names else [*names, name]
+    group = labels.create_group(name, overwrite=True)
+    group.create_dataset("0", data=masks.astype(np.int32), chunks=(1, 1, 1, *masks.shape[-2:]))
+    level0 = image.attrs["multiscales"][0]
+    transforms = level0["datasets"][0]["coordinateTransformations"]
+    attrs = {
+        "multiscales": [
+            {
+                "version": "0.4",
+                "name": name,
+                "axes": level0["axes"],
+                "datasets": [{"path": "0", "coordinateTransformations": transforms}],
+            }
+        ],
+        "image-label": {"version": "0.4", "source": {"image": "../../"}},
+    }
+    if record:
+        attrs["viscy_segmentation"] = {
+            "channel": channel, "method": method, "model": model, "diameter": diameter, "dims": dims,
+            "complete": complete,
+        }
+    group.attrs.update(attrs)

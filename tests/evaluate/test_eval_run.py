@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,12 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.evaluate.eval_helpers import add_predictions, fake_prediction, synth_plate
+from tests.evaluate.eval_helpers import add_predictions, fake_prediction, synth_plate, write_prediction_masks
 from viscy.cli import main
 from viscy.errors import ChannelNotFoundError, DataError, ShapeError, ViscyError
 from viscy.evaluate.config import EvaluateConfig, SegmentationConfig
 from viscy.evaluate.metrics import REGRESSION_METRICS
-from viscy.evaluate.run import plan_evaluation, run_evaluate
+from viscy.evaluate.run import evaluate_fov, plan_evaluation, run_evaluate
+from viscy.segment.segmenters import get_segmenter
 
 
 def test_end_to_end_same_plate(ray_local, predicted_plate: Path, tmp_path: Path, capsys) -> None:
@@ -50,19 +52,23 @@ def test_end_to_end_same_plate(ray_local, predicted_plate: Path, tmp_path: Path,
     assert "pearson" in printed and "Nuclei" in printed and "Membrane" in printed
 
 
-def test_separate_prediction_plate_all_slices(ray_local, tmp_path: Path) -> None:
-    """Predictions in another plate with the same positions; 3D data scored on every slice."""
+def test_separate_prediction_plate_all_slices(ray_local, tmp_path: Path, capsys) -> None:
+    """Predictions in another plate with the same positions; 3D data scored on every slice; the prediction's
+    masks that viscy predict stored there are reused and score like segmenting the prediction."""
     from iohub.ngff import open_ome_zarr
 
     target = synth_plate(tmp_path / "t.zarr", yx=(64, 64), z=3, fovs=1)
     rng = np.random.default_rng(0)
+    segment = get_segmenter(SegmentationConfig(method="classical"))
     with open_ome_zarr(target, mode="r") as src, open_ome_zarr(
         tmp_path / "p.zarr", layout="hcs", mode="w-", channel_names=["Nuclei_prediction"]
     ) as dst:
         for name, pos in src.positions():
             row, col, fov = name.split("/")
-            nuc = np.asarray(pos["0"][:, 1:2])
-            dst.create_position(row, col, fov).create_image("0", fake_prediction(nuc, rng))
+            prediction = fake_prediction(np.asarray(pos["0"][:, 1:2]), rng)
+            dst.create_position(row, col, fov).create_image("0", prediction)
+            masks = np.stack([segment(plane) for plane in prediction[0, 0]])[None, None]
+    write_prediction_masks(tmp_path / "p.zarr", "A/1/0", "Nuclei_prediction", masks, method="classical")
     config = EvaluateConfig(
         data_path=target, prediction_path=tmp_path / "p.zarr", target_channels=["Nuclei"], z_slices="all",
         segmentation=SegmentationConfig(method="classical"), output_dir=tmp_path / "out", num_example_panels=1,
@@ -73,8 +79,15 @@ def test_separate_prediction_plate_all_slices(ray_local, tmp_path: Path) -> None
     assert summary["source_channels"] is None  # no job metadata to infer it from, so no input panel
     table = pd.read_csv(tmp_path / "out" / "metrics.csv")
     assert sorted(table["z"]) == [0, 1, 2]
-    assert table["ap_50"].notna().all()  # segmented target vs segmented prediction
+    assert table["ap_50"].notna().all()  # segmented target vs the prediction's stored masks
     assert (tmp_path / "out" / "figures" / "example_A_1_0.png").is_file()
+    masks_summary = json.loads((tmp_path / "out" / "summary.json").read_text())["segmentation"]["prediction_masks"]
+    assert masks_summary["label_image"] == "labels/Nuclei_prediction_masks" and masks_summary["reused"] == ["A/1/0"]
+    assert "reusing the masks labels/Nuclei_prediction_masks" in capsys.readouterr().out
+    segmenting = dataclasses.replace(plan_evaluation(config), masks=None)
+    expected = pd.DataFrame(evaluate_fov(segmenting, "A/1/0", 0, with_panel=False)[0])
+    scored = pd.read_parquet(tmp_path / "out" / "metrics.parquet")
+    pd.testing.assert_frame_equal(scored[expected.columns], expected, check_dtype=False)
 
 
 def test_missing_prediction_channel(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""``viscy predict`` end to end on a small synthetic plate: torch and ONNX, new store and append, errors."""
+"""``viscy predict`` end to end on a small synthetic plate: torch and ONNX, new store and append, errors, and
+the segmentation stage (masks, object table, NGFF 0.4 and 0.5, append-mode ownership)."""
 
 from __future__ import annotations
 
@@ -365,3 +366,210 @@ def test_a_linked_output_store_is_refused_before_anything_is_written(tmp_path):
         (tmp_path / linked).unlink()
     assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == files
     assert sorted(p.name for p in tmp_path.iterdir()) == ["input.zarr", "real.zarr"]
+
+
+# ------------------------------------------------------------------------------------------ segmentation stage
+SEGMENT = {"method": "classical", "channels": ["Nuclei"], "measure_channels": ["Phase3D"]}
+MASKS = "Nuclei_prediction_masks"
+COLUMNS = [
+    "plate", "fov", "t", "channel", "label", "centroid_z", "centroid_y", "centroid_x", "area",
+    "mean_Nuclei_prediction", "mean_Membrane_prediction", "mean_Phase3D",
+]
+
+
+def _masks(store: Path, fov: str) -> np.ndarray:
+    """A FOV's ``(T, Z, Y, X)`` mask, found the way any NGFF reader finds it (labels list, multiscales)."""
+    from viscy.data.plate import Plate
+
+    plate = Plate(store)
+    assert MASKS in plate.labels(fov)
+    key = plate.label_key(fov, MASKS)
+    return np.stack([plate.read(fov, t, array=key)[0] for t in range(plate.info(fov).shape[0])])
+
+
+def _masks_named(store: Path, fov: str, name: str) -> np.ndarray:
+    import zarr
+
+    return zarr.open_array(str(store / fov / "labels" / name / "0"), mode="r")[:]
+
+
+def _check_table(store: Path, source: Path, fovs: list[str], objects: int) -> None:
+    """The job's table: one row per object of the masks (per FOV, t and channel), with its area and the means of
+    the stored prediction and of the raw measured channel of ``source`` inside it."""
+    import pandas as pd
+
+    from viscy.data.plate import Plate
+
+    table = pd.read_parquet(store / "viscy_objects.parquet")
+    assert list(table.columns) == COLUMNS and len(table) == objects > 0
+    pd.testing.assert_frame_equal(pd.read_csv(store / "viscy_objects.csv"), table, check_dtype=False)
+    assert set(table.fov) <= set(fovs) and set(table.channel) == {"Nuclei_prediction"}
+    for fov in fovs:
+        masks = _masks(store, fov)
+        for t, volume in enumerate(masks):
+            rows = table[(table.fov == fov) & (table.t == t)].set_index("label")
+            ids, counts = np.unique(volume[volume > 0], return_counts=True)
+            assert sorted(rows.index) == ids.tolist()
+            np.testing.assert_array_equal(rows.loc[ids, "area"], counts)
+    fov, t, label = table.iloc[0][["fov", "t", "label"]]
+    inside = _masks(store, fov)[t] == label
+    pred, phase = Plate(store), Plate(source)
+    pred = pred.read(fov, t, pred.channel_indices(["Nuclei_prediction"]))[0]
+    phase = phase.read(fov, t, phase.channel_indices(["Phase3D"]))[0]
+    np.testing.assert_allclose(table.iloc[0]["mean_Nuclei_prediction"], pred[inside].mean(), rtol=1e-5)
+    np.testing.assert_allclose(table.iloc[0]["mean_Phase3D"], phase[inside].mean(), rtol=1e-5)
+
+
+def test_segment_new_store_masks_table_and_resume(assets):
+    """NGFF 0.4 store, 2D segmentation of a T=2, Z=3 non-square plate: label images every NGFF reader opens,
+    a table equal to the masks' objects, predictions unchanged, a rerun skipping complete FOVs."""
+    import pandas as pd
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Label, Reader
+
+    from viscy.errors import DataError
+    from viscy.predict.run import run_predict
+
+    out = assets["root"] / "segmented.zarr"
+    result = run_predict(_torch_cfg(assets, output=out, segment=SEGMENT))
+    assert result.masks == [MASKS] and result.tables == [out / "viscy_objects.parquet"] and result.fovs == 2
+    for fov in ("A/1/0", "A/2/0"):
+        np.testing.assert_allclose(_read(out, fov), _expected(assets, fov), rtol=1e-4, atol=1e-4)
+        group = out / fov / "labels" / MASKS
+        attrs = json.loads((group / ".zattrs").read_text())
+        assert attrs["viscy_segmentation"] == {
+            "channel": "Nuclei_prediction", "method": "classical", "model": None, "diameter": None, "dims": "2d",
+            "complete": True,
+        }
+        assert attrs["image-label"]["source"] == {"image": "../../"}
+        image = json.loads((out / fov / ".zattrs").read_text())["multiscales"][0]
+        assert attrs["multiscales"][0]["axes"] == image["axes"]
+        assert attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"] == (
+            image["datasets"][0]["coordinateTransformations"]
+        )
+        zarray = json.loads((group / "0" / ".zarray").read_text())
+        assert zarray["shape"] == [2, 1, 3, 60, 90] and zarray["chunks"] == [1, 1, 1, 60, 90]
+        assert zarray["dtype"] == "<i4"
+        for volume in _masks(out, fov):  # 2D: every object lies in one slice, ids unique in the volume
+            for label in np.unique(volume[volume > 0]):
+                assert len(np.unique(np.nonzero(volume == label)[0])) == 1
+    nodes = list(Reader(parse_url(str(out / "A" / "1" / "0")))())
+    labels = [n for n in nodes if n.load(Label) is not None]
+    assert [n.metadata["name"] for n in labels] == [MASKS] and labels[0].data[0].shape == (2, 1, 3, 60, 90)
+    _check_table(out, assets["plate"], ["A/1/0", "A/2/0"], result.objects)
+    table = pd.read_parquet(out / "viscy_objects.parquet")
+
+    again = run_predict(_torch_cfg(assets, output=out, segment=SEGMENT))
+    assert (again.fovs, again.skipped, again.objects) == (0, 2, result.objects)
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "viscy_objects.parquet"), table)
+    with pytest.raises(DataError, match="different prediction job"):  # another segmentation is another job
+        run_predict(_torch_cfg(assets, output=out, segment={**SEGMENT, "dims": "3d"}))
+
+
+def test_segment_ngff05_store_in_3d(assets, tmp_path):
+    """NGFF 0.5 (zarr v3) store, 3D segmentation: the label image's metadata live in attributes.ome."""
+    from viscy.predict.run import run_predict
+
+    out = tmp_path / "v3.zarr"
+    cfg = _torch_cfg(assets, output=out, ngff_version="0.5", positions=["A/2/0"], segment={**SEGMENT, "dims": "3d"})
+    result = run_predict(cfg)
+    labels_group = json.loads((out / "A/2/0/labels/zarr.json").read_text())
+    assert labels_group["attributes"]["ome"] == {"version": "0.5", "labels": [MASKS]}
+    group = json.loads((out / "A/2/0/labels" / MASKS / "zarr.json").read_text())
+    ome = group["attributes"]["ome"]
+    assert ome["version"] == "0.5" and ome["image-label"]["source"] == {"image": "../../"}
+    image = json.loads((out / "A/2/0/zarr.json").read_text())["attributes"]["ome"]["multiscales"][0]
+    assert ome["multiscales"][0]["axes"] == image["axes"]
+    assert group["attributes"]["viscy_segmentation"]["dims"] == "3d"
+    assert group["attributes"]["viscy_segmentation"]["complete"] is True
+    array = json.loads((out / "A/2/0/labels" / MASKS / "0" / "zarr.json").read_text())
+    assert array["shape"] == [2, 1, 3, 60, 90] and array["data_type"] == "int32"
+    assert array["dimension_names"] == [a["name"] for a in image["axes"]]
+    _check_table(out, assets["plate"], ["A/2/0"], result.objects)
+
+
+def test_segment_append_refuses_what_viscy_did_not_write(assets, tmp_path):
+    """Appending: a foreign label group or table file is refused untouched; viscy's masks join the plate's
+    labels (its ground truth kept) and an overwrite without segmentation drops them."""
+    import zarr
+
+    from viscy.errors import DataError
+    from viscy.predict.run import run_predict
+
+    plate = tmp_path / "plate.zarr"
+    shutil.copytree(assets["plate"], plate)
+    cfg = _torch_cfg(assets, segment=SEGMENT)
+    cfg.data_path = [plate]
+    zarr.open_group(str(plate / "A/1/0/labels" / MASKS), mode="w").attrs["note"] = "the user's own masks"
+    files = {p: p.read_bytes() for p in plate.rglob("*") if p.is_file()}
+    with pytest.raises(DataError, match=rf"{MASKS} exists and was not written by viscy predict"):
+        run_predict(cfg)
+    assert {p: p.read_bytes() for p in plate.rglob("*") if p.is_file()} == files
+    shutil.rmtree(plate / "A/1/0/labels" / MASKS)
+    (plate / "viscy_objects.csv").write_text("the user's table\n")
+    with pytest.raises(DataError, match="viscy_objects.csv exists and was not written by viscy"):
+        run_predict(cfg)
+    (plate / "viscy_objects.csv").unlink()
+
+    gt = _masks_named(plate, "A/1/0", "nuclei")
+    result = run_predict(cfg)
+    assert json.loads((plate / "A/1/0/labels/.zattrs").read_text())["labels"] == ["nuclei", "cells", MASKS]
+    np.testing.assert_array_equal(_masks_named(plate, "A/1/0", "nuclei"), gt)
+    assert json.loads((plate / ".zattrs").read_text())["viscy_prediction"]["tables"] == [
+        "viscy_objects.csv", "viscy_objects.parquet"
+    ]
+    parts = plate / "viscy_predict" / "viscy_objects"  # each FOV's rows, kept for a resumed job
+    assert sorted(p.relative_to(parts).as_posix() for p in parts.rglob("*")) == [
+        "A", "A/1", "A/1/0.parquet", "A/2", "A/2/0.parquet"
+    ]
+    _check_table(plate, plate, ["A/1/0", "A/2/0"], result.objects)
+
+    run_predict(cfg.model_copy(update={"segment": None, "overwrite": True}))
+    assert json.loads((plate / "A/1/0/labels/.zattrs").read_text())["labels"] == ["nuclei", "cells"]
+    assert not (plate / "A/1/0/labels" / MASKS).exists()
+    assert not list(plate.glob("viscy_objects.*")) and not list(parts.rglob("*.parquet"))
+    np.testing.assert_array_equal(_masks_named(plate, "A/1/0", "nuclei"), gt)
+
+
+def test_segment_settings_are_checked_before_writing(assets, tmp_path):
+    """Bad segmentation settings fail before anything is written; the fingerprint follows what changes masks."""
+    from viscy.data.config import NormalizationConfig
+    from viscy.errors import ChannelNotFoundError, DataError, ModelError
+    from viscy.predict.config import PredictSegmentConfig
+    from viscy.predict.plan import fingerprint
+    from viscy.predict.run import run_predict
+    from viscy.predict.segmentation import plan_segmentation
+
+    out = tmp_path / "never.zarr"
+    bad = [
+        ({**SEGMENT, "channels": ["DAPI"]}, ChannelNotFoundError, "does not predict"),
+        ({**SEGMENT, "measure_channels": ["GFP"]}, ChannelNotFoundError, "'GFP' not found"),
+        ({**SEGMENT, "measure_channels": ["Membrane_prediction"]}, DataError, "prediction channel"),
+        ({"method": "cellpose", "model": "no_such_model"}, ModelError, "unknown Cellpose model"),
+    ]
+    for segment, error, message in bad:
+        with pytest.raises(error, match=message):
+            run_predict(_torch_cfg(assets, output=out, segment=segment))
+        assert not out.exists()
+    evaluate_key = r"unknown key 'segment.channel'; allowed keys here: channels"  # evaluate's key, not predict's
+    for overrides, message in (({"segment.channel": "Nuclei"}, evaluate_key),
+                               ({"segment.gpu": True}, "num_gpus_per_actor")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(PredictConfig, overrides={"data_path": str(assets["plate"]), "onnx": str(assets["onnx"]),
+                                                  **overrides})
+
+    # resources are the cluster's business: checked once Ray runs (the store is then resumable), before any unit
+    with pytest.raises(ModelError, match=r"segmentation actors ask for 0.5 GPU\(s\) but the Ray cluster has 0"):
+        run_predict(_torch_cfg(assets, output=tmp_path / "gpu.zarr", segment={**SEGMENT, "num_gpus_per_actor": 0.5}))
+
+    cfg = _torch_cfg(assets, output=out)
+    norms = [NormalizationConfig(channels=["Phase3D"])]
+
+    def fp(**segment) -> str:
+        seg = plan_segmentation(cfg.segment.model_copy(update=segment), ["Nuclei", "Membrane"])
+        return fingerprint(cfg, ["Phase3D"], ["Nuclei", "Membrane"], norms, seg.key(lambda p: None))
+
+    cfg.segment = PredictSegmentConfig(**SEGMENT)
+    assert fingerprint(cfg, ["Phase3D"], ["Nuclei", "Membrane"], norms) != fp()
+    assert fp() == fp(num_actors=3, num_cpus_per_actor=0.5, gpu=False)  # resources do not change the masks
+    assert len({fp(), fp(diameter=9.0), fp(dims="3d"), fp(channels=["Membrane"]), fp(measure_channels=[])}) == 5

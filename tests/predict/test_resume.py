@@ -1,4 +1,5 @@
-"""A ``viscy predict`` process killed mid-way resumes: complete FOVs are skipped, the result is identical."""
+"""A ``viscy predict`` process killed mid-way resumes: complete FOVs are skipped, the result (predictions, masks
+and object table) is identical."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from viscy.predict.config import PredictConfig
 
 UNET_KW = {"in_channels": 1, "out_channels": 2, "num_blocks": 2, "num_filters": 4}
 FOVS = ["A/1/0", "A/1/1", "A/2/0", "A/2/1"]
+SEGMENT = {"method": "classical", "measure_channels": ["Phase3D"]}  # the first target, Nuclei
+MASKS = "labels/Nuclei_prediction_masks"
 
 
 def _complete(out: Path) -> list[str]:
@@ -93,8 +96,9 @@ def _env() -> dict[str, str]:
 
 @pytest.mark.slow
 def test_killed_replacement_keeps_old_store_and_resumes_identically(tmp_path, job):
-    """``overwrite: true`` killed mid-way: the old store is untouched; the rerun skips the complete FOVs,
-    swaps the replacement in, and the result equals an uninterrupted run's."""
+    """``overwrite: true`` (a job that also segments) killed mid-way: the old store is untouched; the rerun skips
+    the complete FOVs, swaps the replacement in, and predictions, masks and table equal an uninterrupted run's."""
+    import pandas as pd
     import zarr
 
     from viscy.predict.run import run_predict
@@ -105,7 +109,7 @@ def test_killed_replacement_keeps_old_store_and_resumes_identically(tmp_path, jo
     old_files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     old_fp = json.loads((out / ".zattrs").read_text())["viscy_prediction"]["fingerprint"]
 
-    tree = _tree(job, out, overwrite=True)
+    tree = _tree(job, out, overwrite=True, segment=SEGMENT)
     cfg = tmp_path / "replace.yaml"
     cfg.write_text(yaml.safe_dump(tree))
     partial = tmp_path / "pred.zarr.viscy-partial"
@@ -130,3 +134,9 @@ def test_killed_replacement_keeps_old_store_and_resumes_identically(tmp_path, jo
         resumed, uninterrupted = zarr.open_array(str(out / fov / "0"))[:], zarr.open_array(str(ref / fov / "0"))[:]
         assert np.abs(resumed).max() > 0
         np.testing.assert_array_equal(resumed, uninterrupted)
+        masks = zarr.open_array(str(out / fov / MASKS / "0"))[:]
+        np.testing.assert_array_equal(masks, zarr.open_array(str(ref / fov / MASKS / "0"))[:])
+        assert json.loads((out / fov / MASKS / ".zattrs").read_text())["viscy_segmentation"]["complete"] is True
+    table = pd.read_parquet(out / "viscy_objects.parquet")
+    assert len(table) > 0 and set(table.fov) == set(FOVS)
+    pd.testing.assert_frame_equal(table, pd.read_parquet(ref / "viscy_objects.parquet"))

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers import tiny_kwargs
 from tests.tune.tune_helpers import tune_tree
 from viscy.config import ConfigError, load_config
 from viscy.tune.config import TuneConfig
@@ -113,3 +114,70 @@ def test_cli_refuses_a_bad_key_before_ray_starts(tmp_path):
     assert "unknown key 'trainer.learning_rate'" in out.stderr, out.stderr
     assert "Started a local Ray" not in out.stdout + out.stderr
     assert not (tmp_path / "exp").exists()
+
+
+STAINING_METRICS = [f"val_{m}_{c}" for c in ("Nuclei", "Membrane") for m in ("pearson", "ssim", "psnr", "mae")]
+
+
+@pytest.mark.parametrize(
+    ("key", "param", "why"),
+    [
+        ("trainer.ms_dssim_alpha", {"uniform": [0.0, 1.0]}, "weights of the loss mixture"),
+        ("trainer.l1_alpha", {"choice": [0.5, 1.0]}, "weights of the loss mixture"),
+        ("trainer.l2_alpha", {"uniform": [0.0, 0.5]}, "weights of the loss mixture"),
+        # 32 px gives MS-SSIM 2 scales, 64 px 3 (viscy.train.loss.ms_ssim_scales)
+        ("data.yx_patch_size", {"choice": [[32, 32], [64, 64]]}, "how many scales the loss's MS-SSIM term has"),
+    ],
+)
+def test_a_key_that_changes_the_loss_cannot_rank_by_the_loss(tmp_path, key, param, why):
+    """The refusal names the key and every metric training reports that does not depend on it."""
+    for metric in ("val_loss", "train_loss"):
+        config = _config(tmp_path, metric=metric, space={"trainer.lr": {"loguniform": [1e-4, 1e-2]}, key: param})
+        with pytest.raises(ConfigError) as err:
+            check_metric(config)
+        message = str(err.value)
+        assert f"search.space.{key} changes what {metric} measures: " in message and why in message, message
+        assert f"does not depend on it: {', '.join(STAINING_METRICS)}" in message, message
+        assert "search.allow_incomparable_metric: true" in message and "trainer.lr" not in message
+    # the per-channel metrics compare prediction and target whatever the loss, so they rank the same search
+    check_metric(_config(tmp_path, metric="val_pearson_Nuclei", space={key: param}))
+
+
+def test_allow_incomparable_metric_turns_the_refusal_into_a_warning(tmp_path):
+    config = _config(tmp_path, metric="val_loss", allow_incomparable_metric=True,
+                     space={"trainer.ms_dssim_alpha": {"uniform": [0.0, 1.0]}})
+    with pytest.warns(UserWarning, match="ms_dssim_alpha changes what val_loss measures.*ranked anyway"):
+        check_metric(config)
+    assert TuneConfig.model_validate(tune_tree(tmp_path, tmp_path, "e")).search.allow_incomparable_metric is False
+
+
+def test_a_key_that_changes_the_loss_weight_nothing_uses_is_comparable(tmp_path):
+    """A fixed loss weight, or a mask ratio without pre-training, leaves every trial's loss the same."""
+    space = {"trainer.lr": {"loguniform": [1e-4, 1e-2]}, "trainer.ms_dssim_alpha": {"fixed": 0.2},
+             "trainer.fcmae.mask_ratio": {"uniform": [0.3, 0.7]}}
+    check_metric(_config(tmp_path, metric="val_loss", space=space))
+
+
+def test_fcmae_switch_and_mask_ratio_change_every_metric(tmp_path):
+    tree = tune_tree(tmp_path, tmp_path, "e", metric="val_loss",
+                     space={"trainer.fcmae.pretraining": {"choice": [False, True]}})
+    tree["model"] = {"name": "fcmae", "kwargs": tiny_kwargs("fcmae")}
+    with pytest.raises(ConfigError) as err:
+        check_metric(TuneConfig.model_validate(tree))
+    assert "search.space.trainer.fcmae.pretraining changes what val_loss measures: it switches FCMAE pre-training" \
+        in str(err.value)
+    assert "no metric training reports is independent of it" in str(err.value)
+    # In pre-training the mask ratio sets how much of the input is hidden: every metric, val_pearson too.
+    tree["trainer"]["fcmae"] = {"pretraining": True}
+    tree["search"].update(metric="val_pearson_Phase3D", space={"trainer.fcmae.mask_ratio": {"uniform": [0.3, 0.7]}})
+    with pytest.raises(ConfigError, match="fcmae.mask_ratio changes what val_pearson_Phase3D measures: the FCMAE mask"):
+        check_metric(TuneConfig.model_validate(tree))
+
+
+def test_the_demo_sweep_ranks_by_a_metric_its_space_leaves_alone():
+    config = load_config(TuneConfig, REPO / "configs" / "tune_demo.yaml")
+    assert "trainer.ms_dssim_alpha" in config.search.space
+    assert (config.search.metric, config.search.metric_mode()) == ("val_pearson_Nuclei", "max")
+    check_metric(config)
+    with pytest.raises(ConfigError, match="trainer.ms_dssim_alpha changes what val_loss measures"):
+        check_metric(config.model_copy(update={"search": config.search.model_copy(update={"metric": "val_loss"})}))

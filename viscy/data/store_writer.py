@@ -377,3 +377,88 @@ class Ngff04Writer:
         for pos in nodes:
             for name in names:
                 pos.append_channel(name, resize_arrays=True)
+
+
+# ---------------------------------------------------------------------------------- label images (both versions)
+def _label_names(labels_group: Path) -> list[str]:
+    """Names the NGFF ``labels`` group at ``labels_group`` lists (v2 ``.zattrs``, v3 ``attributes.ome``)."""
+    v3 = read_json(labels_group / "zarr.json")
+    attrs = (v3 or {}).get("attributes") if v3 is not None else read_json(labels_group / ".zattrs")
+    attrs = attrs if isinstance(attrs, dict) else {}
+    names = (attrs.get("ome") or {}).get("labels") if v3 is not None else attrs.get("labels")
+    return [str(n) for n in names] if isinstance(names, list) else []
+
+
+def _write_label_list(labels_group: Path, names: list[str], fmt: int) -> None:
+    """Create the ``labels`` group, or replace its list of names, keeping its other attributes."""
+    if fmt == 2:
+        import zarr
+
+        zarr.open_group(str(labels_group), mode="a").attrs["labels"] = names
+        return
+    meta = read_json(labels_group / "zarr.json") or {}
+    attributes = dict(meta.get("attributes") or {})
+    attributes["ome"] = {**(attributes.get("ome") or {}), "version": "0.5", "labels": names}
+    write_v3_group(labels_group, attributes)
+
+
+def create_label_image(
+    image_group: Path,
+    name: str,
+    axes: list[dict[str, Any]],
+    scale: tuple[float, ...] | list[float],
+    shape: tuple[int, ...],
+    chunks: tuple[int, ...],
+    attrs: dict[str, Any],
+    fmt: int,
+) -> Path:
+    """Create (or recreate, empty) the single-level NGFF label image ``<image_group>/labels/<name>``.
+
+    The label image has the image's ``axes`` and ``scale``, ``image-label.source.image == "../../"`` and the
+    extra top-level attributes ``attrs``; its int32 array ``0`` is created without writing pixels (they read as
+    0 until written). ``name`` is added to the ``labels`` group's list, whose other names are kept. zarr v2 is
+    NGFF 0.4 (zarr-python 2, as :meth:`Ngff04Writer.add_labels`), zarr v3 NGFF 0.5 (metadata in
+    ``attributes.ome``, the array through tensorstore). Returns the path of the array.
+    """
+    labels_group = image_group / "labels"
+    names = _label_names(labels_group)
+    _write_label_list(labels_group, [*names, name] if name not in names else names, fmt)
+    group = labels_group / name
+    dataset = {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": list(scale)}]}
+    if fmt == 2:
+        import zarr
+
+        node = zarr.open_group(str(group), mode="a")
+        node.attrs.put(
+            {
+                "multiscales": [{"version": "0.4", "name": name, "axes": axes, "datasets": [dataset]}],
+                "image-label": {"version": "0.4", "source": {"image": "../../"}},
+                **attrs,
+            }
+        )
+        create_array(group / "0", shape, chunks, "int32", 2)
+    else:
+        ome = {
+            "version": "0.5",
+            "multiscales": [{"name": name, "axes": axes, "datasets": [dataset]}],
+            "image-label": {"version": "0.5", "source": {"image": "../../"}},
+        }
+        write_v3_group(group, {"ome": ome, **attrs})
+        create_v3_array(group / "0", shape, chunks, "int32", tuple(str(a["name"]) for a in axes))
+    return group / "0"
+
+
+def delete_label_image(image_group: Path, name: str) -> None:
+    """Remove the label image ``<image_group>/labels/<name>`` and its name from the ``labels`` list.
+
+    Only for label images the caller has checked it wrote: this deletes without asking.
+    """
+    labels_group = image_group / "labels"
+    fmt = zarr_format(labels_group)
+    if fmt is None:
+        return
+    names = _label_names(labels_group)
+    if name in names:
+        _write_label_list(labels_group, [n for n in names if n != name], fmt)
+    if (labels_group / name).exists():
+        shutil.rmtree(labels_group / name)

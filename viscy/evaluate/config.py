@@ -9,25 +9,18 @@ from pydantic import Field
 
 from viscy.config import StrictModel, StrList
 from viscy.data.config import RENAMED_CHANNEL_KEYS, NormalizationConfig
+from viscy.segment.config import SegmenterConfig
 
 
-class SegmentationConfig(StrictModel):
-    """How instances are segmented for the segmentation metrics of ``viscy evaluate``."""
+class SegmentationConfig(SegmenterConfig):
+    """How instances are segmented for ``viscy evaluate``'s segmentation metrics."""
 
-    method: Literal["classical", "cellpose"] = Field(
-        "classical", description="'classical' (Gaussian + Otsu + watershed, no weights) or 'cellpose'."
-    )
     channel: str | None = Field(
         None, description="Target channel to segment (its prediction is segmented too); None: the first target channel."
-    )
-    model: str = Field("cpsam", description="Cellpose pretrained model name or path to a Cellpose 4 checkpoint.")
-    diameter: float | None = Field(
-        None, gt=0, description="Object diameter in pixels; None: Cellpose's default / 15 px for 'classical'."
     )
     use_ground_truth_labels: str | None = Field(
         None, description="Label image (e.g. 'nuclei') used as reference masks instead of segmenting the target."
     )
-    gpu: Literal["auto", True, False] = Field("auto", description="Run Cellpose on CUDA: auto, true or false.")
 
 
 class EvaluateConfig(StrictModel):

@@ -19,8 +19,9 @@ import pandas as pd
 
 from viscy.errors import DataError
 from viscy.evaluate.config import EvaluateConfig
-from viscy.evaluate.metrics import REGRESSION_METRICS, SEGMENTATION_METRICS
+from viscy.evaluate.metrics import REGRESSION_METRICS
 from viscy.evaluate.units import ChannelUnits
+from viscy.segment.metrics import SEGMENTATION_METRICS
 
 SUMMARY_NAME = "summary.json"
 LOG_NAME = "viscy_evaluate.log"
@@ -62,11 +63,13 @@ def write_outputs(
     units: list[ChannelUnits],
     prediction_job: dict[str, Any],
     elapsed: float,
+    prediction_masks: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write the tables, figures and (last) the summary JSON; return the summary.
 
     ``units`` are the target channels' (in ``config.target_channels`` order); ``prediction_job`` is what the
-    summary records of the job that wrote the predictions (empty when unknown).
+    summary records of the job that wrote the predictions (empty when unknown); ``prediction_masks`` where the
+    segmented prediction's masks came from (stored masks reused, or segmented), per position.
     """
     from viscy.evaluate.figures import plot_example_panel, plot_metric_distributions
 
@@ -105,6 +108,7 @@ def write_outputs(
             "method": seg.method,
             "channel": seg.channel,
             "reference": f"labels/{seg.use_ground_truth_labels}" if seg.use_ground_truth_labels else "segmented target",
+            "prediction_masks": prediction_masks,
             "ap_definition": "mean over IoU 0.50:0.05:0.95 of TP/(TP+FP+FN), Hungarian matching (Cellpose)",
         },
         "mean": means,

@@ -3,7 +3,9 @@
 Target and prediction are compared in the same units. The prediction job's metadata (``viscy predict``
 stores it in ``.zattrs["viscy_prediction"]``) says whether predictions are normalised; if so, the target is
 normalised the same way with the plate's stored statistics (:mod:`viscy.data.patches`), else both are
-compared as raw intensities. Predictions without that metadata need ``prediction_units``.
+compared as raw intensities. Predictions without that metadata need ``prediction_units``. The masks of the
+segmented prediction channel are read from the prediction store where ``viscy predict`` wrote them with the same
+settings (:mod:`viscy.evaluate.masks`) instead of segmenting the prediction again.
 
 Outputs in ``output_dir`` (which must be absent, empty, or a previous viscy evaluation)::
 
@@ -34,7 +36,8 @@ from viscy.data.patches import normalize
 from viscy.data.plate import Plate
 from viscy.errors import ChannelNotFoundError, DataError, ShapeError, ViscyError
 from viscy.evaluate.config import EvaluateConfig
-from viscy.evaluate.metrics import regression_metrics, segmentation_metrics
+from viscy.evaluate.masks import PredictionMasks, find_prediction_masks
+from viscy.evaluate.metrics import regression_metrics
 from viscy.evaluate.output import (
     FIGURES_DIR,
     LOG_NAME,
@@ -48,6 +51,7 @@ from viscy.evaluate.output import (
 )
 from viscy.evaluate.units import ChannelUnits, resolve_units, target_params
 from viscy.predict.writer import ATTR as PREDICTION_ATTR
+from viscy.segment.metrics import segmentation_metrics
 
 ID_COLUMNS = ("position", "t", "channel", "z")
 
@@ -64,6 +68,7 @@ class EvalPlan:
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     units: list[ChannelUnits] = field(default_factory=list)
     prediction_job: dict[str, Any] = field(default_factory=dict)
+    masks: PredictionMasks | None = None  # stored masks of the segmented prediction channel, reused per position
 
     @property
     def prediction_path(self) -> Path:
@@ -170,7 +175,7 @@ def plan_evaluation(config: EvaluateConfig) -> EvalPlan:
     ViscyError
         For an unusable segmentation config.
     """
-    from viscy.evaluate.segment import check_segmenter
+    from viscy.segment.segmenters import check_segmenter
 
     if config.segmentation is not None:
         check_segmenter(config.segmentation)
@@ -214,11 +219,14 @@ def plan_evaluation(config: EvaluateConfig) -> EvalPlan:
                 if seg is not None and seg.use_ground_truth_labels:
                     _check_labels(target, name, seg.use_ground_truth_labels, t_shape)
                 shapes[name] = t_shape
+            masks = None
+            if seg is not None:
+                masks = find_prediction_masks(pred, positions, seg.channel + config.prediction_suffix, seg, shapes)
         finally:
             if pred is not target:
                 pred.close()
     job_summary = {k: job[k] for k in ("fingerprint", "model", "units") if k in job}
-    return EvalPlan(config, positions, target_idx, prediction_idx, source_idx, shapes, units, job_summary)
+    return EvalPlan(config, positions, target_idx, prediction_idx, source_idx, shapes, units, job_summary, masks)
 
 
 def _check_labels(plate: Plate, name: str, label: str, shape: tuple[int, ...]) -> None:
@@ -266,12 +274,17 @@ def evaluate_fov(plan: EvalPlan, position: str, t: int, with_panel: bool) -> tup
             label_key = target_plate.label_key(position, seg.use_ground_truth_labels)
             gt = target_plate.read(position, t, [0], z=z_sel, array=label_key)
             gt = gt[0]
+    stored_key = plan.masks.keys.get(position) if plan.masks is not None else None
+    stored_masks = None
     with Plate(plan.prediction_path) as pred_plate:
         prediction = pred_plate.read(position, t, plan.prediction_idx, z=z_sel).astype(np.float32)
+        if stored_key is not None:
+            stored_masks = pred_plate.read(position, t, [0], z=z_sel, array=stored_key)[0]
 
     segmenter = None
-    if seg is not None:
-        from viscy.evaluate.segment import get_segmenter
+    # Ground-truth references and reused prediction masks leave nothing to segment: no model is loaded.
+    if seg is not None and (gt is None or stored_masks is None):
+        from viscy.segment.segmenters import get_segmenter
 
         segmenter = get_segmenter(seg)
     rows: list[dict[str, Any]] = []
@@ -288,9 +301,9 @@ def evaluate_fov(plan: EvalPlan, position: str, t: int, with_panel: bool) -> tup
             row: dict[str, Any] = {"position": position, "t": t, "channel": channel, "z": z}
             row.update(regression_metrics(tgt, prd))
             masks = None
-            if segmenter is not None and channel == seg.channel:
+            if seg is not None and channel == seg.channel:
                 ref = gt[j].astype(np.int32) if gt is not None else segmenter(tgt)
-                pred_masks = segmenter(prd)
+                pred_masks = stored_masks[j].astype(np.int32) if stored_masks is not None else segmenter(prd)
                 row.update(segmentation_metrics(ref, pred_masks))
                 masks = (ref, pred_masks)
             rows.append(row)
@@ -377,10 +390,16 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
     prepare_output_dir(out, previous, planned)
     save_config(plan.config, out, "evaluate")
     place_log(out, LOG_NAME)
+    if plan.masks is not None:
+        for line in plan.masks.console_lines(plan.prediction_path, len(plan.positions)):
+            print(line)
     rows, panels = _run_tasks(plan)
     table = pd.DataFrame(rows)
     table = table.sort_values(list(ID_COLUMNS), kind="stable", key=_channel_order(plan.config)).reset_index(drop=True)
-    summary = write_outputs(table, panels, plan.config, plan.units, plan.prediction_job, time.time() - start)
+    masks = plan.masks.summary(plan.positions) if plan.masks is not None else None
+    summary = write_outputs(
+        table, panels, plan.config, plan.units, plan.prediction_job, time.time() - start, prediction_masks=masks
+    )
     units = ", ".join(f"{ch}: {u}" for ch, u in summary["units"].items())
     print(f"evaluation of {summary['n_positions']} positions ({summary['n_rows']} rows) written to {out}")
     print(f"compared in units: {units}")

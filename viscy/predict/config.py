@@ -10,6 +10,40 @@ from pydantic import Field, field_validator, model_validator
 from viscy.config import PathList, StrictModel, StrList
 from viscy.data.config import RENAMED_CHANNEL_KEYS, NormalizationConfig
 from viscy.models.config import ModelConfig
+from viscy.segment.config import SegmenterConfig
+
+
+class PredictSegmentConfig(SegmenterConfig):
+    """``viscy predict``'s segmentation stage: the segmenter of ``evaluate`` and ``serve`` plus what to segment,
+    what to measure, and the stage's own Ray actors."""
+
+    channels: StrList | None = Field(
+        None, description="Predicted target channels to segment (e.g. Nuclei); null: the first target channel."
+    )
+    dims: Literal["2d", "3d"] = Field(
+        "2d", description="2d: each Z slice on its own (ids unique per FOV and time point); 3d: the stack as a volume."
+    )
+    measure_channels: StrList = Field(
+        [], description="Input channels whose mean intensity inside each object goes into the object table."
+    )
+    num_actors: int = Field(1, ge=1, description="Segmentation actors (each builds the segmenter once).")
+    num_cpus_per_actor: float = Field(
+        1.0, gt=0, description="CPUs reserved (and torch threads) per segmentation actor."
+    )
+    num_gpus_per_actor: float = Field(
+        0.0, ge=0, description="GPUs per segmentation actor (a fraction shares one, e.g. 0.5 for Cellpose)."
+    )
+
+    @model_validator(mode="after")
+    def _gpus(self) -> PredictSegmentConfig:
+        if self.num_gpus_per_actor > 1 and not float(self.num_gpus_per_actor).is_integer():
+            raise ValueError("segment.num_gpus_per_actor above 1 must be a whole number of GPUs (Ray's rule)")
+        if self.gpu is True and self.num_gpus_per_actor == 0:
+            raise ValueError(
+                "segment.gpu: true needs a GPU for the segmentation actors: set segment.num_gpus_per_actor (e.g. "
+                "0.5), or gpu: auto / false"
+            )
+        return self
 
 
 class PredictConfig(StrictModel):
@@ -50,6 +84,11 @@ class PredictConfig(StrictModel):
     batch_size: int = Field(4, ge=1, description="Tiles per model call.")
     use_gpu: Literal["auto"] | bool = Field("auto", description="One GPU per actor: auto uses one if the cluster has.")
     progress: bool = Field(True, description="Show a progress bar.")
+    segment: PredictSegmentConfig | None = Field(
+        None,
+        description="Segment predicted channels in the same pass (NGFF label images '<channel>_masks' next to the "
+        "predictions and a per-object table viscy_objects.parquet/.csv); null: off.",
+    )
 
     @field_validator("tile_yx")
     @classmethod

@@ -1,154 +1,61 @@
 """``viscy predict``: whole plates through a torch or ONNX model on Ray Data, resumable.
 
-The driver validates everything (channels, statistics, existing outputs) before writing anything, creates
-the output arrays, then streams work units ``(plate, FOV, t, z-block)`` through an actor pool
-(``map_batches`` with a callable class: each actor loads the model once, then reads, predicts tile by tile
-with :mod:`viscy.predict.tiling` and writes whole chunks). As units come back the driver marks FOVs
+The driver validates everything (channels, statistics, existing outputs) before writing anything and creates
+the output arrays (:mod:`viscy.predict.plan`), then streams work units ``(plate, FOV, t, z-block)`` through an
+actor pool (``map_batches`` with a callable class: each actor loads the model once, then reads, predicts tile by
+tile with :mod:`viscy.predict.tiling` and writes whole chunks). As units come back the driver marks FOVs
 complete; a rerun of the same job skips them.
+
+With ``segment`` set, a second stage with its own actors and resources follows (:mod:`viscy.predict.segmentation`):
+units are then whole ``(FOV, t)`` Z stacks, the staining actors hand their predictions to it in their output
+rows, and it writes NGFF label images and returns per-object rows that the driver persists per FOV.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from viscy.config import save_config
 from viscy.data.config import NormalizationConfig
-from viscy.data.patches import denormalize, normalization_for_channel, normalization_params, normalize
+from viscy.data.patches import denormalize, normalization_params, normalize
 from viscy.data.plate import Plate
-from viscy.errors import DataError, ModelError, ShapeError
+from viscy.errors import ModelError, ShapeError
 from viscy.models.card import ModelCard
 from viscy.predict.backends import describe_model, load_backend
 from viscy.predict.config import PredictConfig
-from viscy.predict.tiling import TilingOptions, predict_stack
-from viscy.predict.writer import (
-    RESUMING,
-    OutputTarget,
-    check_output,
-    finish_output,
-    is_complete,
-    mark_complete,
-    prediction_names,
-    prepare_output,
-    resolve_output_version,
-    write_block,
+from viscy.predict.masks import write_object_table
+from viscy.predict.plan import (
+    file_id,
+    fingerprint,
+    job_metadata,
+    needs_stats,
+    plan_plates,
+    prepare_outputs,
+    resolve_channels,
+    resolve_normalization,
+    target_norms,
+    tiling_options,
 )
+from viscy.predict.segmentation import SegmentActor, SegmentPlan, finish_fov, plan_segmentation, table_from_bytes
+from viscy.predict.tiling import TilingOptions, predict_stack
+from viscy.predict.writer import OutputTarget, finish_output, mark_complete, prediction_names, write_block
 
 log = logging.getLogger(__name__)
-
-FALLBACK_SOURCES = ["Phase3D"]
-FALLBACK_TARGETS = ["Nuclei", "Membrane"]
-
-
-# ------------------------------------------------------------------------------------------ resolving
-def resolve_channels(config: PredictConfig, card: ModelCard) -> tuple[list[str], list[str]]:
-    """Source and target channel names: config, else the model card (checkpoint, preset, ONNX), else VisCy's."""
-    spec = card.spec
-    sources = config.source_channels or card.source_channels or None
-    targets = config.target_channels or card.target_channels or None
-    if sources is None and spec.in_channels == len(FALLBACK_SOURCES):
-        sources = FALLBACK_SOURCES
-    if targets is None and spec.out_channels <= len(FALLBACK_TARGETS):
-        targets = FALLBACK_TARGETS[: spec.out_channels]
-    if sources is None or len(sources) != spec.in_channels:
-        raise ModelError(
-            f"the model takes {spec.in_channels} input channel(s) but source_channels is {sources}; "
-            f"set source_channels to {spec.in_channels} channel name(s)"
-        )
-    if targets is None or len(targets) != spec.out_channels:
-        raise ModelError(
-            f"the model predicts {spec.out_channels} channel(s) but target_channels is {targets}; "
-            f"set target_channels to {spec.out_channels} name(s)"
-        )
-    return list(sources), list(targets)
-
-
-def resolve_normalization(config: PredictConfig, card: ModelCard, sources: list[str]) -> list[NormalizationConfig]:
-    """Config normalisation, else the model card's, else fov median/iqr of the sources."""
-    if config.normalization is not None:
-        return list(config.normalization)
-    if card.normalization:
-        return [NormalizationConfig(**group) for group in card.normalization]
-    return [NormalizationConfig(channels=list(sources))]
-
-
-def tiling_options(config: PredictConfig, card: ModelCard) -> TilingOptions:
-    """Tiling options from the config and the model's spec."""
-    return TilingOptions.for_model(
-        card.spec,
-        config.tile_yx,
-        overlap=config.tile_overlap,
-        blend=config.blend,
-        tta=config.tta,
-        tta_reduction=config.tta_reduction,
-        z_stride=config.z_stride,
-        batch_size=config.batch_size,
-    )
-
-
-def fingerprint(config: PredictConfig, sources: list[str], targets: list[str], norms: list[NormalizationConfig]) -> str:
-    """Hash of everything that changes the predicted values (not the parallelism)."""
-
-    def file_id(p: Path | None) -> Any:
-        if p is None or not Path(p).exists():
-            return None
-        st = Path(p).stat()
-        return [str(Path(p).resolve()), st.st_size, st.st_mtime_ns]
-
-    key = {
-        "model": config.model.model_dump(mode="json") if config.model else None,
-        "checkpoint": file_id(config.model.checkpoint) if config.model else None,
-        "onnx": file_id(config.onnx),
-        "sources": sources,
-        "targets": targets,
-        "normalization": [n.model_dump(mode="json") for n in norms],
-        "denormalize": config.denormalize,
-        "tiling": [config.tile_yx, config.tile_overlap, config.blend, config.tta, config.tta_reduction],
-        "z_stride": config.z_stride,
-    }
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _output_for(config: PredictConfig, plate: Plate) -> Path | None:
-    if config.output is None:
-        return None
-    if len(config.data_path) == 1:
-        return Path(config.output)
-    return Path(config.output) / plate.root.name
-
-
-def _target_norms(norms: list[NormalizationConfig]) -> list[NormalizationConfig]:
-    return list(norms) + [NormalizationConfig()]
-
-
-def target_normalization(targets: list[str], norms: list[NormalizationConfig]) -> list[dict[str, Any]]:
-    """One explicit normalisation entry per target channel: what a prediction in normalised units means.
-
-    A target without its own entry falls back to FOV median/iqr (VisCy's default), as de-normalisation does.
-    """
-    out = []
-    for ch in targets:
-        spec = normalization_for_channel(ch, _target_norms(norms))
-        out.append({**spec.model_dump(mode="json"), "channels": [ch]})
-    return out
-
-
-def _needs_stats(sources: list[str], norms: list[NormalizationConfig], denorm: bool) -> bool:
-    """Whether a FOV's stored statistics are read (to normalise sources or de-normalise targets)."""
-    return denorm or any(normalization_for_channel(c, norms) for c in sources)
 
 
 # -------------------------------------------------------------------------------------------- actor
 class PredictActor:
-    """Ray Data callable class: loads the model once, then reads, predicts and writes whole work units."""
+    """Ray Data callable class: loads the model once, then reads, predicts and writes whole work units.
+
+    With ``handoff`` its output rows also carry each unit's prediction (and the raw ``measure`` channels) for
+    the segmentation stage, which therefore reads nothing again.
+    """
 
     def __init__(
         self,
@@ -163,6 +70,8 @@ class PredictActor:
         outputs: dict[str, OutputTarget],
         device: str = "cpu",
         threads: int | None = None,
+        handoff: bool = False,
+        measure: list[str] | None = None,
     ) -> None:
         self.predict_fn = load_backend(card, checkpoint, Path(onnx) if onnx else None, device=device, threads=threads)
         self.opts = TilingOptions(**opts)
@@ -170,6 +79,7 @@ class PredictActor:
         self.norms = [NormalizationConfig(**n) for n in norms]
         self.denorm = denorm
         self.outputs = outputs
+        self.handoff, self.measure = handoff, list(measure or [])
         self._plates: dict[str, Plate] = {}
 
     def _plate(self, path: str) -> Plate:
@@ -178,13 +88,14 @@ class PredictActor:
         return self._plates[path]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        seconds = []
+        seconds, predictions, measured = [], [], []
         for i in range(len(batch["fov"])):
             t0 = time.perf_counter()
-            predict_unit(
-                self._plate(str(batch["plate"][i])),
-                str(batch["fov"][i]),
-                int(batch["t"][i]),
+            plate, fov, t = self._plate(str(batch["plate"][i])), str(batch["fov"][i]), int(batch["t"][i])
+            pred = predict_unit(
+                plate,
+                fov,
+                t,
                 (int(batch["z0"][i]), int(batch["z1"][i])),
                 self.predict_fn,
                 self.opts,
@@ -194,8 +105,17 @@ class PredictActor:
                 self.denorm,
                 self.outputs[str(batch["plate"][i])],
             )
+            if self.handoff:  # as stored, so that the table's means are those of the written predictions
+                predictions.append(pred.astype(np.float32, copy=False))
+                if self.measure:
+                    measured.append(plate.read(fov, t, plate.channel_indices(self.measure)))
             seconds.append(time.perf_counter() - t0)
-        return {"plate": batch["plate"], "fov": batch["fov"], "seconds": np.asarray(seconds)}
+        rows = {"plate": batch["plate"], "fov": batch["fov"], "t": batch["t"], "seconds": np.asarray(seconds)}
+        if self.handoff:
+            rows["prediction"] = np.stack(predictions)
+            if self.measure:
+                rows["measured"] = np.stack(measured)
+        return rows
 
 
 def predict_unit(
@@ -210,11 +130,12 @@ def predict_unit(
     norms: list[NormalizationConfig],
     denorm: bool,
     target: OutputTarget,
-) -> None:
-    """Read, normalise, predict (tiled), de-normalise and write one ``(FOV, t, z-block)`` unit."""
+) -> np.ndarray:
+    """Read, normalise, predict (tiled), de-normalise and write one ``(FOV, t, z-block)`` unit; its prediction
+    ``(C, Z_block, Y, X)``."""
     n_z = plate.info(fov).shape[2]
     src_idx = plate.channel_indices(sources)
-    meta = plate.normalization(fov) if _needs_stats(sources, norms, denorm) else {}
+    meta = plate.normalization(fov) if needs_stats(sources, norms, denorm) else {}
     params = normalization_params(meta, sources, norms)
 
     def read(idx: np.ndarray) -> np.ndarray:
@@ -224,44 +145,9 @@ def predict_unit(
 
     pred = predict_stack(read, n_z, predict_fn, opts, z_range)
     if denorm:
-        pred = denormalize(pred, normalization_params(meta, targets, _target_norms(norms)))
+        pred = denormalize(pred, normalization_params(meta, targets, target_norms(norms)))
     write_block(target, fov, t, z_range[0], pred)
-
-
-# -------------------------------------------------------------------------------------------- driver
-def _validate_plate(
-    plate: Plate,
-    fovs: list[str],
-    sources: list[str],
-    targets: list[str],
-    norms: list[NormalizationConfig],
-    denorm: bool,
-    append: bool,
-) -> None:
-    plate.channel_indices(sources)
-    needs_stats = _needs_stats(sources, norms, denorm)
-    for fov in fovs:
-        inf = plate.info(fov)
-        if needs_stats:
-            meta = plate.normalization(fov)
-            normalization_params(meta, sources, norms)
-            if denorm:
-                normalization_params(meta, targets, _target_norms(norms))
-        if append and not np.issubdtype(inf.dtype, np.floating):
-            raise DataError(
-                f"{plate.root}/{fov} stores {inf.dtype}; appending float predictions to it would truncate them. "
-                "Predict into a new store with output instead"
-            )
-
-
-def _units(plate: Plate, fov: str, z_block: int | None, z_chunk: int) -> list[dict[str, Any]]:
-    t_n, _, z_n, _, _ = plate.info(fov).shape
-    block = z_n if z_block is None else -(-z_block // z_chunk) * z_chunk
-    return [
-        {"plate": str(plate.path), "fov": fov, "t": t, "z0": z0, "z1": min(z0 + block, z_n)}
-        for t in range(t_n)
-        for z0 in range(0, z_n, block)
-    ]
+    return pred
 
 
 def _use_gpu(setting: Any) -> bool:
@@ -289,7 +175,11 @@ class PredictResult:
     fovs, skipped, units
         FOVs predicted now, FOVs already complete (resumed job), work units run.
     megapixels, seconds, unit_seconds
-        Pixels predicted, wall time, and time spent inside the actors.
+        Pixels predicted, wall time, and time spent inside the staining actors.
+    masks, tables, objects, segment_seconds
+        With segmentation: the label images of each FOV (``<fov>/labels/<name>``), the object table of each
+        output (``viscy_objects.parquet``, a ``.csv`` beside it), the number of objects in them, and the time
+        spent inside the segmentation actors.
     """
 
     outputs: list[Path]
@@ -301,31 +191,26 @@ class PredictResult:
     megapixels: float
     seconds: float
     unit_seconds: float
-
-
-class PlatePlan(NamedTuple):
-    """One input plate's share of the job, validated before anything is written."""
-
-    plate: Plate
-    fovs: list[str]
-    output: Path | None  # None: append the prediction channels to the plate
-    action: str  # what check_output decided: a new store, resume, replace, ...
-    version: str  # NGFF version of a new store
+    masks: list[str] = field(default_factory=list)
+    tables: list[Path] = field(default_factory=list)
+    objects: int = 0
+    segment_seconds: float = 0.0
 
 
 def run_predict(config: PredictConfig) -> PredictResult:
-    """Predict every selected FOV of every plate (resuming a killed job); see the module docstring."""
+    """Predict (and segment) every selected FOV of every plate, resuming a killed job; see the module docstring."""
     t_start = time.perf_counter()
     card = describe_model(config.model, config.onnx)
     sources, targets = resolve_channels(config, card)
     norms = resolve_normalization(config, card, sources)
     opts = tiling_options(config, card)
-    fp = fingerprint(config, sources, targets, norms)
+    seg = plan_segmentation(config.segment, targets) if config.segment is not None else None
+    fp = fingerprint(config, sources, targets, norms, seg.key(file_id) if seg is not None else None)
     # 1. validate every plate and output before writing anything
-    plans = plan_plates(config, sources, targets, norms, fp)
+    plans = plan_plates(config, sources, targets, norms, fp, seg)
     # 2. create outputs, list the units of incomplete FOVs (a rerun skips the complete ones)
-    job = _job_metadata(config, card, sources, targets, norms)
-    outputs, units, skipped = _prepare_outputs(config, plans, targets, fp, job)
+    job = job_metadata(config, card, sources, targets, norms, seg)
+    outputs, units, skipped = prepare_outputs(config, plans, targets, fp, job, seg)
     remaining: dict[tuple[str, str], int] = defaultdict(int)  # units left per (plate, FOV)
     for u in units:
         remaining[(u["plate"], u["fov"])] += 1
@@ -336,120 +221,54 @@ def run_predict(config: PredictConfig) -> PredictResult:
             if (str(plan.plate.path), fov) in remaining:
                 t_n, _, z_n, y, x = plan.plate.info(fov).shape
                 megapixels += t_n * z_n * y * x / 1e6
-
-    def result(seconds: float, unit_seconds: float) -> PredictResult:
-        return PredictResult(
-            outputs=[t.path for t in outputs.values()],
-            channels=prediction_names(targets),
-            denormalized=config.denormalize,
-            fovs=n_fovs,
-            skipped=skipped,
-            units=len(units),
-            megapixels=megapixels,
-            seconds=seconds,
-            unit_seconds=unit_seconds,
-        )
-
-    if not units:
-        for target in outputs.values():
-            finish_output(target)  # a replacement completed by a killed job
-        print(f"viscy predict: nothing to do ({skipped} FOV(s) already complete)")
-        return result(time.perf_counter() - t_start, 0.0)
-
-    # 3. stream units through the actor pool, marking each FOV complete as its last unit comes back
-    _start_ray(outputs)
-    ds, gpu = _actor_pool_dataset(config, card, opts, sources, targets, norms, outputs, units)
-    unit_seconds = _collect(ds, remaining, outputs, fp, targets, config.progress)
-    # 4. publish: every FOV is complete, the outputs are finished
-    for target in outputs.values():
-        finish_output(target)
+    # 3. stream units through the actor pool(s), marking each FOV complete as its last unit comes back
+    unit_seconds = segment_seconds = 0.0
+    gpu = False
+    if units:
+        _start_ray(outputs)
+        ds, gpu = _pipeline(config, card, opts, sources, targets, norms, outputs, units, seg)
+        unit_seconds, segment_seconds = _collect(ds, remaining, outputs, fp, targets, config.progress, seg)
+    # 4. publish: every FOV is complete; the tables are built, the outputs finished
+    tables, objects = [], 0
+    for plan in plans:
+        target = outputs[str(plan.plate.path)]
+        if seg is not None:
+            table, count = write_object_table(target, plan.fovs, seg.columns(targets))
+            tables.append(table)
+            objects += count
+        finish_output(target)  # swaps a replacement in (one a killed job completed, too)
     elapsed = time.perf_counter() - t_start
     where = ", ".join(str(t.path) for t in outputs.values())
-    print(
-        f"viscy predict: {n_fovs} FOV(s), {len(units)} unit(s), {megapixels:.1f} Mpx in {elapsed:.1f} s "
-        f"({megapixels / max(elapsed, 1e-9):.2f} Mpx/s; {unit_seconds:.1f} s inside {config.num_actors} actor(s), "
-        f"{'GPU' if gpu else 'CPU'}); {skipped} FOV(s) already complete; channels "
-        f"{prediction_names(targets)} in {where}"
+    if units:
+        print(
+            f"viscy predict: {n_fovs} FOV(s), {len(units)} unit(s), {megapixels:.1f} Mpx in {elapsed:.1f} s "
+            f"({megapixels / max(elapsed, 1e-9):.2f} Mpx/s; {unit_seconds:.1f} s inside {config.num_actors} "
+            f"actor(s), {'GPU' if gpu else 'CPU'}); {skipped} FOV(s) already complete; channels "
+            f"{prediction_names(targets)} in {where}"
+        )
+    else:
+        print(f"viscy predict: nothing to do ({skipped} FOV(s) already complete)")
+    if seg is not None:
+        print(
+            f"viscy predict: masks <fov>/labels/{{{','.join(seg.masks)}}} ({seg.config.method}, {seg.config.dims}; "
+            f"{segment_seconds:.1f} s inside {seg.config.num_actors} segmentation actor(s)) in {where}; "
+            f"{objects} object(s) in {', '.join(map(str, tables))} (and .csv)"
+        )
+    return PredictResult(
+        outputs=[t.path for t in outputs.values()],
+        channels=prediction_names(targets),
+        denormalized=config.denormalize,
+        fovs=n_fovs,
+        skipped=skipped,
+        units=len(units),
+        megapixels=megapixels,
+        seconds=elapsed,
+        unit_seconds=unit_seconds,
+        masks=list(seg.masks) if seg is not None else [],
+        tables=tables,
+        objects=objects,
+        segment_seconds=segment_seconds,
     )
-    return result(elapsed, unit_seconds)
-
-
-def plan_plates(
-    config: PredictConfig, sources: list[str], targets: list[str], norms: list[NormalizationConfig], fp: str
-) -> list[PlatePlan]:
-    """Every plate's FOVs, output and action, once plates, statistics and outputs are checked; nothing is written.
-
-    Raises
-    ------
-    DataError
-        For outputs that collide or contain their input, a plate viscy cannot append to, missing statistics, or
-        an output that holds something else (naming the fix).
-    """
-    plans = []
-    seen_outputs: set[Path] = set()
-    for path in config.data_path:
-        plate = Plate(path)
-        fovs = plate.select(config.positions)
-        output = _output_for(config, plate)
-        written = (output or plate.root).resolve()
-        if written in seen_outputs:
-            raise DataError(f"two input plates would write to {written}; list each plate once, with distinct names")
-        seen_outputs.add(written)
-        if output is None and plate.zarr_format != 2:
-            raise DataError(
-                f"{plate.root} is an NGFF {plate.version} (zarr v{plate.zarr_format}) plate; viscy appends prediction "
-                "channels to NGFF 0.4 (zarr v2) plates only. Set output to a new store to predict into"
-            )
-        if output is not None:
-            if written == plate.root.resolve():
-                raise DataError(f"output {output} is the input plate; set output: null to append channels instead")
-            if plate.root.resolve().is_relative_to(written):
-                raise DataError(f"output {output} contains the input plate {plate.root}; choose another output")
-        # NGFF version of new stores: "auto" (a config without ngff_version) keeps each input plate's.
-        version = resolve_output_version(plate, config.ngff_version, output)
-        _validate_plate(plate, fovs, sources, targets, norms, config.denormalize, output is None)
-        action = check_output(plate, fovs, output, targets, fp, config.overwrite, version)
-        plans.append(PlatePlan(plate, fovs, output, action, version))
-    return plans
-
-
-def _job_metadata(
-    config: PredictConfig, card: ModelCard, sources: list[str], targets: list[str], norms: list[NormalizationConfig]
-) -> dict[str, Any]:
-    """What the outputs record about the job (``viscy evaluate`` reads the units and normalisation)."""
-    return {
-        "model": card.name,
-        "targets": targets,
-        "sources": sources,
-        "denormalized": config.denormalize,
-        # How sources were normalised and how targets map to prediction units (evaluate reads this).
-        "normalization": [n.model_dump(mode="json") for n in norms],
-        "target_normalization": target_normalization(targets, norms),
-        "units": "raw intensity (denormalized)" if config.denormalize else "normalized",
-    }
-
-
-def _prepare_outputs(
-    config: PredictConfig, plans: list[PlatePlan], targets: list[str], fp: str, job: dict[str, Any]
-) -> tuple[dict[str, OutputTarget], list[dict[str, Any]], int]:
-    """Create every output (config and log beside it); (outputs by plate, units to run, FOVs already complete)."""
-    from viscy.console import place_log
-
-    outputs: dict[str, OutputTarget] = {}
-    units: list[dict[str, Any]] = []
-    skipped = 0
-    for plate, fovs, output, action, version in plans:
-        target = prepare_output(plate, fovs, output, targets, fp, action, job, version)
-        outputs[str(plate.path)] = target
-        save_config(config, target.config_dir, "predict")
-        place_log(target.config_dir, "viscy_predict.log")
-        z_chunk = plate.info(fovs[0]).chunks[2] if target.append else 1
-        for fov in fovs:
-            if action in RESUMING and is_complete(target, fov, fp):
-                skipped += 1
-                continue
-            units.extend(_units(plate, fov, config.z_block, z_chunk))
-    return outputs, units, skipped
 
 
 def _start_ray(outputs: dict[str, OutputTarget]) -> None:
@@ -470,7 +289,58 @@ def _start_ray(outputs: dict[str, OutputTarget]) -> None:
     ctx.raise_original_map_exception = True  # a ViscyError in an actor reaches the CLI as itself
 
 
-def _actor_pool_dataset(
+class StageResources(NamedTuple):
+    """What each actor of the two stages reserves."""
+
+    stain_cpus: float
+    stain_gpus: float
+    segment_cpus: float
+    segment_gpus: float
+
+
+def _resources(config: PredictConfig, seg: SegmentPlan | None, gpu: bool) -> StageResources:
+    """Each stage's reservation, scaled down to what the cluster has so that every actor of both pools starts.
+
+    Raises
+    ------
+    ModelError
+        If the segmentation actors ask for more GPUs than the cluster has, or leave none for GPU staining.
+    """
+    import ray
+
+    cluster = ray.cluster_resources()
+    cpus_total, gpus_total = cluster.get("CPU", 1), cluster.get("GPU", 0)
+    seg_actors = seg.config.num_actors if seg is not None else 0
+    seg_cpus = seg.config.num_cpus_per_actor if seg is not None else 0.0
+    seg_gpus = seg.config.num_gpus_per_actor if seg is not None else 0.0
+    wanted = config.num_actors * config.num_cpus_per_actor + seg_actors * seg_cpus
+    scale = min(1.0, cpus_total / wanted)
+    if scale < 1:
+        log.warning(
+            "the actors ask for %s CPUs but the cluster has %s; each gets %.0f%% of its share",
+            wanted,
+            cpus_total,
+            100 * scale,
+        )
+    if seg_actors * seg_gpus > gpus_total:
+        raise ModelError(
+            f"the segmentation actors ask for {seg_actors * seg_gpus:g} GPU(s) but the Ray cluster has "
+            f"{gpus_total:g}; lower segment.num_gpus_per_actor or segment.num_actors (0 GPUs: Cellpose on CPU)"
+        )
+    stain_gpus = 1.0 if gpu else 0.0
+    if gpu and seg_gpus > 0 and config.num_actors + seg_actors * seg_gpus > gpus_total:
+        # one GPU for both stages (e.g. a workstation): the staining actors share what segmentation leaves
+        stain_gpus = (gpus_total - seg_actors * seg_gpus) / config.num_actors
+        if stain_gpus <= 0:
+            raise ModelError(
+                f"the segmentation actors take all {gpus_total:g} GPU(s), none is left for staining; lower "
+                "segment.num_gpus_per_actor (e.g. 0.5), or set use_gpu: false"
+            )
+        log.warning("staining and segmentation share the GPUs: %.2f GPU per staining actor", stain_gpus)
+    return StageResources(config.num_cpus_per_actor * scale, stain_gpus, seg_cpus * scale, seg_gpus)
+
+
+def _pipeline(
     config: PredictConfig,
     card: ModelCard,
     opts: TilingOptions,
@@ -479,15 +349,14 @@ def _actor_pool_dataset(
     norms: list[NormalizationConfig],
     outputs: dict[str, OutputTarget],
     units: list[dict[str, Any]],
+    seg: SegmentPlan | None,
 ) -> tuple[Any, bool]:
-    """The units mapped through a pool of :class:`PredictActor` (the Ray Data pipeline); whether it uses GPUs."""
+    """The Ray Data pipeline: units through a pool of :class:`PredictActor`, then (segmenting) a pool of
+    :class:`~viscy.predict.segmentation.SegmentActor` with its own resources; whether staining uses GPUs."""
     import ray
 
     gpu = _use_gpu(config.use_gpu)
-    cpus_total = ray.cluster_resources().get("CPU", 1)
-    cpus = min(config.num_cpus_per_actor, cpus_total / config.num_actors)
-    if cpus < config.num_cpus_per_actor:
-        log.warning("only %s CPUs for %d actors; using %.2f CPUs per actor", cpus_total, config.num_actors, cpus)
+    res = _resources(config, seg, gpu)
     checkpoint = config.model.checkpoint if config.model else None
     actor_kwargs = {
         "card": card,  # actors build exactly what the driver described
@@ -500,7 +369,9 @@ def _actor_pool_dataset(
         "denorm": config.denormalize,
         "outputs": outputs,
         "device": "cuda" if gpu else "cpu",
-        "threads": max(1, int(cpus)),
+        "threads": max(1, int(res.stain_cpus)),
+        "handoff": seg is not None,
+        "measure": seg.config.measure_channels if seg is not None else None,
     }
     ds = ray.data.from_items(units, override_num_blocks=min(len(units), 2000))
     ds = ds.map_batches(
@@ -508,9 +379,26 @@ def _actor_pool_dataset(
         fn_constructor_kwargs=actor_kwargs,
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=config.num_actors),
-        num_cpus=cpus,
-        num_gpus=1 if gpu else 0,
+        num_cpus=res.stain_cpus,
+        num_gpus=res.stain_gpus,
     )
+    if seg is not None:
+        plate_names = {str(p): Plate(p).root.name for p in {u["plate"] for u in units}}
+        ds = ds.map_batches(
+            SegmentActor,
+            fn_constructor_kwargs={
+                "segment": seg.config.model_dump(mode="json"),
+                "targets": targets,
+                "chosen": seg.chosen,
+                "outputs": outputs,
+                "plate_names": plate_names,
+                "threads": max(1, int(res.segment_cpus)),
+            },
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=seg.config.num_actors),
+            num_cpus=res.segment_cpus,
+            num_gpus=res.segment_gpus,
+        )
     return ds, gpu
 
 
@@ -521,8 +409,10 @@ def _collect(
     fp: str,
     targets: list[str],
     progress: bool,
-) -> float:
-    """Run the pipeline and mark each FOV complete as its last unit comes back; the seconds spent in actors.
+    seg: SegmentPlan | None = None,
+) -> tuple[float, float]:
+    """Run the pipeline and mark each FOV complete as its last unit comes back (its object rows and masks
+    first); the seconds spent in the staining and the segmentation actors.
 
     Raises
     ------
@@ -536,13 +426,19 @@ def _collect(
 
         bar = tqdm(total=sum(remaining.values()), desc="predict", unit="unit")
     done_fovs = 0
-    unit_seconds = 0.0
+    unit_seconds = segment_seconds = 0.0
+    objects: dict[tuple[str, str], list[Any]] = defaultdict(list)  # object rows of the units back, per FOV
     for row in ds.iter_rows():
         unit_seconds += float(row["seconds"])
         key = (str(row["plate"]), str(row["fov"]))
+        if seg is not None:
+            segment_seconds += float(row["segment_seconds"])
+            objects[key].append(table_from_bytes(row["objects"]))
         remaining[key] -= 1
         if remaining[key] == 0:
             plate_path, fov = key
+            if seg is not None:
+                finish_fov(outputs[plate_path], fov, list(seg.masks), objects.pop(key))
             mark_complete(outputs[plate_path], fov, fp, {"targets": targets, "finished": time.time()})
             done_fovs += 1
         if bar is not None:
@@ -551,4 +447,4 @@ def _collect(
         bar.close()
     if done_fovs != n_fovs:
         raise ShapeError(f"only {done_fovs} of {n_fovs} FOVs finished; rerun to resume")
-    return unit_seconds
+    return unit_seconds, segment_seconds

@@ -404,7 +404,12 @@ def _prepare_append(
     kept = {"complete": state["complete"]} if action == "resume" and "complete" in state else {}
     # the ownership record goes first: channels appended by a job killed right after still count as viscy's
     owned = sorted(_owned_channels(state) | set(names))
-    write_attrs(plate.root, ATTR, {**kept, **job, "fingerprint": fingerprint, "channels": owned})
+    record = {**kept, **job, "fingerprint": fingerprint, "channels": owned}
+    # files viscy wrote into the plate (the object table) stay viscy's after a job that writes none
+    tables = sorted(set(state.get("tables") or []) | set(job.get("tables") or []))
+    if tables:
+        record["tables"] = tables
+    write_attrs(plate.root, ATTR, record)
     if action == "append":
         # appending resizes every position of the plate, so the whole plate gains the channels
         with Ngff04Writer(plate.root, mode="r+") as store:

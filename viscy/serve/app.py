@@ -190,7 +190,7 @@ class Segmenter:
     """The segmenters of ``viscy evaluate``: classical always, Cellpose when a model is configured."""
 
     def __init__(self, settings: dict[str, Any]) -> None:
-        from viscy.evaluate.segment import cached_cellpose
+        from viscy.segment.segmenters import cached_cellpose
         from viscy.serve.config import SegmenterSettings
 
         self.settings = SegmenterSettings(**settings)
@@ -210,10 +210,10 @@ class Segmenter:
         Planes run one at a time on the replica's segmentation thread; a cancelled request stops between
         planes (a plane already running finishes: neither Cellpose nor scikit-image can be interrupted).
         """
-        from viscy.evaluate.config import SegmentationConfig
-        from viscy.evaluate.segment import get_segmenter
+        from viscy.segment.config import SegmenterConfig
+        from viscy.segment.segmenters import get_segmenter
 
-        config = SegmentationConfig(
+        config = SegmenterConfig(
             method=method,
             model=self.settings.cellpose_model or "cpsam",
             diameter=diameter or self.settings.diameter,

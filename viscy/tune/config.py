@@ -105,6 +105,11 @@ class SearchConfig(StrictModel):
         "<target channel>.",
     )
     mode: Literal["min", "max"] | None = Field(None, description="min or max; default: from the metric's name.")
+    allow_incomparable_metric: bool = Field(
+        False,
+        description="Search keys that change what the metric measures (e.g. the loss weights while ranking by "
+        "val_loss) with a warning instead of an error.",
+    )
     num_samples: int = Field(8, ge=1, description="Trials to run.")
     max_concurrent_trials: int = Field(2, ge=1, description="Trials running at the same time.")
     seed: int = Field(0, description="Seed of Optuna's TPE sampler.")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -167,7 +168,8 @@ def allowed_metrics(config: TrainConfig) -> list[str]:
 
 
 def check_metric(config: TuneConfig) -> None:
-    """The metric must be one that training reports (validation ones need a validation split)."""
+    """The metric must be one that training reports (validation ones need a validation split), and mean the same
+    thing in every trial (:func:`check_comparable`)."""
     allowed = allowed_metrics(config)
     metric = config.search.metric
     if metric not in allowed:
@@ -177,6 +179,107 @@ def check_metric(config: TuneConfig) -> None:
             f"search.metric {metric} needs validation FOVs but data.val_fraction is 0; set data.val_fraction or use "
             "train_loss"
         )
+    check_comparable(config)
+
+
+LOSS_METRICS = ("train_loss", "val_loss")
+
+
+def metric_definition(train: TrainConfig, metric: str) -> tuple | None:
+    """What ``metric`` measures in a trial of config ``train``: trials whose definitions are equal are comparable.
+
+    Follows ``viscy.train.module.VSModule``: FCMAE pre-training reconstructs the masked source (a masked MSE, the
+    metrics per source channel, the input masked by ``fcmae.mask_ratio``); otherwise the losses are
+    ``viscy.train.loss.MixedLoss``'s weighted mixture, whose MS-SSIM term has as many scales as the patch allows,
+    and the per-channel metrics compare prediction and target whatever the loss. None: not reported.
+    """
+    if metric not in allowed_metrics(train):
+        return None
+    fcmae = train.trainer.fcmae
+    if fcmae.pretraining:
+        return ("fcmae pre-training", fcmae.mask_ratio)
+    if metric not in LOSS_METRICS:
+        return ("virtual staining",)
+    trainer = train.trainer
+    scales = None
+    if trainer.ms_dssim_alpha:
+        from viscy.train.loss import ms_ssim_scales
+
+        scales = ms_ssim_scales(min(train.data.yx_patch_size))
+    return ("mixed loss", (trainer.l1_alpha, trainer.l2_alpha, trainer.ms_dssim_alpha), scales)
+
+
+def _why_incomparable(definitions: list[tuple | None]) -> str:
+    """How the definitions of one metric across a key's values differ, in words."""
+    kinds = {d[0] if d else None for d in definitions}
+    if len(kinds) > 1:
+        return ("it switches FCMAE pre-training, which reconstructs the masked source (a masked MSE, metrics per "
+                "source channel) instead of predicting the targets")
+    if kinds == {"fcmae pre-training"}:
+        return "the FCMAE mask ratio sets how much of the input is hidden, so every loss and metric scores another task"
+    if len({d[1] for d in definitions}) > 1:
+        return ("it changes the weights of the loss mixture l1_alpha*L1 + l2_alpha*MSE + ms_dssim_alpha*(1 - MS-SSIM), "
+                "so trials report losses on different scales")
+    return "it changes how many scales the loss's MS-SSIM term has (the patch size bounds them)"
+
+
+def incomparable_keys(config: TuneConfig) -> list[tuple[str, str, list[str]]]:
+    """Searched keys whose values change what ``search.metric`` measures.
+
+    Returns
+    -------
+    list of (key, why, metrics)
+        The key, how it changes the metric, and the metrics training reports that it leaves alone.
+    """
+    base = base_tree(config)
+    metric = config.search.metric
+    out = []
+    for key, param in config.search.space.items():
+        if param.kind == "fixed":
+            continue
+        trials = [trial_config(base, {key: value}) for value in param.extremes()]
+        definitions = [metric_definition(t, metric) for t in trials]
+        if len(set(definitions)) == 1:
+            continue
+        steady = []
+        for other in allowed_metrics(config):
+            others = {metric_definition(t, other) for t in trials}
+            if len(others) == 1 and None not in others:
+                steady.append(other)
+        out.append((key, _why_incomparable(definitions), steady))
+    return out
+
+
+def check_comparable(config: TuneConfig) -> None:
+    """Refuse a search whose trials' ``search.metric`` values measure different things (a warning with
+    ``search.allow_incomparable_metric``).
+
+    Raises
+    ------
+    ConfigError
+        Naming each such key, how it changes the metric, and the metrics that do not depend on it.
+    """
+    problems = []
+    metric = config.search.metric
+    for key, why, steady in incomparable_keys(config):
+        if steady:
+            fix = f"rank by a metric that does not depend on it: {', '.join(steady)} (e.g. --search.metric {steady[0]})"
+        else:
+            fix = "no metric training reports is independent of it: fix it ({fixed: value}) and compare sweeps instead"
+        problems.append(f"search.space.{key} changes what {metric} measures: {why}; {fix}")
+    if not problems:
+        return
+    if config.search.allow_incomparable_metric:
+        for problem in problems:
+            warnings.warn(
+                f"{problem}. search.allow_incomparable_metric is true, so the trials are ranked anyway", stacklevel=2
+            )
+        return
+    raise ConfigError(
+        f"search.metric {metric} would rank numbers that do not measure the same thing:\n  "
+        + "\n  ".join(problems)
+        + "\n  (set search.allow_incomparable_metric: true to search anyway)"
+    )
 
 
 def tune_domains(config: TuneConfig) -> dict[str, Any]:

@@ -1,8 +1,9 @@
-"""Instance segmenters for evaluation: a small registry of ``name -> factory(SegmentationConfig)``.
+"""Instance segmenters shared by evaluate, predict and serve: a registry ``name -> factory(SegmenterConfig)``.
 
 ``classical`` (Gaussian smoothing, Otsu threshold, distance-transform watershed) needs no weights and suits
 nuclei; ``cellpose`` wraps ``cellpose.models.CellposeModel`` (Cellpose >= 4, Cellpose-SAM). A segmenter is a
-callable mapping a 2D float image (Y, X) to an int32 label image of the same shape (0 is background).
+callable mapping a float image, 2D (Y, X) or a 3D volume (Z, Y, X) segmented as one volume, to an int32 label
+image of the same shape (0 is background).
 """
 
 from __future__ import annotations
@@ -14,26 +15,26 @@ from pathlib import Path
 import numpy as np
 
 from viscy.errors import ModelError, ViscyError
-from viscy.evaluate.config import SegmentationConfig
+from viscy.segment.config import SegmenterConfig
 
 Segmenter = Callable[[np.ndarray], np.ndarray]
 CLASSICAL_DEFAULT_DIAMETER = 15.0
 
-SEGMENTERS: dict[str, Callable[[SegmentationConfig], Segmenter]] = {}
+SEGMENTERS: dict[str, Callable[[SegmenterConfig], Segmenter]] = {}
 _CACHE: dict[tuple, Segmenter] = {}
 
 
 def register(name: str) -> Callable:
     """Decorator adding a segmenter factory to ``SEGMENTERS``."""
 
-    def deco(factory: Callable[[SegmentationConfig], Segmenter]) -> Callable[[SegmentationConfig], Segmenter]:
+    def deco(factory: Callable[[SegmenterConfig], Segmenter]) -> Callable[[SegmenterConfig], Segmenter]:
         SEGMENTERS[name] = factory
         return factory
 
     return deco
 
 
-def get_segmenter(config: SegmentationConfig) -> Segmenter:
+def get_segmenter(config: SegmenterConfig) -> Segmenter:
     """The segmenter for a config, built once per process (Ray reuses workers, so models load once).
 
     Raises
@@ -58,7 +59,8 @@ def classical_nuclei(image: np.ndarray, diameter: float = CLASSICAL_DEFAULT_DIAM
     Parameters
     ----------
     image
-        2D intensity image (Y, X), bright objects on a dark background.
+        Intensity image (Y, X), or a volume (Z, Y, X) segmented as one volume (objects span slices), bright
+        objects on a dark background. Voxels are taken as isotropic; a one-slice volume is segmented as 2D.
     diameter
         Typical object diameter in pixels; sets the smoothing, seed spacing and minimum object size.
     """
@@ -69,8 +71,10 @@ def classical_nuclei(image: np.ndarray, diameter: float = CLASSICAL_DEFAULT_DIAM
     from skimage.segmentation import watershed
 
     img = np.asarray(image, dtype=np.float32)
-    if img.ndim != 2:
-        raise ValueError(f"classical segmentation needs a 2D image, got shape {img.shape}")
+    if img.ndim not in (2, 3):
+        raise ValueError(f"classical segmentation needs a 2D image or a 3D volume, got shape {img.shape}")
+    if img.ndim == 3 and img.shape[0] == 1:
+        return classical_nuclei(img[0], diameter)[None]
     lo, hi = float(img.min()), float(img.max())
     if not hi > lo:
         return np.zeros(img.shape, dtype=np.int32)
@@ -81,7 +85,12 @@ def classical_nuclei(image: np.ndarray, diameter: float = CLASSICAL_DEFAULT_DIAM
     if np.ptp(smooth) <= 0:
         return np.zeros(img.shape, dtype=np.int32)
     mask = smooth > threshold_otsu(smooth)
-    min_area = max(int(np.pi * (diameter / 4) ** 2), 4)
+    # The smallest object kept: a disc of half the diameter in 2D; in 3D that disc's ball, cut to the stack's
+    # depth (a ball's volume is its disc's area times 2/3 of its height), so a thin stack keeps its objects.
+    min_area = np.pi * (diameter / 4) ** 2
+    if img.ndim == 3:
+        min_area *= min(diameter / 2, img.shape[0]) * 2 / 3
+    min_area = max(int(min_area), 4)
     mask = remove_small_objects(mask, max_size=min_area - 1) if _has_max_size() else remove_small_objects(
         mask, min_size=min_area
     )
@@ -108,7 +117,7 @@ def _has_max_size() -> bool:
 
 
 @register("classical")
-def _classical(config: SegmentationConfig) -> Segmenter:
+def _classical(config: SegmenterConfig) -> Segmenter:
     diameter = config.diameter or CLASSICAL_DEFAULT_DIAMETER
     return lambda image: classical_nuclei(image, diameter)
 
@@ -176,7 +185,7 @@ def load_cellpose(model: str, gpu: str | bool = "auto"):
         ) from None
 
 
-def check_segmenter(config: SegmentationConfig) -> None:
+def check_segmenter(config: SegmenterConfig) -> None:
     """Validate a segmentation config without loading a model (cheap; run before any work starts)."""
     if config.method not in SEGMENTERS:
         raise ViscyError(
@@ -198,12 +207,17 @@ def cached_cellpose(model: str, gpu: str | bool = "auto"):
 
 
 @register("cellpose")
-def _cellpose(config: SegmentationConfig) -> Segmenter:
+def _cellpose(config: SegmenterConfig) -> Segmenter:
     net = cached_cellpose(config.model, config.gpu)
 
     def run(image: np.ndarray) -> np.ndarray:
         # a copy: Cellpose normalises in place, and arrays from Ray's object store are read-only
-        masks, _flows, _styles = net.eval(np.array(image, dtype=np.float32), diameter=config.diameter)
+        image = np.array(image, dtype=np.float32)
+        if image.ndim == 3 and image.shape[0] == 1:
+            return run(image[0])[None]
+        # A volume is segmented in 3D (flows from the ZY, ZX and YX planes), not slice by slice.
+        volume = {"do_3D": True, "z_axis": 0} if image.ndim == 3 else {}
+        masks, _flows, _styles = net.eval(image, diameter=config.diameter, **volume)
         return np.asarray(masks).astype(np.int32)
 
     return run
