@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -70,3 +72,25 @@ def report_recorder(path: str) -> Any:
                 f.write(f"{int(metrics[0]['epoch'])}\n")
 
     return RecordReports()
+
+
+def read_until(proc: subprocess.Popen, marker: str, timeout: float) -> str:
+    """Read ``proc``'s text stdout line by line until a line holds ``marker``; return what was read.
+
+    Raises
+    ------
+    AssertionError
+        If the process ends or ``timeout`` seconds pass first (the process is then killed).
+    """
+    out, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            if proc.poll() is not None:
+                break
+            continue
+        out.append(line)
+        if marker in line:
+            return "".join(out)
+    proc.kill()
+    raise AssertionError(f"no {marker!r} within {timeout} s; output:\n{''.join(out)}")

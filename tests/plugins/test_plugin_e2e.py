@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import yaml
 
+from tests.helpers import read_until
 from tests.ray_head import BIN, free_ports, ray_head
 
 pytestmark = pytest.mark.slow
@@ -36,19 +37,6 @@ def _viscy(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 300
     assert done.returncode == 0, f"viscy {' '.join(args)}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     SECONDS[args[0]] = time.monotonic() - started
     return done.stdout
-
-
-def _read_until(proc: subprocess.Popen, marker: str, timeout: float) -> str:
-    out, deadline = [], time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            break
-        out.append(line)
-        if marker in line:
-            return "".join(out)
-    proc.kill()
-    raise AssertionError(f"no {marker!r} within {timeout} s; output:\n{''.join(out)}")
 
 
 def test_own_network_trains_exports_predicts_and_serves(tmp_path: Path) -> None:
@@ -138,7 +126,7 @@ def test_own_network_trains_exports_predicts_and_serves(tmp_path: Path) -> None:
         )
         try:
             started = time.monotonic()
-            _read_until(proc, "Ctrl-C stops it", 300)
+            read_until(proc, "Ctrl-C stops it", 300)
             SECONDS["serve"] = time.monotonic() - started
             image = np.random.default_rng(0).normal(100, 10, (48, 40)).astype(np.float32)
             stained = ServeClient(f"http://127.0.0.1:{port}").stain(image)

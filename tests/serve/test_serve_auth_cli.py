@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -12,24 +11,10 @@ import pytest
 import requests
 import tifffile
 
+from tests.helpers import read_until
 from tests.ray_head import BIN
 from tests.serve.conftest import TOKEN, TOKEN_ENV, Server, phase_image
 from viscy.serve import ServeClient, ServeError
-
-
-def _read_until(proc: subprocess.Popen, marker: str, timeout: float) -> str:
-    out, deadline = [], time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            if proc.poll() is not None:
-                break
-            continue
-        out.append(line)
-        if marker in line:
-            return "".join(out)
-    proc.kill()
-    raise AssertionError(f"no {marker!r} within {timeout} s; output:\n{''.join(out)}")
 
 
 def test_cli_serve_with_token_then_infer_then_ctrl_c(server: Server, tmp_path: Path) -> None:
@@ -40,7 +25,7 @@ def test_cli_serve_with_token_then_infer_then_ctrl_c(server: Server, tmp_path: P
            "--ingress.num_cpus", "0.05"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        banner = _read_until(proc, "Ctrl-C stops it", 300)
+        banner = read_until(proc, "Ctrl-C stops it", 300)
         url = f"{server.url}/secure"
         assert f"at {url}" in banner and "auth: bearer token required" in banner
         assert "Phase3D -> Nuclei, Membrane" in banner
