@@ -137,6 +137,9 @@ NOT_RUN: dict[str, str] = {
     "the demo's steps are the viscy commands run here",
     r"^ray (start|stop)\b": "starts/stops a Ray head: the examples run on a head that this module starts the same "
     "way (`ray start --head` on loopback, free ports: tests/ray_head.py) and stops when they are done",
+    r"^pip install \S*napari": "installs a desktop viewer (Qt) on the user's machine, outside viscy's venv",
+    r"^napari --plugin napari-ome-zarr ": "opens a window (needs a display); napari-ome-zarr reads the store with "
+    "ome-zarr-py's Reader, which tests/predict/test_predict_plate.py runs on predict's stores (image and label layer)",
     r"^export RAY_AUTH_MODE=token$": "environment for `ray job submit` (the examples run with RAY_AUTH_MODE=token)",
     r"^viscy evaluate .*--segmentation\.method cellpose --segmentation\.model cpsam": "needs the Cellpose-SAM "
     "weights (a download; CI has no network) and minutes of CPU per FOV; the Cellpose path is tested with a "

@@ -1,7 +1,8 @@
 """The embedded default job behind ``make demo``.
 
 Synthesise a plate → preprocess it → train a small 2D U-Net with Ray Train → export the best weights to
-ONNX → predict the held-out FOVs with Ray Data → evaluate them (regression and segmentation metrics).
+ONNX → predict and segment the held-out FOVs in one Ray Data pass (masks and a per-cell table) → evaluate them
+(regression and segmentation metrics, on those masks).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def _train_predict_evaluate(config: DemoConfig, plate_path) -> None:
         model={"checkpoint": trained.best_model}, output=workdir / "model" / "demo_unet2d.onnx", overwrite=True
     )
 
-    print(f"[6/7] predicting the held-out FOVs {', '.join(val_fovs)} with Ray Data (ONNX) ...")
+    print(f"[6/7] predicting and segmenting the held-out FOVs {', '.join(val_fovs)} with Ray Data (ONNX) ...")
     predicted = api.predict(
         data_path=[plate_path],
         positions=val_fovs,
@@ -84,12 +85,18 @@ def _train_predict_evaluate(config: DemoConfig, plate_path) -> None:
         output=workdir / "predictions.zarr",
         overwrite=True,
         denormalize=True,
+        segment={"method": "classical", "measure_channels": ["Phase3D"]},
+    )
+    store = predicted.outputs[0]
+    print(
+        f"  {predicted.objects} nuclei: masks {store / val_fovs[0] / 'labels' / predicted.masks[0]}, per-cell table "
+        f"{store / 'viscy_objects.csv'}\n  view: napari --plugin napari-ome-zarr {store / val_fovs[0]}"
     )
 
-    print("[7/7] evaluating predictions against the targets and the ground-truth nuclei ...")
+    print("[7/7] evaluating predictions (and their masks) against the targets and the ground-truth nuclei ...")
     api.evaluate(
         data_path=plate_path,
-        prediction_path=predicted.outputs[0],
+        prediction_path=store,
         positions=val_fovs,
         segmentation={"method": "classical", "use_ground_truth_labels": "nuclei"},
         output_dir=workdir / "evaluation",

@@ -1,6 +1,7 @@
 """Two Ray nodes on one machine (``ray start`` on loopback, told apart by custom resources): training placed
 across them through ``ray job submit``, storage by URI (the run's files there, a rerun or a resume of nothing
-refused), prediction on both nodes equal to one node, and the loss of a node mid-training survived.
+refused), prediction and segmentation (two Ray Data stages) on both nodes equal to one node, and the loss of a
+node mid-training survived.
 
 The head has 2 logical CPUs and the resource ``viscy_head``; the second node 2 CPUs and ``viscy_node_b``. Both
 run on the same 2 cores, so this shows placement and fault tolerance, not speed.
@@ -181,38 +182,51 @@ def test_uri_storage_refuses_a_rerun_and_a_resume_of_nothing(job_run, plate, mon
         run_train(TrainConfig.model_validate(_train_tree(plate, uri, "not-there", resume=True)))
 
 
+MASKS = "labels/Nuclei_prediction_masks/0"
+
+
 def _predict(plate: Path, model: Path, output: Path, env: dict[str, str]) -> tuple[subprocess.CompletedProcess, float]:
+    # 2 staining + 2 segmentation actors of 1 CPU fill the cluster's 4 CPUs: one actor of each stage per node
     cmd = [sys.executable, "-m", "viscy.cli", "predict", "--data_path", str(plate), "--model.checkpoint", str(model),
-           "--output", str(output), "--num_actors", "2", "--num_cpus_per_actor", "1", "--progress", "false"]
+           "--output", str(output), "--num_actors", "2", "--num_cpus_per_actor", "1", "--progress", "false",
+           "--segment.method", "classical", "--segment.measure_channels", "Phase3D", "--segment.num_actors", "2",
+           "--segment.num_cpus_per_actor", "1"]
     started = time.monotonic()
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     return out, time.monotonic() - started
 
 
 def test_predict_on_both_nodes_equals_one_node(cluster, job_run, plate, tmp_path):
+    """Staining and segmentation actors on both nodes: predictions, masks and object table equal one node's."""
+    import pandas as pd
     import zarr
 
     out, run, _ = job_run
     assert out.returncode == 0, out.stdout[-3000:]
     model = run / "best_model.pt"
     # Ray Data starts streaming once one actor is up; on this tiny plate it would finish before the second actor
-    # (on the other node) is ready. Wait for the whole pool, so both nodes predict.
+    # (on the other node) is ready. Wait for the whole pools, so both nodes predict and segment.
     both = _env(RAY_ADDRESS=cluster.head.gcs_address, RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S="300")
     two, two_s = _predict(plate, model, tmp_path / "two.zarr", both)
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     assert "every node sees it" in two.stdout, two.stdout + two.stderr[-3000:]  # local output on 2 nodes: said
     assert sorted(set(_nodes_of(cluster.head, "MapWorker(MapBatches(PredictActor))"))) == [HEAD, NODE_B]
+    assert sorted(set(_nodes_of(cluster.head, "MapWorker(MapBatches(SegmentActor))"))) == [HEAD, NODE_B]
     one, one_s = _predict(plate, model, tmp_path / "one.zarr", _env())  # a local single-node cluster
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
     a, b = zarr.open_group(str(tmp_path / "two.zarr"), mode="r"), zarr.open_group(str(tmp_path / "one.zarr"), mode="r")
-    compared = 0
+    compared = []
     for row, row_group in a.groups():
         for col, col_group in row_group.groups():
             for fov, fov_group in col_group.groups():
                 np.testing.assert_array_equal(fov_group["0"][:], b[f"{row}/{col}/{fov}/0"][:])
-                compared += 1
-    assert compared >= 2
-    print(f"predict, 2 actors: two nodes {two_s:.1f} s, one node {one_s:.1f} s")
+                np.testing.assert_array_equal(fov_group[MASKS][:], b[f"{row}/{col}/{fov}/{MASKS}"][:])
+                compared.append(f"{row}/{col}/{fov}")
+    assert len(compared) >= 2
+    table = pd.read_parquet(tmp_path / "two.zarr" / "viscy_objects.parquet")
+    assert len(table) > 0 and set(table.fov) <= set(compared)
+    pd.testing.assert_frame_equal(table, pd.read_parquet(tmp_path / "one.zarr" / "viscy_objects.parquet"))
+    print(f"predict + segment, 2 + 2 actors: two nodes {two_s:.1f} s, one node {one_s:.1f} s")
 
 
 def test_training_survives_the_loss_of_a_node(cluster, plate, tmp_path):

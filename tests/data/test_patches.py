@@ -81,6 +81,35 @@ def test_plain_patches_are_normalised_crops(synth_plate):
     assert not np.array_equal(sampler.sample("A/1/0", 6, seed=4, augment=False)["source"], batch["source"])
 
 
+def test_plain_patches_carry_label_crops_at_the_target_plane(synth_plate):
+    spec = PatchSpec(("Phase3D",), ("Nuclei",), z_window_size=3, yx_patch=(40, 56), target_2d=True)
+    sampler = PatchSampler(synth_plate, spec, NORMS, labels=("nuclei", "cells"))
+    sampler.validate(["A/1/0"])
+    batch = sampler.sample("A/1/0", 2, seed=2, augment=False)
+    assert batch["labels"].shape == (2, 2, 1, 40, 56) and batch["labels"].dtype == np.int32
+    plain = PatchSampler(synth_plate, spec, NORMS).sample("A/1/0", 2, seed=2, augment=False)
+    np.testing.assert_array_equal(plain["target"], batch["target"])  # labels change nothing else
+    assert set(plain) == {"source", "target"}
+    with Plate(synth_plate) as plate:
+        raw = plate.read("A/1/0", 0, [1])[0]
+        params = normalization_params(plate.normalization("A/1/0"), ["Nuclei"], NORMS)
+        nuclei = np.asarray(plate.read("A/1/0", 0, [0], array=plate.label_key("A/1/0", "nuclei"))[0])
+        t_n = plate.info("A/1/0").shape[0]
+    assert t_n == 1
+    norm = normalize(raw[None], params)[0]
+    for k in range(2):  # each label crop sits where its target crop came from
+        tgt = batch["target"][k, 0, 0]
+        hits = [(z, y, x) for z in range(norm.shape[0]) for y in range(norm.shape[1] - 39)
+                for x in range(norm.shape[2] - 55) if np.array_equal(norm[z, y : y + 40, x : x + 56], tgt)]
+        assert len(hits) == 1
+        z, y, x = hits[0]
+        np.testing.assert_array_equal(batch["labels"][k, 0, 0], nuclei[z, y : y + 40, x : x + 56])
+    with pytest.raises(DataError, match=r"has no label image 'nucleus' \(it has nuclei, cells\)"):
+        PatchSampler(synth_plate, spec, NORMS, labels=("nucleus",)).validate(["A/1/0"])
+    with pytest.raises(ValueError, match="plain"):
+        PatchSampler(synth_plate, spec, NORMS, augmentation=AugmentationConfig(), labels=("nuclei",))
+
+
 def test_augmented_patches_are_seeded_and_joint(synth_plate):
     aug = AugmentationConfig(
         affine_prob=1.0, flip_prob=0.5, noise_prob=0.0, smooth_prob=0.0, contrast_prob=0.0, intensity_scale_prob=0.0

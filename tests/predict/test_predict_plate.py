@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.predict.predict_helpers import check_table, read_masks
 from viscy.config import ConfigError, load_config
 from viscy.data.config import SynthConfig
 from viscy.models.config import ModelConfig
@@ -377,16 +378,6 @@ COLUMNS = [
 ]
 
 
-def _masks(store: Path, fov: str) -> np.ndarray:
-    """A FOV's ``(T, Z, Y, X)`` mask, found the way any NGFF reader finds it (labels list, multiscales)."""
-    from viscy.data.plate import Plate
-
-    plate = Plate(store)
-    assert MASKS in plate.labels(fov)
-    key = plate.label_key(fov, MASKS)
-    return np.stack([plate.read(fov, t, array=key)[0] for t in range(plate.info(fov).shape[0])])
-
-
 def _masks_named(store: Path, fov: str, name: str) -> np.ndarray:
     import zarr
 
@@ -394,30 +385,7 @@ def _masks_named(store: Path, fov: str, name: str) -> np.ndarray:
 
 
 def _check_table(store: Path, source: Path, fovs: list[str], objects: int) -> None:
-    """The job's table: one row per object of the masks (per FOV, t and channel), with its area and the means of
-    the stored prediction and of the raw measured channel of ``source`` inside it."""
-    import pandas as pd
-
-    from viscy.data.plate import Plate
-
-    table = pd.read_parquet(store / "viscy_objects.parquet")
-    assert list(table.columns) == COLUMNS and len(table) == objects > 0
-    pd.testing.assert_frame_equal(pd.read_csv(store / "viscy_objects.csv"), table, check_dtype=False)
-    assert set(table.fov) <= set(fovs) and set(table.channel) == {"Nuclei_prediction"}
-    for fov in fovs:
-        masks = _masks(store, fov)
-        for t, volume in enumerate(masks):
-            rows = table[(table.fov == fov) & (table.t == t)].set_index("label")
-            ids, counts = np.unique(volume[volume > 0], return_counts=True)
-            assert sorted(rows.index) == ids.tolist()
-            np.testing.assert_array_equal(rows.loc[ids, "area"], counts)
-    fov, t, label = table.iloc[0][["fov", "t", "label"]]
-    inside = _masks(store, fov)[t] == label
-    pred, phase = Plate(store), Plate(source)
-    pred = pred.read(fov, t, pred.channel_indices(["Nuclei_prediction"]))[0]
-    phase = phase.read(fov, t, phase.channel_indices(["Phase3D"]))[0]
-    np.testing.assert_allclose(table.iloc[0]["mean_Nuclei_prediction"], pred[inside].mean(), rtol=1e-5)
-    np.testing.assert_allclose(table.iloc[0]["mean_Phase3D"], phase[inside].mean(), rtol=1e-5)
+    check_table(store, source, fovs, objects, MASKS, ["Phase3D"], COLUMNS)
 
 
 def test_segment_new_store_masks_table_and_resume(assets):
@@ -450,7 +418,7 @@ def test_segment_new_store_masks_table_and_resume(assets):
         zarray = json.loads((group / "0" / ".zarray").read_text())
         assert zarray["shape"] == [2, 1, 3, 60, 90] and zarray["chunks"] == [1, 1, 1, 60, 90]
         assert zarray["dtype"] == "<i4"
-        for volume in _masks(out, fov):  # 2D: every object lies in one slice, ids unique in the volume
+        for volume in read_masks(out, fov, MASKS):  # 2D: every object lies in one slice, ids unique in the volume
             for label in np.unique(volume[volume > 0]):
                 assert len(np.unique(np.nonzero(volume == label)[0])) == 1
     nodes = list(Reader(parse_url(str(out / "A" / "1" / "0")))())

@@ -74,7 +74,7 @@ def serve_args(models: Path, cellpose: Path | None) -> dict:
         "max_image_pixels": 2 * 2048 * 2048,
         "stainer": {"num_cpus": 0.5, "max_batch_size": 8, "tile_yx": [512, 512],
                     "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, **fast}},
-        "segmenter": {"num_cpus": 0.2, "cellpose_model": str(cellpose) if cellpose else None},
+        "segmenter": {"num_cpus": 0.2, "model": str(cellpose) if cellpose else None},
         "ingress": {"num_cpus": 0.1, "max_queued_requests": 8},
     }
 

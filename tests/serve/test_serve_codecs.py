@@ -97,6 +97,29 @@ def test_a_network_bind_needs_a_token_or_an_explicit_flag(tmp_path: Path) -> Non
                                         "segmenter.max_diameter": 10})
 
 
+def test_segmenter_settings_are_the_segmenter_schema_and_read_the_old_keys(tmp_path: Path) -> None:
+    """``segmenter`` extends the schema of evaluate's and predict's segmenter (method, model, diameter, gpu);
+    the old names default_method and cellpose_model are still read, with a warning naming the new ones."""
+    from viscy.config import DeprecatedKeyWarning
+    from viscy.segment.config import SegmenterConfig
+    from viscy.serve.config import SegmenterSettings
+
+    assert set(SegmenterConfig.model_fields) <= set(SegmenterSettings.model_fields)
+    base = {"models": [str(tmp_path)]}
+    with pytest.warns(DeprecatedKeyWarning) as warned:
+        old = load_config(ServeConfig, None, {**base, "segmenter.cellpose_model": "cpsam",
+                                              "segmenter.default_method": "cellpose", "segmenter.diameter": 20})
+    assert sorted(str(w.message).split(";")[0] for w in warned) == [
+        "config key 'segmenter.cellpose_model' is deprecated", "config key 'segmenter.default_method' is deprecated"]
+    new = load_config(ServeConfig, None, {**base, "segmenter.model": "cpsam", "segmenter.method": "cellpose",
+                                          "segmenter.diameter": 20})
+    assert old.segmenter == new.segmenter
+    assert new.segmenter.for_request(None, None) == SegmenterConfig(method="cellpose", model="cpsam", diameter=20)
+    assert new.segmenter.for_request("classical", 9).diameter == 9
+    with pytest.raises(ConfigError, match="set segmenter.model"):
+        load_config(ServeConfig, None, {**base, "segmenter.method": "cellpose"})
+
+
 def test_model_calls_count_z_windows_tiles_and_tta() -> None:
     from viscy.predict.tiling import TilingOptions, count_model_calls
 

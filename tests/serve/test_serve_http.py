@@ -133,7 +133,9 @@ def test_segment_and_stain_and_segment(server: Server) -> None:
     assert masks.shape == (96, 96) and masks.dtype == np.int32 and masks.max() > 0
     stack_masks = client.segment(np.stack([image, image]))
     assert stack_masks.shape == (2, 96, 96)
-    np.testing.assert_array_equal(stack_masks[0], stack_masks[1])
+    # each slice on its own, ids unique in the stack (as viscy predict's 2d masks)
+    second = stack_masks[1]
+    np.testing.assert_array_equal(np.where(second > 0, second - stack_masks[0].max(), 0), stack_masks[0])
     both = client.stain_and_segment(image, model="stain2d", segment_channel="Membrane")
     assert both.stain.shape == (2, 96, 96) and both.masks.shape == (96, 96)
     assert both.channels == ["Nuclei", "Membrane"] and both.segmented == "Membrane"
@@ -275,6 +277,39 @@ def test_2048_image_through_tiling_equals_offline_predict(server: Server, tmp_pa
     assert served.normalization == "request"
     assert served.array.shape == offline.shape == (2, 2048, 2048)
     np.testing.assert_allclose(served.array, offline, atol=1e-5, rtol=0)
+
+
+def test_stain_and_segment_equals_the_masks_viscy_predict_writes(server: Server, tmp_path: Path) -> None:
+    """One FOV (a Z stack), one model, one segmentation setting: serve's masks are the label image of predict.
+
+    Serve gets the FOV's stored statistics (sources, and targets to denormalise as predict does), the
+    classical segmenter and its diameter; the 2.5D model reads Z windows of the whole stack in both paths."""
+    from tests.conftest import write_iohub_plate
+    from viscy import api
+    from viscy.data.plate import Plate
+
+    fov, masks = "A/1/0", "Nuclei_prediction_masks"
+    plate_path = write_iohub_plate(tmp_path / "seg.zarr", shape=(1, 3, 5, 64, 64), positions=(("A", "1", "0"),))
+    api.preprocess(data_path=plate_path, grid_spacing=1, num_cpus_per_task=0.2)
+    t0 = time.monotonic()
+    result = api.predict(onnx=server.models_dir / "stain25d.onnx", data_path=plate_path, output=tmp_path / "p.zarr",
+                         denormalize=True, num_cpus_per_actor=0.25, use_gpu=False, progress=False,
+                         segment={"method": "classical", "diameter": 8, "num_cpus_per_actor": 0.25})
+    predict_s = time.monotonic() - t0
+    with Plate(result.outputs[0]) as pred, Plate(plate_path) as src:
+        offline = pred.read(fov, 0, array=pred.label_key(fov, masks))[0]
+        offline_stain = pred.read(fov, 0, pred.channel_indices(["Nuclei_prediction"]))[0]
+        image = src.read(fov, 0, src.channel_indices(["Phase3D"]))[0]
+        stats = {ch: levels["fov_statistics"] for ch, levels in src.normalization(fov).items()}
+    t0 = time.monotonic()
+    served = ServeClient(server.url).stain_and_segment(image, model="stain25d", method="classical", diameter=8,
+                                                        statistics=stats, denormalize=True)
+    serve_s = time.monotonic() - t0
+    print(f"predict --segment: {predict_s:.1f} s; stain-and-segment: {serve_s:.2f} s; {offline.max()} objects")
+    assert served.segmented == "Nuclei" and served.masks.shape == offline.shape == (5, 64, 64)
+    np.testing.assert_array_equal(served.stain[0], offline_stain)  # the same engine, the same float32 values
+    assert all(plane.max() > 0 for plane in offline)
+    np.testing.assert_array_equal(served.masks, offline)
 
 
 def test_denormalize_with_sent_statistics(server: Server) -> None:

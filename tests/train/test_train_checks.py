@@ -142,3 +142,22 @@ def test_failure_message_is_one_line_naming_the_root_cause(ray_local):
         raise RuntimeError("wrapper") from KeyError("Nuclei")
     except RuntimeError as exc:
         assert failure_message(exc) == "KeyError: 'Nuclei'"
+
+
+def test_validation_segmentation_is_checked_against_the_plate_before_ray(small_plate, tmp_path, monkeypatch):
+    import ray
+
+    from viscy.errors import DataError
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("the check started Ray")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    seg = {"channels": ["Nuclei"], "labels": {"Nuclei": "nucleus"}}
+    with pytest.raises(DataError, match=r"no label image 'nucleus' \(it has none\)"):
+        run_train(resolve_config(TrainConfig, _tree(small_plate, tmp_path, val_segmentation=seg)))
+    tree = _tree(small_plate, tmp_path, val_segmentation={"channels": ["Nuclei"]})
+    tree["data"]["val_fraction"] = 0
+    with pytest.raises(ConfigError, match="no validation FOVs; set data.val_fraction"):
+        run_train(resolve_config(TrainConfig, tree))
+    assert not (tmp_path / "run").exists()

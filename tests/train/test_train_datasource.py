@@ -131,9 +131,9 @@ def test_training_read_order_changes_every_pass_validation_order_does_not(plate,
     seen: list[tuple[str, int | None]] = []
     real = datasource.start_read
 
-    def recording(read, data, augment):
+    def recording(read, data, augment, labels):
         seen.append((read.fov, read.seed))
-        return real(read, data, augment)
+        return real(read, data, augment, labels)
 
     monkeypatch.setattr(datasource, "start_read", recording)
     for seed in (None, 5):
@@ -198,7 +198,7 @@ def test_warm_read_workers_open_the_plates(plate, tmp_path):
     assert len(pids) == 2 and all(isinstance(p, int) for p in pids)
     # the sampler it cached in that worker is the one a read task of the same config uses
     assert datasource._warm_read_worker(data, augment=True) is not None
-    assert (str(plate), data.model_dump_json(), True) in datasource._SAMPLERS
+    assert (str(plate), data.model_dump_json(), True, ()) in datasource._SAMPLERS
     # best effort: a plate this worker cannot open is left to the read task's own error
     missing = data.model_copy(update={"data_path": [tmp_path / "absent.zarr"]})
     assert ray.get(datasource.warm_read_workers(missing, 1)) == [None]

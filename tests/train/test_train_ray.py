@@ -40,7 +40,9 @@ def _config(plate: Path, storage: Path, name: str, epochs: int = 2, **trainer) -
         "model": {"name": "unet2d", "kwargs": UNET},
         "trainer": {"max_epochs": epochs, "num_workers": 2, "cpus_per_worker": 0.5, "storage_path": str(storage),
                     "run_name": name, "train_steps_per_epoch": 2, "val_steps": 1, "log_every_n_epochs": 1,
-                    "lr": 1e-3} | trainer,
+                    "lr": 1e-3,
+                    "val_segmentation": {"channels": ["Nuclei", "Membrane"], "labels": {"Nuclei": "nuclei"},
+                                         "diameter": 12}} | trainer,
     })
 
 
@@ -53,13 +55,16 @@ def test_train_resume_and_refuse_overwrite(plate, tmp_path, capsys):
     console = capsys.readouterr().out
     # one line per epoch, relayed from rank 0 once, with the per-channel validation Pearson
     assert console.count("epoch 1/2 ") == 1 and console.count("epoch 2/2 ") == 1, console
-    assert "val Pearson Nuclei" in console and "best model" in console
+    assert "val Pearson Nuclei" in console and "val AP50 Nuclei" in console and "best model" in console
     run_dir = tmp_path / "run"
     assert trained.run_dir == run_dir and trained.epochs == 2
     assert len(_checkpoints(run_dir)) == 2
     m = trained.metrics
     assert {"val_loss", "train_loss", "val_pearson_Nuclei", "val_ssim_Membrane", "val_psnr_Nuclei",
             "val_mae_Membrane", "train_samples_per_s"} <= set(m)
+    # segmentation scores of the validation predictions: Nuclei against the plate's labels, Membrane its target's
+    scores = [m[f"val_{s}_{c}"] for s in ("ap50", "f1") for c in ("Nuclei", "Membrane")]
+    assert all(0 <= v <= 1 for v in scores), scores
     best = run_dir / BEST_MODEL
     assert trained.best_model == best
     load_checkpoint(create_model("unet2d", **UNET), best)

@@ -177,7 +177,29 @@ def test_fcmae_switch_and_mask_ratio_change_every_metric(tmp_path):
 def test_the_demo_sweep_ranks_by_a_metric_its_space_leaves_alone():
     config = load_config(TuneConfig, REPO / "configs" / "tune_demo.yaml")
     assert "trainer.ms_dssim_alpha" in config.search.space
-    assert (config.search.metric, config.search.metric_mode()) == ("val_pearson_Nuclei", "max")
+    assert (config.search.metric, config.search.metric_mode()) == ("val_ap50_Nuclei", "max")
+    assert config.trainer.val_segmentation.labels == {"Nuclei": "nuclei"}  # scored against the ground truth
     check_metric(config)
     with pytest.raises(ConfigError, match="trainer.ms_dssim_alpha changes what val_loss measures"):
         check_metric(config.model_copy(update={"search": config.search.model_copy(update={"metric": "val_loss"})}))
+
+
+def test_segmentation_scores_rank_a_search_whose_segmenter_is_fixed(tmp_path):
+    """val_ap50_/val_f1_ exist where validation segments, rank upwards, and refuse a searched segmenter."""
+    space = {"trainer.lr": {"loguniform": [1e-4, 1e-2]}, "trainer.ms_dssim_alpha": {"uniform": [0.0, 1.0]}}
+    tree = tune_tree(tmp_path / "p.zarr", tmp_path, "e", metric="val_ap50_Nuclei", space=space)
+    with pytest.raises(ConfigError, match="add Nuclei to trainer.val_segmentation.channels"):
+        _check(TuneConfig.model_validate(tree))
+    tree["trainer"]["val_segmentation"] = {"channels": ["Nuclei"], "labels": {"Nuclei": "nuclei"}}
+    for metric in ("val_ap50_Nuclei", "val_f1_Nuclei"):
+        tree["search"]["metric"] = metric
+        config = TuneConfig.model_validate(tree)
+        _check(config)  # the loss weights change the loss, not how the predictions' masks are scored
+        assert config.search.metric_mode() == "max"
+    tree["search"]["space"] = space | {"trainer.val_segmentation.diameter": {"uniform": [8.0, 20.0]}}
+    with pytest.raises(ConfigError) as err:
+        _check(TuneConfig.model_validate(tree))
+    message = str(err.value)
+    assert "search.space.trainer.val_segmentation.diameter changes what val_f1_Nuclei measures: it changes the " \
+        "segmenter" in message, message
+    assert "val_pearson_Nuclei" in message and "ms_dssim_alpha" not in message

@@ -32,3 +32,38 @@ def tune_tree(plate: Path, storage: Path, experiment: str, **search: Any) -> dic
                    "space": {"trainer.lr": {"loguniform": [1e-6, 3e-2]},
                              "model.kwargs.num_filters": {"choice": [4, 8]}}} | search,
     }
+
+
+def _note_epoch(epoch: int, rank: int, run_dir: Path | None) -> None:
+    """tests.faults' ``slow_epochs`` without its sleep: rank 0 notes each epoch it starts in its run directory."""
+    from tests.faults import EPOCH_STARTS
+
+    if rank == 0 and run_dir is not None:
+        with open(run_dir / EPOCH_STARTS, "a") as f:
+            f.write(f"{epoch}\n")
+
+
+def note_epochs_in_ray_worker() -> None:
+    """A ``worker_process_setup_hook``: every training epoch a Ray Train worker of this job starts is noted."""
+    from tests.faults import _at_epoch_start
+
+    _at_epoch_start(_note_epoch)(setattr)
+
+
+def start_ray_noting_epochs(monkeypatch: Any) -> None:
+    """Start this process's local Ray (2 CPUs) with :func:`note_epochs_in_ray_worker` in every worker.
+
+    Stop it with ``ray.shutdown()`` before the test ends: no other module may join it.
+    """
+    import ray
+
+    from viscy.ray_utils import ensure_ray
+
+    init = ray.init
+
+    def init_noting_epochs(*args: Any, **kwargs: Any) -> Any:
+        runtime_env = dict(kwargs.get("runtime_env") or {}) | {"worker_process_setup_hook": note_epochs_in_ray_worker}
+        return init(*args, **{**kwargs, "runtime_env": runtime_env})
+
+    monkeypatch.setattr(ray, "init", init_noting_epochs)
+    ensure_ray(num_cpus=2)

@@ -356,6 +356,8 @@ class PatchSampler:
         Training augmentations, or None for plain (validation) crops.
     fg_min_fraction, fg_weighted
         Foreground-mask-driven rejection and weighting (needs ``viscy preprocess`` with ``fg_mask``).
+    labels
+        Label images (e.g. ``nuclei``) cut with the target into ``labels`` (plain crops only: never augmented).
     """
 
     def __init__(
@@ -366,8 +368,12 @@ class PatchSampler:
         augmentation: AugmentationConfig | None = None,
         fg_min_fraction: float = 0.0,
         fg_weighted: bool = False,
+        labels: tuple[str, ...] = (),
     ) -> None:
+        if labels and augmentation is not None:
+            raise ValueError("label images are cut for plain (validation) crops only, not augmented ones")
         self.plate_path = str(plate_path)
+        self.labels = tuple(labels)
         self.spec = spec
         self.normalization = list(normalization)
         self.augmentation = augmentation
@@ -399,6 +405,21 @@ class PatchSampler:
                 f"fg_mask_min_fraction/fg_weighted_crops need a foreground mask in {plate.root}; run "
                 "`viscy preprocess --fg_mask.channel <channel>` first or disable them"
             )
+        for label in self.labels:
+            for n in names:
+                available = plate.labels(n)
+                if label not in available:
+                    raise DataError(
+                        f"position {n} of {plate.root} has no label image {label!r} (it has "
+                        f"{', '.join(available) or 'none'}); name one of those or drop the ground truth"
+                    )
+                shape = plate.array(n, plate.label_key(n, label)).shape
+                t, _, z, y, x = plate.info(n).shape
+                if len(shape) != 5 or shape[1] != 1 or (shape[0], *shape[2:]) != (t, z, y, x):
+                    raise DataError(
+                        f"label image {label!r} of {n} has shape {tuple(shape)}; it must be (T, 1, Z, Y, X) = "
+                        f"({t}, 1, {z}, {y}, {x}) like the image"
+                    )
 
     def _origins(self, fg: np.ndarray | None, shape_yx: tuple[int, int], n: int, rng) -> list[tuple[int, int]]:
         py, px = self.spec.yx_patch
@@ -430,7 +451,8 @@ class PatchSampler:
         Returns
         -------
         dict
-            ``source`` (n, Cs, Z, Y, X) and ``target`` (n, Ct, Z', Y, X) float32, normalised.
+            ``source`` (n, Cs, Z, Y, X) and ``target`` (n, Ct, Z', Y, X) float32, normalised; with label images,
+            ``labels`` (n, L, Z', Y, X) int32 at the target's planes.
         """
         return self.start(name, n, seed, augment)()
 
@@ -456,7 +478,18 @@ class PatchSampler:
         fg = None
         if self.fg_min_fraction > 0 or self.fg_weighted:
             fg = plate.fetch(name, t, [0], slice(zc, zc + 1), array=FG_MASK_KEY)
-        return lambda: self._cut(name, n, rng, source(), target(), None if fg is None else fg()[0, 0] > 0, augment)
+        labels = [plate.fetch(name, t, [0], target_z, array=plate.label_key(name, label)) for label in self.labels]
+
+        def cut() -> dict[str, np.ndarray]:
+            patches = self._cut(name, n, rng, source(), target(), None if fg is None else fg()[0, 0] > 0, augment)
+            if labels:
+                region = np.concatenate([np.asarray(read(), dtype=np.int32) for read in labels])
+                patches["labels"] = _cut(region, patches.pop("origins"), spec.yx_patch, np.int32)
+            else:
+                patches.pop("origins")
+            return patches
+
+        return cut
 
     def _cut(
         self,
@@ -481,7 +514,7 @@ class PatchSampler:
         normalize_inplace(target, normalization_params(meta, spec.target_channels, self.normalization), 1)
         if aug is not None:
             transform.intensity(source)
-        return {"source": source, "target": target}
+        return {"source": source, "target": target, "origins": origins}
 
 
 def prefetched(started: Iterable[Callable[[], Any]]) -> Iterator[Any]:
@@ -500,9 +533,11 @@ def _float32(x: np.ndarray) -> np.ndarray:
     return x if x.dtype == np.float32 and x.flags.c_contiguous else np.ascontiguousarray(x, dtype=np.float32)
 
 
-def _cut(region: np.ndarray, origins: list[tuple[int, int]], yx: tuple[int, int]) -> np.ndarray:
-    """``(n, C, Z, Py, Px)`` float32 crops of a ``(C, Z, Y, X)`` region at ``origins``."""
-    out = np.empty((len(origins), *region.shape[:2], *yx), dtype=np.float32)
+def _cut(
+    region: np.ndarray, origins: list[tuple[int, int]], yx: tuple[int, int], dtype: type = np.float32
+) -> np.ndarray:
+    """``(n, C, Z, Py, Px)`` crops of a ``(C, Z, Y, X)`` region at ``origins``."""
+    out = np.empty((len(origins), *region.shape[:2], *yx), dtype=dtype)
     for k, (y0, x0) in enumerate(origins):
         out[k] = region[..., y0 : y0 + yx[0], x0 : x0 + yx[1]]
     return out

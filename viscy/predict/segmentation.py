@@ -23,7 +23,7 @@ from viscy.errors import ChannelNotFoundError, DataError
 from viscy.predict.config import PredictSegmentConfig
 from viscy.predict.masks import mark_masks_complete, mask_names, write_fov_objects, write_mask
 from viscy.predict.writer import OutputTarget, prediction_names
-from viscy.segment import check_segmenter, get_segmenter, object_table
+from viscy.segment import check_segmenter, get_segmenter, label_stack, object_table
 from viscy.segment.config import SegmenterConfig
 from viscy.segment.measure import object_columns
 
@@ -108,20 +108,6 @@ def plan_segmentation(seg: PredictSegmentConfig, targets: list[str]) -> SegmentP
     return SegmentPlan(seg, chosen)
 
 
-def label_stack(volume: np.ndarray, segmenter: Any, dims: str) -> np.ndarray:
-    """Labels of a ``(Z, Y, X)`` prediction: the volume at once (``3d``) or slice by slice with ids offset so that
-    they are unique in the volume (``2d``)."""
-    if dims == "3d":
-        return np.asarray(segmenter(volume), dtype=np.int32)
-    out = np.zeros(volume.shape, dtype=np.int32)
-    offset = 0
-    for z, plane in enumerate(volume):
-        labels = np.asarray(segmenter(plane), dtype=np.int32)
-        out[z] = np.where(labels > 0, labels + offset, 0)
-        offset += int(labels.max(initial=0))
-    return out
-
-
 def segment_unit(
     prediction: np.ndarray,
     measured: dict[str, np.ndarray],
@@ -167,11 +153,12 @@ class SegmentActor:
         plate_names: dict[str, str],
         threads: int | None = None,
     ) -> None:
-        if threads:
+        self.seg = PredictSegmentConfig(**segment)
+        # Only Cellpose runs torch; importing it for the classical segmenter would cost each actor seconds.
+        if threads and self.seg.method == "cellpose":
             import torch
 
             torch.set_num_threads(threads)
-        self.seg = PredictSegmentConfig(**segment)
         self.segmenter = get_segmenter(self.seg)
         self.targets, self.chosen = targets, chosen
         self.outputs, self.plate_names = outputs, plate_names

@@ -3,7 +3,7 @@
 ``classical`` (Gaussian smoothing, Otsu threshold, distance-transform watershed) needs no weights and suits
 nuclei; ``cellpose`` wraps ``cellpose.models.CellposeModel`` (Cellpose >= 4, Cellpose-SAM). A segmenter is a
 callable mapping a float image, 2D (Y, X) or a 3D volume (Z, Y, X) segmented as one volume, to an int32 label
-image of the same shape (0 is background).
+image of the same shape (0 is background); :func:`label_stack` applies one to a Z stack.
 """
 
 from __future__ import annotations
@@ -50,6 +50,20 @@ def get_segmenter(config: SegmenterConfig) -> Segmenter:
     if key not in _CACHE:
         _CACHE[key] = SEGMENTERS[config.method](config)
     return _CACHE[key]
+
+
+def label_stack(volume: np.ndarray, segmenter: Segmenter, dims: str = "2d") -> np.ndarray:
+    """Labels of a ``(Z, Y, X)`` volume: at once (``3d``) or slice by slice with ids offset so that they are unique
+    in the volume (``2d``). The one way predict's stage and serve's ``Segmenter`` apply a segmenter to a stack."""
+    if dims == "3d":
+        return np.asarray(segmenter(volume), dtype=np.int32)
+    out = np.zeros(volume.shape, dtype=np.int32)
+    offset = 0
+    for z, plane in enumerate(volume):
+        labels = np.asarray(segmenter(plane), dtype=np.int32)
+        out[z] = np.where(labels > 0, labels + offset, 0)
+        offset += int(labels.max(initial=0))
+    return out
 
 
 # ---------------------------------------------------------------------------------------- classical

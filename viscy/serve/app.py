@@ -4,7 +4,8 @@
   through the shared tiling engine (:mod:`viscy.predict.tiling`: padding to the YX multiple, Gaussian
   blending, Z windows); every tile passes through one ``@serve.batch`` queue, so same-shaped tiles of
   concurrent requests run as one batch.
-* ``Segmenter`` runs the segmenters of ``viscy evaluate`` (classical; Cellpose when configured).
+* ``Segmenter`` runs the segmenters of ``viscy evaluate`` and ``viscy predict`` (classical; Cellpose when
+  configured), applied to a stack as predict's segmentation stage does (:func:`viscy.segment.label_stack`).
 * ``Ingress`` decodes and validates payloads, normalises with the model's metadata, composes the two
   through deployment handles and encodes the answer. Bad input gets a 4xx JSON answer naming the problem.
 
@@ -195,8 +196,8 @@ class Segmenter:
 
         self.settings = SegmenterSettings(**settings)
         self.methods = ["classical"]
-        if self.settings.cellpose_model:
-            cached_cellpose(self.settings.cellpose_model, self.settings.gpu)  # loaded before the replica is healthy
+        if self.settings.model:
+            cached_cellpose(self.settings.model, self.settings.gpu)  # loaded before the replica is healthy
             self.methods.append("cellpose")
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="viscy-segment")
 
@@ -204,25 +205,28 @@ class Segmenter:
         """The methods this replica serves."""
         return list(self.methods)
 
-    async def segment(self, stack: np.ndarray, method: str, diameter: float | None) -> np.ndarray:
-        """Label every slice of a ``(Z, Y, X)`` float image; returns int32 ``(Z, Y, X)``.
+    async def segment(self, stack: np.ndarray, method: str | None, diameter: float | None) -> np.ndarray:
+        """Label every slice of a ``(Z, Y, X)`` float image as ``viscy predict`` (``dims: 2d``) does: ids unique in
+        the stack; returns int32 ``(Z, Y, X)``.
 
         Planes run one at a time on the replica's segmentation thread; a cancelled request stops between
         planes (a plane already running finishes: neither Cellpose nor scikit-image can be interrupted).
         """
-        from viscy.segment.config import SegmenterConfig
-        from viscy.segment.segmenters import get_segmenter
+        from viscy.segment.segmenters import get_segmenter, label_stack
 
-        config = SegmenterConfig(
-            method=method,
-            model=self.settings.cellpose_model or "cpsam",
-            diameter=diameter or self.settings.diameter,
-            gpu=self.settings.gpu,
-        )
-        segment = get_segmenter(config)
-        loop = asyncio.get_running_loop()
-        planes = [await loop.run_in_executor(self.pool, segment, plane) for plane in stack]
-        return np.stack(planes).astype(np.int32)
+        segment = get_segmenter(self.settings.for_request(method, diameter))
+        cancelled = threading.Event()
+
+        def plane(image: np.ndarray) -> np.ndarray:
+            if cancelled.is_set():
+                raise asyncio.CancelledError
+            return segment(image)
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, label_stack, stack, plane, "2d")
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
 
 
 # ---------------------------------------------------------------------------------------- ingress
@@ -362,9 +366,9 @@ class Ingress:
 
     async def _segment(self, stack: np.ndarray, method: str | None, diameter: float | None) -> np.ndarray:
         methods = await self.segmenter.available.remote()
-        method = method or self.config.segmenter.default_method
+        method = method or self.config.segmenter.method
         if method not in methods:
-            hint = " (set segmenter.cellpose_model in the serve config)" if method == "cellpose" else ""
+            hint = " (set segmenter.model in the serve config)" if method == "cellpose" else ""
             raise PayloadError(400, f"segmentation method {method[:40]!r} is not served; available: "
                                     f"{', '.join(methods)}{hint}")
         diameter = diameter or self.config.segmenter.diameter

@@ -161,15 +161,20 @@ class ServeClient:
 
     def stain_and_segment(self, image: np.ndarray, model: str | None = None, method: str | None = None,
                           segment_channel: str | None = None, diameter: float | None = None,
-                          statistics: dict[str, dict[str, float]] | None = None) -> StainSegmentResult:
-        """Stain, then segment one predicted channel (default: the first), in one request."""
+                          statistics: dict[str, dict[str, float]] | None = None, normalize: bool = True,
+                          denormalize: bool = False) -> StainSegmentResult:
+        """Stain, then segment one predicted channel (default: the first), in one request.
+
+        With the FOV's stored statistics (sources, and targets for ``denormalize``) and the same method and
+        diameter, the masks equal those ``viscy predict --segment`` writes for that FOV (``--denormalize`` alike).
+        """
         body, headers = self._raw(image)
         headers["Accept"] = NPZ
         if statistics is not None:
             headers["X-Viscy-Statistics"] = json.dumps(statistics)
         r = self._request("POST", "/v1/stain-and-segment", data=body, headers=headers,
                           params=self._params(model=model, method=method, segment_channel=segment_channel,
-                                              diameter=diameter))
+                                              diameter=diameter, normalize=normalize, denormalize=denormalize))
         arrays = decode_npz(r.content)
         return StainSegmentResult(arrays["stain"], arrays["masks"], [str(c) for c in arrays["channels"]],
                                   r.headers["x-viscy-segmented"], parse_server_timing(r.headers.get("server-timing")))

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from viscy.config import PathList, StrictModel
+from viscy.segment.config import SegmenterConfig
 
 RAY_SERVE_KEYS = ("proxy_location", "http_options", "grpc_options", "logging_config", "applications")
 SERVE_IMPORT_PATH = "viscy.serve.app:build_app"
@@ -59,23 +60,23 @@ class StainerSettings(StrictModel):
     blend: Literal["gaussian", "constant"] = Field("gaussian", description="Tile merge weights.")
 
 
-class SegmenterSettings(StrictModel):
-    """The ``Segmenter`` deployment: the classical segmenter, and Cellpose when a model is configured."""
+class SegmenterSettings(SegmenterConfig):
+    """The ``Segmenter`` deployment: the segmenter of ``evaluate`` and ``predict`` (its ``method``, ``model``,
+    ``diameter`` and ``gpu`` are the defaults of requests), classical always served, Cellpose when ``model`` is set.
+    """
 
+    renamed_keys: ClassVar[dict[str, str]] = {"default_method": "method", "cellpose_model": "model"}
+
+    method: Literal["classical", "cellpose"] = Field(
+        "classical", description="Method used when a request names none ('cellpose' needs model)."
+    )
+    model: str | None = Field(
+        None, description="Cellpose >= 4 model name (e.g. cpsam) or checkpoint file; null serves classical only."
+    )
     num_cpus: float = Field(0.5, ge=0, description="CPUs reserved per replica.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (for Cellpose).")
     max_ongoing_requests: int = Field(4, ge=1, description="Requests one replica works on at once.")
     autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings)
-    cellpose_model: str | None = Field(
-        None, description="Cellpose >= 4 model name (e.g. cpsam) or checkpoint file; null serves classical only."
-    )
-    gpu: Literal["auto", True, False] = Field("auto", description="Run Cellpose on CUDA: auto, true or false.")
-    default_method: Literal["classical", "cellpose"] = Field(
-        "classical", description="Method used when a request names none."
-    )
-    diameter: float | None = Field(
-        None, gt=0, description="Default object diameter in pixels (null: Cellpose's default / 15 px classical)."
-    )
     min_diameter: float = Field(
         4.0, gt=0, description="Smallest diameter a request may ask for (Cellpose upsamples by 30/diameter)."
     )
@@ -94,7 +95,17 @@ class SegmenterSettings(StrictModel):
                 f"segmenter.diameter ({self.diameter}) is outside [min_diameter, max_diameter] "
                 f"([{self.min_diameter}, {self.max_diameter}])"
             )
+        if self.method == "cellpose" and self.model is None:
+            raise ValueError(
+                "segmenter.method is cellpose but no Cellpose model is served; set segmenter.model (e.g. cpsam or a "
+                "checkpoint path) or method: classical"
+            )
         return self
+
+    def for_request(self, method: str | None, diameter: float | None) -> SegmenterConfig:
+        """The segmenter of one request: its method and diameter, else these defaults."""
+        return SegmenterConfig(method=method or self.method, model=self.model or "cpsam",
+                               diameter=diameter or self.diameter, gpu=self.gpu)
 
 
 class IngressSettings(StrictModel):

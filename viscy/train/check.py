@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 from viscy.config import ConfigError
-from viscy.errors import ModelError
+from viscy.errors import ModelError, ViscyError
 from viscy.models.card import ModelCard
 from viscy.train.config import DEFAULT_TRAIN_MODEL, TrainConfig
 
@@ -31,6 +31,35 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def check_val_segmentation(config: TrainConfig, fovs: list[tuple[str, str]]) -> None:
+    """Check ``trainer.val_segmentation`` against the plates: validation FOVs exist, with any ground-truth labels.
+
+    Raises
+    ------
+    ConfigError
+        If segmentation scores are asked for without validation FOVs, or for a segmenter that cannot run here.
+    DataError
+        If a validation FOV lacks a named label image.
+    """
+    from viscy.segment.segmenters import check_segmenter
+    from viscy.train.datasource import check_val_labels, split_fovs
+
+    seg = config.trainer.val_segmentation
+    if not seg.channels:
+        return
+    if not split_fovs(fovs, config.data).val:
+        raise ConfigError(
+            "trainer.val_segmentation scores validation predictions but there are no validation FOVs; set "
+            "data.val_fraction or data.val_positions"
+        )
+    try:
+        check_segmenter(seg)
+    except ViscyError as exc:
+        raise ConfigError(f"trainer.val_segmentation: {exc}") from None
+    if seg.labels:
+        check_val_labels(fovs, config.data, seg.label_names())
 
 
 def check_model(config: TrainConfig, run_name: str | None = None) -> ModelCard:

@@ -14,6 +14,7 @@ from pydantic import Field, model_validator
 from viscy.config import StrictModel
 from viscy.data.config import DataConfig
 from viscy.models.config import ModelConfig
+from viscy.segment.config import SegmenterConfig
 
 
 class FcmaeTrainConfig(StrictModel):
@@ -24,6 +25,41 @@ class FcmaeTrainConfig(StrictModel):
     encoder_checkpoint: Path | None = Field(
         None, description="Pre-trained FCMAE checkpoint whose encoder initialises the model (fine-tuning)."
     )
+
+
+SEGMENTATION_SCORES = ("ap50", "f1")  # validation scores per segmented channel: val_<score>_<channel>
+
+
+class ValSegmentationConfig(SegmenterConfig):
+    """Segmentation scores of the validation predictions: ``val_ap50_<channel>`` and ``val_f1_<channel>``.
+
+    Each validation patch's prediction is segmented and matched (IoU >= 0.5) against the plate's ground-truth
+    label image named in ``labels``, else against the same segmentation of the target patch.
+    """
+
+    channels: list[str] = Field(
+        default_factory=list,
+        description="Target channels whose validation predictions are segmented and scored (AP and F1 at IoU "
+        "0.5); empty: no segmentation scores.",
+    )
+    labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="Ground truth per channel: channel -> the plate's label image (e.g. Nuclei: nuclei); a channel "
+        "without one is scored against the segmentation of its target.",
+    )
+
+    def label_names(self) -> tuple[str, ...]:
+        """The label images validation patches carry, in the order of ``labels``, each once."""
+        return tuple(dict.fromkeys(self.labels.values()))
+
+    @model_validator(mode="after")
+    def _labels_name_scored_channels(self) -> ValSegmentationConfig:
+        extra = sorted(set(self.labels) - set(self.channels))
+        if extra:
+            raise ValueError(f"labels name channels that are not scored: {extra}; add them to channels")
+        if len(set(self.channels)) != len(self.channels):
+            raise ValueError(f"channels are listed twice: {self.channels}")
+        return self
 
 
 class TrainerConfig(StrictModel):
@@ -65,6 +101,7 @@ class TrainerConfig(StrictModel):
     resume: bool = Field(False, description="Continue the run storage_path/run_name from its last checkpoint.")
     log_every_n_epochs: int = Field(5, ge=1, description="Epochs between input/target/prediction figures.")
     fcmae: FcmaeTrainConfig = Field(default_factory=FcmaeTrainConfig)
+    val_segmentation: ValSegmentationConfig = Field(default_factory=ValSegmentationConfig)
     train_steps_per_epoch: int | None = Field(
         None, ge=1, description="Batches per worker per epoch; default: reads_per_fov reads of every train FOV."
     )
@@ -101,4 +138,13 @@ class TrainConfig(StrictModel):
     def _resume_names_its_run(self) -> TrainConfig:
         if self.trainer.resume and self.trainer.run_name is None:
             raise ValueError("trainer.resume needs trainer.run_name (the run to continue)")
+        scored = self.trainer.val_segmentation.channels
+        if scored and self.trainer.fcmae.pretraining:
+            raise ValueError("trainer.val_segmentation scores stained channels; FCMAE pre-training predicts none")
+        unknown = [c for c in scored if c not in self.data.target_channels]
+        if unknown:
+            raise ValueError(
+                f"trainer.val_segmentation.channels {unknown} are not target channels; choose from "
+                f"{self.data.target_channels}"
+            )
         return self

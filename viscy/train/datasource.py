@@ -51,9 +51,9 @@ class Split:
         return json.dumps({"train": [f"{p}::{f}" for p, f in self.train], "val": [f"{p}::{f}" for p, f in self.val]})
 
 
-def _sampler(plate: str, data: DataConfig, augment: bool) -> PatchSampler:
-    """One sampler (and open plate) per process, plate and mode."""
-    key = (plate, data.model_dump_json(), augment)
+def _sampler(plate: str, data: DataConfig, augment: bool, labels: tuple[str, ...] = ()) -> PatchSampler:
+    """One sampler (and open plate) per process, plate, mode and label images."""
+    key = (plate, data.model_dump_json(), augment, labels)
     if key not in _SAMPLERS:
         _SAMPLERS[key] = PatchSampler(
             plate,
@@ -62,6 +62,7 @@ def _sampler(plate: str, data: DataConfig, augment: bool) -> PatchSampler:
             data.augmentation if augment else None,
             data.fg_mask_min_fraction,
             data.fg_weighted_crops,
+            labels,
         )
     return _SAMPLERS[key]
 
@@ -103,6 +104,21 @@ def split_fovs(fovs: list[tuple[str, str]], data: DataConfig) -> Split:
     return Split(tuple(train), tuple(val))
 
 
+def check_val_labels(fovs: list[tuple[str, str]], data: DataConfig, labels: tuple[str, ...]) -> None:
+    """Check that every validation FOV has the label images ``labels`` in the image's shape.
+
+    Raises
+    ------
+    DataError
+        Naming the FOV, the label images it has, and the fix.
+    """
+    val: dict[str, list[str]] = {}
+    for plate, fov in split_fovs(fovs, data).val:
+        val.setdefault(plate, []).append(fov)
+    for plate, names in val.items():
+        _sampler(plate, data, augment=False, labels=labels).validate(names)
+
+
 def plan_reads(
     fovs: tuple[tuple[str, str], ...] | list[tuple[str, str]],
     patches_per_stack: int,
@@ -127,31 +143,33 @@ def plan_reads(
     return reads
 
 
-def start_read(read: Read, data: DataConfig, augment: bool) -> Callable[[], dict[str, np.ndarray]]:
+def start_read(
+    read: Read, data: DataConfig, augment: bool, labels: tuple[str, ...] = ()
+) -> Callable[[], dict[str, np.ndarray]]:
     """Start one read (in a Ray Data worker): its region is fetched in the background; call the result."""
     seed = read.seed if read.seed is not None else secrets.randbits(63)
-    return _sampler(read.plate, data, augment).start(read.fov, read.n, seed, augment=augment)
+    return _sampler(read.plate, data, augment, labels).start(read.fov, read.n, seed, augment=augment)
 
 
-def _read_task_fn(reads: list[Read], data: DataConfig, augment: bool):
+def _read_task_fn(reads: list[Read], data: DataConfig, augment: bool, labels: tuple[str, ...]):
     def fn():
         from ray.data.block import BlockAccessor
 
         # Unseeded (training) reads run in a fresh order every pass; seeded (validation) ones in plan order.
         fresh = any(r.seed is None for r in reads)
         order = np.random.default_rng().permutation(len(reads)) if fresh else range(len(reads))
-        for batch in prefetched(start_read(reads[i], data, augment) for i in order):
+        for batch in prefetched(start_read(reads[i], data, augment, labels) for i in order):
             yield BlockAccessor.batch_to_block(batch)
 
     return fn
 
 
-def patch_datasource(reads: list[Read], data: DataConfig, augment: bool):
+def patch_datasource(reads: list[Read], data: DataConfig, augment: bool, labels: tuple[str, ...] = ()):
     """A ``ray.data.Datasource`` whose read tasks execute ``reads`` (the class is built lazily: Ray imports late)."""
     from ray.data import Datasource, ReadTask
     from ray.data.block import BlockMetadata
 
-    bytes_per_patch = _bytes_per_patch(data)
+    bytes_per_patch = _bytes_per_patch(data, len(labels))
 
     class _Source(Datasource):
         def estimate_inmemory_data_size(self) -> int:
@@ -165,7 +183,7 @@ def patch_datasource(reads: list[Read], data: DataConfig, augment: bool):
             for group in groups:
                 rows = sum(r.n for r in group)
                 meta = BlockMetadata(num_rows=rows, size_bytes=rows * bytes_per_patch, exec_stats=None)
-                tasks.append(ReadTask(_read_task_fn(group, data, augment), meta))
+                tasks.append(ReadTask(_read_task_fn(group, data, augment, labels), meta))
             return tasks
 
         def get_name(self) -> str:
@@ -174,8 +192,8 @@ def patch_datasource(reads: list[Read], data: DataConfig, augment: bool):
     return _Source()
 
 
-def patch_dataset(reads: list[Read], data: DataConfig, augment: bool):
-    """A ``ray.data.Dataset`` of ``{"source", "target"}`` patches for ``reads``.
+def patch_dataset(reads: list[Read], data: DataConfig, augment: bool, labels: tuple[str, ...] = ()):
+    """A ``ray.data.Dataset`` of ``{"source", "target"}`` patches for ``reads`` (and ``"labels"`` with label images).
 
     Up to ``data.reads_per_task`` consecutive reads share one read task, because a Ray Data task costs about
     20 ms of worker time on top of its reads (measured in ``benchmarks/bench_train.py``). There are never fewer
@@ -187,7 +205,7 @@ def patch_dataset(reads: list[Read], data: DataConfig, augment: bool):
 
     cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
     tasks = min(len(reads), max(math.ceil(len(reads) / data.reads_per_task), cpus))
-    return ray.data.read_datasource(patch_datasource(reads, data, augment), override_num_blocks=tasks)
+    return ray.data.read_datasource(patch_datasource(reads, data, augment, labels), override_num_blocks=tasks)
 
 
 def _warm_read_worker(data: DataConfig, augment: bool) -> int | None:
@@ -237,9 +255,9 @@ def _read_task_runtime_env() -> dict[str, Any] | None:
 VAL_CACHE_BYTES = 1 << 30
 
 
-def _bytes_per_patch(data: DataConfig) -> int:
+def _bytes_per_patch(data: DataConfig, labels: int = 0) -> int:
     spec = PatchSpec.from_config(data)
-    planes = len(spec.source_channels) * spec.z_window_size + len(spec.target_channels) * spec.target_depth
+    planes = len(spec.source_channels) * spec.z_window_size + (len(spec.target_channels) + labels) * spec.target_depth
     return 4 * spec.yx_patch[0] * spec.yx_patch[1] * planes
 
 
@@ -252,6 +270,7 @@ def build_datasets(
     val_steps: int | None = None,
     seed: int = 42,
     fovs: list[tuple[str, str]] | None = None,
+    val_labels: tuple[str, ...] = (),
 ) -> tuple[Any, Any | None, Split, dict[str, int]]:
     """Train and validation datasets sized so that every worker gets the same whole number of batches.
 
@@ -259,7 +278,7 @@ def build_datasets(
     and slowed training steps on a 2-core machine: 111.5 s against 95.6 s for 8 demo epochs). The validation
     set is kept by each worker after its first pass when ``val_cache`` is set (at most
     :data:`VAL_CACHE_BYTES` per worker). ``fovs`` is :func:`list_fovs`' answer where the caller has it (the
-    plates are then not listed again).
+    plates are then not listed again). ``val_labels``: label images the validation patches carry (ground truth).
 
     Returns
     -------
@@ -279,6 +298,6 @@ def build_datasets(
             val_steps = max(1, math.ceil(len(split.val) * val_reads_per_fov * pps / (world_size * bs)))
         n_val = val_steps
         val_reads = plan_reads(split.val, pps, val_reads_per_fov, val_steps * bs * world_size, seed=seed)
-        val = patch_dataset(val_reads, data, augment=False)
-    val_cache = n_val * bs * _bytes_per_patch(data) <= VAL_CACHE_BYTES
+        val = patch_dataset(val_reads, data, augment=False, labels=val_labels)
+    val_cache = n_val * bs * _bytes_per_patch(data, len(val_labels)) <= VAL_CACHE_BYTES
     return train, val, split, {"train_steps": train_steps_per_epoch, "val_steps": n_val, "val_cache": int(val_cache)}

@@ -48,6 +48,8 @@ def demo_train_dict(plate: str | Path, storage: str | Path, epochs: int = 16, wo
             "val_steps": 3,
             "log_every_n_epochs": 4,
             "num_to_keep": 2,
+            # Each epoch also scores the nuclei segmented from the validation predictions (val_ap50_Nuclei).
+            "val_segmentation": {"channels": ["Nuclei"], "labels": {"Nuclei": "nuclei"}},
         },
         "logging": {"wandb": False},
     }

@@ -15,7 +15,7 @@ from torchmetrics import MeanAbsoluteError, MeanMetric, PearsonCorrCoef
 from torchmetrics.functional.image import peak_signal_noise_ratio
 from torchmetrics.image import StructuralSimilarityIndexMeasure
 
-from viscy.train.config import TrainerConfig
+from viscy.train.config import SEGMENTATION_SCORES, TrainerConfig
 from viscy.train.loss import MixedLoss
 
 METRICS = ("pearson", "ssim", "psnr", "mae")
@@ -86,7 +86,8 @@ class VSModule(pl.LightningModule):
     model_name, model_kwargs, model_checkpoint
         The network (``viscy.models.create_model``).
     source_channels, target_channels
-        Channel names; metrics are logged per target channel as ``val_<metric>_<channel>``.
+        Channel names; metrics are logged per target channel as ``val_<metric>_<channel>`` (and
+        ``val_ap50_<channel>``, ``val_f1_<channel>`` for channels ``trainer.val_segmentation`` scores).
     trainer
         The ``trainer`` config section (as a dict, so hyper-parameters serialise).
     figure_dir
@@ -120,6 +121,14 @@ class VSModule(pl.LightningModule):
             # Normalised targets have no fixed range: PSNR per batch with the target's range, averaged.
             self.metrics[f"psnr_{ch}"] = MeanMetric()
             self.metrics[f"mae_{ch}"] = MeanAbsoluteError()
+        self.scorer = None
+        if self.cfg.val_segmentation.channels and not self.pretraining:
+            from viscy.train.val_segmentation import InstanceMatchScore, ValSegmentationScorer
+
+            self.scorer = ValSegmentationScorer(self.cfg.val_segmentation, self.channels)
+            for ch in self.cfg.val_segmentation.channels:
+                for score in SEGMENTATION_SCORES:
+                    self.metrics[f"{score}_{ch}"] = InstanceMatchScore(score)
         self._figure_batch: tuple[Tensor, Tensor, Tensor] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -166,6 +175,12 @@ class VSModule(pl.LightningModule):
             self.metrics[f"mae_{ch}"].update(p, t)
             for m in METRICS:
                 self.log(f"val_{m}_{ch}", self.metrics[f"{m}_{ch}"], on_step=False, on_epoch=True, batch_size=bs)
+        if self.scorer is not None:
+            for ch, counts in self.scorer.counts(pred, target, batch.get("labels")).items():
+                for score in SEGMENTATION_SCORES:
+                    metric = self.metrics[f"{score}_{ch}"]
+                    metric.update(*counts)
+                    self.log(f"val_{score}_{ch}", metric, on_step=False, on_epoch=True, batch_size=bs)
         if batch_idx == 0 and self.global_rank == 0:
             self._figure_batch = (batch["source"][:3].cpu(), target[:3].cpu(), pred[:3].cpu())
 

@@ -51,6 +51,9 @@ class EpochPrinter:
         pearson = [f"{c} {m[f'val_pearson_{c}']:.3f}" for c in self.channels if f"val_pearson_{c}" in m]
         if pearson:
             parts.append("val Pearson " + " ".join(pearson))
+        ap50 = [f"{c} {m[f'val_ap50_{c}']:.3f}" for c in self.channels if f"val_ap50_{c}" in m]
+        if ap50:
+            parts.append("val AP50 " + " ".join(ap50))
         if "train_samples_per_s" in m:
             parts.append(f"{m['train_samples_per_s']:.1f} samples/s")
         self.bar.write("  ".join(parts) + eta)

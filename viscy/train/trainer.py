@@ -205,7 +205,7 @@ def run_train(
         On resume, report the restored epochs' metrics again before training on (a tune trial's results).
     """
     from viscy.console import place_log
-    from viscy.train.check import check_model
+    from viscy.train.check import check_model, check_val_segmentation
     from viscy.train.datasource import build_datasets, list_fovs
     from viscy.train.progress import EpochConsole, EpochPrinter
 
@@ -215,6 +215,7 @@ def run_train(
     check_run_dir(run_dir, storage, name, tc.resume)
     card = check_model(config, name)  # the model is resolved and checked here only; workers get the card
     fovs = list_fovs(config.data)  # plates, channels, windows and patch sizes, before Ray starts
+    check_val_segmentation(config, fovs)
     if tc.precision == "16-mixed" and not tc.use_gpu:
         warnings.warn("precision 16-mixed needs a GPU; workers will train in 32", stacklevel=2)
 
@@ -228,6 +229,7 @@ def run_train(
         tc.val_steps,
         tc.seed,
         fovs=fovs,
+        val_labels=tc.val_segmentation.label_names(),
     )
     info = _write_run_start(config, card, run_dir, name, storage, split, steps)
     logfile = place_log(run_dir)
@@ -419,6 +421,11 @@ def _report_finished(say: Callable[[str], Any], summary: TrainResult, score: str
             f", val Pearson {c} {metrics[f'val_pearson_{c}']:.3f}"
             for c in summary.card.target_channels
             if f"val_pearson_{c}" in metrics
+        )
+        + "".join(
+            f", val AP50 {c} {metrics[f'val_ap50_{c}']:.3f}"
+            for c in summary.card.target_channels
+            if f"val_ap50_{c}" in metrics
         )
     )
     say(f"  best model {summary.best_model} (self-describing: viscy export / predict need nothing else)")

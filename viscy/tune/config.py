@@ -72,7 +72,7 @@ class SearchParam(StrictModel):
         return list({"int": self.int_range, "loguniform": self.loguniform, "uniform": self.uniform}[kind] or ())
 
 
-METRIC_MODES = {"loss": "min", "mae": "min", "pearson": "max", "ssim": "max", "psnr": "max"}
+METRIC_MODES = {"loss": "min", "mae": "min", "pearson": "max", "ssim": "max", "psnr": "max", "ap50": "max", "f1": "max"}
 
 
 class SchedulerConfig(StrictModel):
@@ -101,8 +101,8 @@ class SearchConfig(StrictModel):
     )
     metric: str = Field(
         "val_loss",
-        description="Validation metric to optimise: val_loss, train_loss or val_<pearson|ssim|psnr|mae>_"
-        "<target channel>.",
+        description="Validation metric to optimise: val_loss, train_loss, val_<pearson|ssim|psnr|mae>_"
+        "<target channel>, or val_<ap50|f1>_<channel> for channels trainer.val_segmentation scores.",
     )
     mode: Literal["min", "max"] | None = Field(None, description="min or max; default: from the metric's name.")
     allow_incomparable_metric: bool = Field(

@@ -296,6 +296,7 @@ def run_tune(config: TuneConfig) -> TuneResult:
 
     from viscy.console import place_log
     from viscy.ray_utils import ensure_ray
+    from viscy.train.check import check_val_segmentation
     from viscy.train.datasource import list_fovs
     from viscy.train.trainer import check_cluster_resources
 
@@ -303,7 +304,7 @@ def run_tune(config: TuneConfig) -> TuneResult:
     search = config.search
     check_space(config)
     check_metric(config)
-    list_fovs(config.data)  # plates and channels exist, before Ray starts
+    check_val_segmentation(config, list_fovs(config.data))  # plates, channels and labels, before Ray starts
     name, storage, local = experiment_location(config)
     mode, epochs = search.metric_mode(), max_epochs(config)
     biggest = largest_trainer(config)

@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from viscy.config import ConfigError, canonical_key, format_validation_error, set_dotted
-from viscy.train.config import TrainConfig
+from viscy.train.config import SEGMENTATION_SCORES, TrainConfig
 from viscy.tune.config import SearchParam, TuneConfig
 
 TRAIN_SECTIONS = tuple(TrainConfig.model_fields)
@@ -164,7 +164,12 @@ def allowed_metrics(config: TrainConfig) -> list[str]:
     from viscy.train.module import METRICS
 
     targets = config.data.source_channels if config.trainer.fcmae.pretraining else config.data.target_channels
-    return ["val_loss", "train_loss"] + [f"val_{m}_{c}" for c in targets for m in METRICS]
+    scored = [] if config.trainer.fcmae.pretraining else config.trainer.val_segmentation.channels
+    return (
+        ["val_loss", "train_loss"]
+        + [f"val_{m}_{c}" for c in targets for m in METRICS]
+        + [f"val_{s}_{c}" for c in scored for s in SEGMENTATION_SCORES]
+    )
 
 
 def check_metric(config: TuneConfig) -> None:
@@ -173,6 +178,14 @@ def check_metric(config: TuneConfig) -> None:
     allowed = allowed_metrics(config)
     metric = config.search.metric
     if metric not in allowed:
+        score = next((s for s in SEGMENTATION_SCORES if metric.startswith(f"val_{s}_")), None)
+        if score is not None and metric.removeprefix(f"val_{score}_") in config.data.target_channels:
+            channel = metric.removeprefix(f"val_{score}_")
+            raise ConfigError(
+                f"search.metric {metric} is reported only for channels whose validation predictions are segmented: "
+                f"add {channel} to trainer.val_segmentation.channels (and trainer.val_segmentation.labels: "
+                f"{{{channel}: <label image>}} to score against the plate's ground truth)"
+            )
         raise ConfigError(f"search.metric {metric!r} is not reported by training; choose one of {', '.join(allowed)}")
     if metric != "train_loss" and config.data.val_fraction <= 0:
         raise ConfigError(
@@ -198,6 +211,12 @@ def metric_definition(train: TrainConfig, metric: str) -> tuple | None:
     fcmae = train.trainer.fcmae
     if fcmae.pretraining:
         return ("fcmae pre-training", fcmae.mask_ratio)
+    for score in SEGMENTATION_SCORES:
+        if metric.startswith(f"val_{score}_"):
+            seg, channel = train.trainer.val_segmentation, metric.removeprefix(f"val_{score}_")
+            reference = f"labels/{seg.labels[channel]}" if channel in seg.labels else "segmented target"
+            return ("segmentation", seg.method, seg.model if seg.method == "cellpose" else None, seg.diameter,
+                    reference)
     if metric not in LOSS_METRICS:
         return ("virtual staining",)
     trainer = train.trainer
@@ -215,6 +234,9 @@ def _why_incomparable(definitions: list[tuple | None]) -> str:
     if len(kinds) > 1:
         return ("it switches FCMAE pre-training, which reconstructs the masked source (a masked MSE, metrics per "
                 "source channel) instead of predicting the targets")
+    if kinds == {"segmentation"}:
+        return ("it changes the segmenter or the reference that the predictions' masks are matched against, so "
+                "trials count matches of different segmentations")
     if kinds == {"fcmae pre-training"}:
         return "the FCMAE mask ratio sets how much of the input is hidden, so every loss and metric scores another task"
     if len({d[1] for d in definitions}) > 1:
