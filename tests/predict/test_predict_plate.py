@@ -541,3 +541,32 @@ def test_segment_settings_are_checked_before_writing(assets, tmp_path):
     assert fingerprint(cfg, ["Phase3D"], ["Nuclei", "Membrane"], norms) != fp()
     assert fp() == fp(num_actors=3, num_cpus_per_actor=0.5, gpu=False)  # resources do not change the masks
     assert len({fp(), fp(diameter=9.0), fp(dims="3d"), fp(channels=["Membrane"]), fp(measure_channels=[])}) == 5
+
+
+@pytest.mark.slow
+def test_segment_with_cellpose(assets, random_cpsam_checkpoint):
+    """The Cellpose segmenter in predict's stage (a random-weight Cellpose-SAM checkpoint: no download), on one
+    64² plane: masks recorded as Cellpose's, a table equal to their objects."""
+    import pandas as pd
+
+    from viscy.data.config import PreprocessConfig
+    from viscy.data.preprocess import run_preprocess
+    from viscy.data.synth import write_synthetic_plate
+    from viscy.predict.run import run_predict
+
+    root = assets["root"] / "cellpose"
+    plate = write_synthetic_plate(SynthConfig(output=root / "plate.zarr", cols=["1"], fovs_per_well=1, yx=(64, 64)))
+    run_preprocess(PreprocessConfig(data_path=plate, grid_spacing=2), progress=False)
+    segment = {**SEGMENT, "method": "cellpose", "model": str(random_cpsam_checkpoint), "diameter": 15, "gpu": False}
+    out = root / "out.zarr"
+    cfg = PredictConfig(data_path=[plate], model=ModelConfig(name="unet2d", kwargs=UNET_KW, checkpoint=assets["ckpt"]),
+                        output=out, progress=False, segment=segment)
+    result = run_predict(cfg)
+    attrs = json.loads((out / "A/1/0/labels" / MASKS / ".zattrs").read_text())["viscy_segmentation"]
+    assert attrs["method"] == "cellpose" and attrs["model"] == str(random_cpsam_checkpoint) and attrs["complete"]
+    masks = read_masks(out, "A/1/0", MASKS)
+    assert masks.shape == (1, 1, 64, 64) and masks.dtype == np.int32
+    # random weights may find no object in an untrained model's prediction: the table still lists exactly the masks'
+    table = pd.read_parquet(out / "viscy_objects.parquet")
+    assert list(table.columns) == COLUMNS and len(table) == result.objects
+    assert sorted(table.label) == np.unique(masks[masks > 0]).tolist()
