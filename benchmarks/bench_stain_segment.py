@@ -386,7 +386,12 @@ def main() -> None:
         print(json.dumps(segment_pass(Path(args.store), Path(args.plate), args.segment_actors, 1.0)), flush=True)
         _exit_like_viscy(0)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_stain_segment_"))
+    marker = work / ".bench_stain_segment"
+    # The benchmark replaces its own stores between runs: never in a directory it did not make.
+    if work.is_symlink() or (work.exists() and any(work.iterdir()) and not marker.is_file()):
+        sys.exit(f"--workdir {work} holds files this benchmark did not write; give a new or empty directory")
     work.mkdir(parents=True, exist_ok=True)
+    marker.touch()
     plate, onnx = make_assets(work / f"assets_{args.fovs}x{args.z}x{args.size}", args.fovs, args.size, args.z)
     print(
         f"plate {plate}: {args.fovs} FOV(s) of {args.z} x {args.size}^2; {args.stain_actors} staining and "
