@@ -27,7 +27,6 @@ import json
 import math
 import os
 import platform
-import socket
 import sys
 import tempfile
 import threading
@@ -39,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from viscy import api  # first: sets Ray's auth mode before ray is imported
+from viscy.ray_utils import free_port
 from viscy.serve.client import parse_server_timing
 from viscy.serve.codecs import NPY, RAW, TIFF, decode_image
 
@@ -48,13 +48,6 @@ SOURCES, TARGETS = ["Phase3D"], ["Nuclei", "Membrane"]
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def free_port() -> int:
-    """A TCP port free on loopback right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def phase_image(size: int, seed: int = 0) -> np.ndarray:
     """A smooth random float32 ``(size, size)`` image (blobs), like a phase image."""
     from scipy import ndimage as ndi

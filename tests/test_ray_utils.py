@@ -111,6 +111,27 @@ def test_autoscaler_monitor_is_where_stop_autoscaler_monitor_expects_it() -> Non
     ray_utils.stop_autoscaler_monitor()  # without a cluster of this process: nothing to stop
 
 
+# ------------------------------------------------------------------------------------ ports
+def test_free_port_is_kept_from_the_os_choices_yet_binds_with_reuse_address() -> None:
+    """The dashboard port viscy picks is not handed to processes asking the OS for any port (a race seen in CI:
+    a port found free was taken before Ray's dashboard bound it), and a SO_REUSEADDR server can listen on it."""
+    import socket
+
+    port = ray_utils.free_port()
+    others = [socket.socket() for _ in range(800)]
+    try:
+        for sock in others:
+            sock.bind(("127.0.0.1", 0))
+        assert port not in {sock.getsockname()[1] for sock in others}
+    finally:
+        for sock in others:
+            sock.close()
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", port))
+        server.listen(1)
+
+
 # ------------------------------------------------------------------------------------ clusters
 JOIN = "from viscy.ray_utils import ensure_ray; ensure_ray(); import ray; print(int(ray.cluster_resources()['CPU']))"
 

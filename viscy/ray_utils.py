@@ -18,12 +18,15 @@ IDLE_WORKER_KEEP_MS = 60_000
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    import socket
+    """A TCP port on 127.0.0.1 that nothing listens on, held back from the OS's own choices for a minute.
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    The port is left in TIME_WAIT (``ephemeral_port_reserve``): until it is bound, no other process asking the OS
+    for any free port (Ray's workers and gRPC servers do, all the time) is given it, while Ray's dashboard, which
+    binds with SO_REUSEADDR, still can. A port only found free was taken in between on a busy host.
+    """
+    import ephemeral_port_reserve
+
+    return int(ephemeral_port_reserve.reserve("127.0.0.1"))
 
 
 _START_THREAD = "viscy-ray-start"
