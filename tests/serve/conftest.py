@@ -58,10 +58,14 @@ def export_tiny(path: Path, arch: str, sources: list[str], targets: list[str], s
 
 @pytest.fixture(scope="package")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two served models: a 2D U-Net (Phase3D -> Nuclei, Membrane) and a 2.5D U-Net reading 3 slices."""
+    """Three served models: a 2D U-Net (Phase3D -> Nuclei, Membrane), a 2.5D U-Net reading 3 slices, and a
+    bioimage.io package made with bioimageio.spec alone (``two_layer``: Phase3D -> nuc, mem)."""
+    from tests.bmz_helpers import foreign_package
+
     root = tmp_path_factory.mktemp("served_models")
     export_tiny(root / "stain2d.onnx", "unet2d", ["Phase3D"], ["Nuclei", "Membrane"])
     export_tiny(root / "stain25d.onnx", "unet25d", ["Phase3D"], ["Nuclei"], seed=1)
+    foreign_package(tmp_path_factory.mktemp("package")).rename(root / "two_layer.zip")
     return root
 
 

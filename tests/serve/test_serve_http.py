@@ -67,7 +67,7 @@ def expected_stain(models_dir: Path, name: str, image: np.ndarray) -> np.ndarray
 def test_serve_deploy_of_the_shipped_config_answers_healthz(server: Server) -> None:
     health = requests.get(f"{server.url}/healthz", timeout=10).json()
     assert health["status"] == "ok"
-    assert sorted(health["models"]) == ["stain25d", "stain2d"]
+    assert sorted(health["models"]) == ["stain25d", "stain2d", "two_layer"]
     assert health["providers"]["stain2d"] == "CPUExecutionProvider"
     assert health["segmentation"] == ["classical", "cellpose"]
     assert health["auth"] is False
@@ -110,6 +110,26 @@ def test_every_answer_encoding(server: Server, accept: str) -> None:
     assert r.status_code == 200 and r.headers["content-type"] == accept
     np.testing.assert_allclose(decode(r), expected_stain(server.models_dir, "stain2d", image), atol=1e-5)
     assert "stain;dur=" in r.headers["server-timing"]
+
+
+def test_a_bioimageio_package_is_served_as_bioimageio_core_predicts_it(server: Server) -> None:
+    """A package made with bioimageio.spec alone: its own preprocessing, channels and sizes (here 96 x 80, and
+    61 x 77, which it does not take as is), within 1e-4 of bioimageio.core's prediction."""
+    from tests.bmz_helpers import core_prediction
+
+    client = ServeClient(server.url)
+    described = {m["name"]: m for m in client.models()}["two_layer"]
+    assert described["format"] == "bioimageio" and described["target_channels"] == ["nuc", "mem"]
+    image = phase_image((96, 80), seed=4) * 40 + 300
+    out = client.stain(image, model="two_layer")
+    assert out.channels == ["nuc", "mem"] and out.array.shape == (2, 96, 80)
+    np.testing.assert_allclose(out.array, core_prediction(server.models_dir / "two_layer.zip", image), atol=1e-4,
+                               rtol=1e-4)
+    assert client.stain(image[:61, :77], model="two_layer").array.shape == (2, 61, 77)
+    body, headers = raw(image)
+    r = requests.post(f"{server.url}/v1/stain", params={"model": "two_layer", "denormalize": "true"}, data=body,
+                      headers=headers, timeout=60)
+    assert r.status_code == 422 and "its own postprocessing" in r.json()["detail"], r.text
 
 
 def test_stacks_and_25d_windows(server: Server) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
@@ -38,7 +38,15 @@ class ExportConfig(StrictModel):
         default_factory=ModelConfig,
         description="The model to export: --model.checkpoint runs/<run>/best_model.pt alone is enough.",
     )
-    output: Path = Field(..., description="Path of the .onnx file to write.")
+    output: Path = Field(
+        ..., description="File to write: .onnx (format onnx) or a .zip package (format bioimageio; '.zip' is added)."
+    )
+    format: Literal["onnx", "bioimageio"] = Field(
+        "onnx",
+        description="onnx: one ONNX file carrying the model card (viscy predict/serve). bioimageio: a bioimage.io "
+        "model package (spec 0.5: ONNX + PyTorch weights, pre/postprocessing, test images from the training plate, "
+        "cover, README) for napari, Fiji (deepImageJ), BiaPy and bioimageio.core, tested by bioimageio.core.",
+    )
     overwrite: bool = Field(False, description="Replace an existing file that viscy exported (others are refused).")
     source_channels: StrList | None = Field(None, description="Input channel names; default: the model card/preset.")
     target_channels: StrList | None = Field(None, description="Output channel names; default: the model card/preset.")
@@ -50,6 +58,16 @@ class ExportConfig(StrictModel):
         (256, 256), description="YX size used for tracing and the parity check (rounded up to the model's multiple)."
     )
     check_parity: bool = Field(True, description="Compare onnxruntime with torch at example_yx.")
+    data_path: Path | None = Field(
+        None,
+        description="bioimageio: the plate whose dataset statistics and held-out FOV the package uses; default: the "
+        "training plate named in the run's viscy_config.yaml (beside best_model.pt).",
+    )
+    name: str | None = Field(None, description="bioimageio: the package's name; default: viscy <model> <targets>.")
+    description: str | None = Field(None, description="bioimageio: one sentence; default: what it predicts from what.")
+    authors: StrList = Field(["viscy user"], description="bioimageio: the model's authors (names).")
+    license: str = Field("CC-BY-4.0", description="bioimageio: an SPDX license id for the weights.")
+    version: str = Field("0.1.0", description="bioimageio: the package's version.")
 
     @field_validator("example_yx")
     @classmethod

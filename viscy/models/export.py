@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -235,6 +235,8 @@ def run_export(config: ExportConfig) -> ExportResult:
     t0 = time.perf_counter()
     mc = config.model
     output = Path(config.output)
+    if config.format == "bioimageio":
+        return _export_bioimageio(config, output, t0)
     if output.suffix != ".onnx":
         output = output.with_suffix(".onnx")
     check_export_output(output, config.overwrite)
@@ -277,6 +279,40 @@ def run_export(config: ExportConfig) -> ExportResult:
     return ExportResult(onnx=output, config=config_path, card=written, parity_max_abs_diff=diff)
 
 
+def _export_bioimageio(config: ExportConfig, output: Path, t0: float) -> ExportResult:
+    """``viscy export --format bioimageio``: the package, tested by bioimageio.core, and its config beside it."""
+    from viscy.config import save_config
+    from viscy.models.bioimageio import export_package, is_package, package_card
+
+    if output.suffix != ".zip":
+        output = output.with_name(output.name + ".zip")
+    check_export_output(output, config.overwrite, ours=lambda p: is_package(p) and _viscy_package(p))
+    made = export_package(config, output)
+    config_path = save_config(config, output.parent, "export", filename=output.stem + ".viscy_config.yaml")
+    card = made["card"]
+    package_card(output)  # it reads back as a package viscy runs
+    size_mb = output.stat().st_size / 2**20
+    fixed = made["fixed_statistics"]
+    note = "; per-FOV normalisation fixed to the training plate's dataset statistics" if fixed else ""
+    print(
+        f"viscy export: {card.describe()} -> {output} (bioimage.io package, {size_mb:.1f} MiB; weights "
+        f"{' + '.join(made['weights'])}, ONNX/torch max|diff| {made['parity']:.1e}; bioimageio.core model test "
+        f"passed; {time.perf_counter() - t0:.1f} s){note}"
+    )
+    return ExportResult(onnx=output, config=config_path, card=card, parity_max_abs_diff=made["parity"])
+
+
+def _viscy_package(path: Path) -> bool:
+    """Whether a package was written by ``viscy export`` (its description keeps viscy's model card)."""
+    from viscy.models.bioimageio import load_package
+
+    try:
+        extra = load_package(path).config.model_extra or {}
+    except ModelError:
+        return False
+    return isinstance(extra.get("viscy"), Mapping) and "model_card" in extra["viscy"]
+
+
 @dataclass(frozen=True)
 class ExportResult:
     """What ``viscy export`` wrote."""
@@ -287,17 +323,22 @@ class ExportResult:
     parity_max_abs_diff: float | None
 
 
-def check_export_output(output: Path, overwrite: bool) -> None:
-    """Refuse to replace a file viscy did not export, or any existing file without ``overwrite``."""
-    if not output.exists():
-        return
-    if output.is_dir():
-        raise ModelError(f"output {output} is a directory; give a file path ending in .onnx")
+def _onnx_of_viscy(path: Path) -> bool:
     try:
-        ours = any(key.startswith(ONNX_PREFIX) for key in read_onnx_props(output)[0])
+        return any(key.startswith(ONNX_PREFIX) for key in read_onnx_props(path)[0])
     except ModelError:
-        ours = False
-    if not ours:
+        return False
+
+
+def check_export_output(output: Path, overwrite: bool, ours: Callable[[Path], bool] = _onnx_of_viscy) -> None:
+    """Refuse to replace a file viscy did not export (``ours`` tells), or any existing file without ``overwrite``."""
+    if not output.exists() and not output.is_symlink():
+        return
+    if output.is_symlink():
+        raise ModelError(f"output {output} is a link; it is left untouched. Choose another --output")
+    if output.is_dir():
+        raise ModelError(f"output {output} is a directory; give a file path ending in {output.suffix or '.onnx'}")
+    if not ours(output):
         raise ModelError(
             f"output {output} exists and was not written by `viscy export`; it is left untouched. "
             "Choose another --output"

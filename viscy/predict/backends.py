@@ -1,4 +1,5 @@
-"""Model backends behind one ``predict_fn(np.ndarray (B, C, Z, Y, X)) -> np.ndarray``: torch and onnxruntime.
+"""Model backends behind one ``predict_fn(np.ndarray (B, C, Z, Y, X)) -> np.ndarray``: torch, onnxruntime and
+bioimage.io packages.
 
 ``describe_model`` resolves, on the driver and without loading weights into an actor, the
 :class:`~viscy.models.card.ModelCard` of what prediction runs: spec, channel names and normalisation.
@@ -7,13 +8,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from viscy.errors import ModelError
 from viscy.models import read_card
 from viscy.models.card import ModelCard
+
+if TYPE_CHECKING:
+    from viscy.models.bioimageio import PackageBackend
 
 
 def describe_model(model: Any = None, onnx: Path | None = None) -> ModelCard:
@@ -24,7 +28,9 @@ def describe_model(model: Any = None, onnx: Path | None = None) -> ModelCard:
     from the checkpoint's card or the preset where they fit (empty where unknown).
     """
     if onnx is not None:
-        return read_card(onnx)
+        from viscy.models.bioimageio import is_package, package_card
+
+        return package_card(onnx) if is_package(onnx) else read_card(onnx)
     if model is None:
         raise ModelError("set exactly one of 'model' and 'onnx'")
     from viscy.models import model_spec, resolve_model_source
@@ -80,8 +86,14 @@ def load_backend(
     onnx: Path | None = None,
     device: str = "cpu",
     threads: int | None = None,
-) -> TorchBackend | OnnxBackend:
-    """The backend for an ONNX path, else for ``card`` built with the weights of ``checkpoint``."""
+    block_yx: tuple[int, int] | None = None,
+) -> TorchBackend | OnnxBackend | PackageBackend:
+    """The backend for an ONNX file or a bioimage.io package (cut in blocks of ``block_yx`` where given), else
+    for ``card`` built with the weights of ``checkpoint``."""
     if onnx is not None:
+        from viscy.models.bioimageio import PackageBackend, is_package
+
+        if is_package(onnx):
+            return PackageBackend(onnx, device=device, threads=threads, block_yx=block_yx)
         return OnnxBackend(onnx, device=device, threads=threads)
     return TorchBackend(card, checkpoint, device=device, threads=threads)

@@ -54,7 +54,11 @@ class PredictConfig(StrictModel):
     data_path: PathList = Field(description="One or more OME-Zarr HCS plates (or FOV paths inside them).")
     positions: StrList = Field(["*"], description="FOV name patterns (fnmatch) to predict.")
     model: ModelConfig | None = Field(None, description="Torch model (architecture or preset plus checkpoint).")
-    onnx: Path | None = Field(None, description="Exported ONNX file (its metadata gives channels and depths).")
+    onnx: Path | None = Field(
+        None,
+        description="Exported ONNX file (its metadata gives channels and depths), or a bioimage.io model package "
+        "(.zip or folder: its description gives channels, axes, sizes and its own pre/postprocessing).",
+    )
     output: Path | None = Field(
         None,
         description="New OME-Zarr store; null appends '<target>_prediction' channels to the input plate. "

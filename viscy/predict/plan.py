@@ -17,6 +17,7 @@ from viscy.data.config import NormalizationConfig
 from viscy.data.patches import normalization_for_channel, normalization_params
 from viscy.data.plate import Plate
 from viscy.errors import DataError, ModelError
+from viscy.models.bioimageio import PACKAGE_ARCHITECTURE
 from viscy.models.card import ModelCard
 from viscy.predict.config import PredictConfig
 from viscy.predict.masks import TABLE_FILES, check_mask_outputs, drop_masks, drop_objects, mask_names, prepare_masks
@@ -60,7 +61,16 @@ def resolve_channels(config: PredictConfig, card: ModelCard) -> tuple[list[str],
 
 
 def resolve_normalization(config: PredictConfig, card: ModelCard, sources: list[str]) -> list[NormalizationConfig]:
-    """Config normalisation, else the model card's, else fov median/iqr of the sources."""
+    """Config normalisation, else the model card's, else fov median/iqr of the sources; none for a bioimage.io
+    package (its own preprocessing normalises, and its postprocessing sets the output's units)."""
+    if card.spec.architecture == PACKAGE_ARCHITECTURE:
+        for key, value in (("normalization", config.normalization), ("denormalize", config.denormalize or None)):
+            if value is not None:
+                raise ModelError(
+                    f"{config.onnx} is a bioimage.io package: its own pre- and postprocessing normalise (as in "
+                    f"every other consumer); leave {key} unset"
+                )
+        return []
     if config.normalization is not None:
         return list(config.normalization)
     if card.normalization:
@@ -69,10 +79,11 @@ def resolve_normalization(config: PredictConfig, card: ModelCard, sources: list[
 
 
 def tiling_options(config: PredictConfig, card: ModelCard) -> TilingOptions:
-    """Tiling options from the config and the model's spec."""
+    """Tiling options from the config and the model's spec (a bioimage.io package is given whole images: it cuts
+    its own blocks, with its own halo)."""
     return TilingOptions.for_model(
         card.spec,
-        config.tile_yx,
+        None if card.spec.architecture == PACKAGE_ARCHITECTURE else config.tile_yx,
         overlap=config.tile_overlap,
         blend=config.blend,
         tta=config.tta,
@@ -86,6 +97,8 @@ def file_id(p: Path | None) -> Any:
     """A file's identity for a fingerprint: resolved path, size and modification time (``None`` if absent)."""
     if p is None or not Path(p).exists():
         return None
+    if Path(p).is_dir():  # a bioimage.io package folder: its files
+        return [str(Path(p).resolve()), sorted(file_id(f)[1:] + [f.name] for f in Path(p).iterdir() if f.is_file())]
     st = Path(p).stat()
     return [str(Path(p).resolve()), st.st_size, st.st_mtime_ns]
 

@@ -72,8 +72,11 @@ class PredictActor:
         threads: int | None = None,
         handoff: bool = False,
         measure: list[str] | None = None,
+        block_yx: tuple[int, int] | None = None,
     ) -> None:
-        self.predict_fn = load_backend(card, checkpoint, Path(onnx) if onnx else None, device=device, threads=threads)
+        self.predict_fn = load_backend(
+            card, checkpoint, Path(onnx) if onnx else None, device=device, threads=threads, block_yx=block_yx
+        )
         self.opts = TilingOptions(**opts)
         self.sources, self.targets = sources, targets
         self.norms = [NormalizationConfig(**n) for n in norms]
@@ -372,6 +375,7 @@ def _pipeline(
         "threads": max(1, int(res.stain_cpus)),
         "handoff": seg is not None,
         "measure": seg.config.measure_channels if seg is not None else None,
+        "block_yx": config.tile_yx,  # only a bioimage.io package uses it (its own blocks; opts has no tiles then)
     }
     ds = ray.data.from_items(units, override_num_blocks=min(len(units), 2000))
     ds = ds.map_batches(

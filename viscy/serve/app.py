@@ -112,19 +112,22 @@ class VirtualStainer:
     """onnxruntime sessions of every served model; tiles of concurrent requests are batched together."""
 
     def __init__(self, model_paths: dict[str, str], settings: dict[str, Any]) -> None:
-        from viscy.predict.backends import OnnxBackend
+        from viscy.predict.backends import load_backend
         from viscy.predict.tiling import TilingOptions
 
         self.settings = StainerSettings(**settings)
         self.models = {name: ServedModel.load(Path(p)) for name, p in model_paths.items()}
         threads = max(1, math.floor(self.settings.num_cpus + 0.5))
-        self.backends = {
-            name: OnnxBackend(Path(p), device=self.settings.device, threads=threads) for name, p in model_paths.items()
+        self.backends = {  # ONNX sessions; a bioimage.io package cuts its own blocks of tile_yx
+            name: load_backend(m.card, onnx=m.path, device=self.settings.device, threads=threads,
+                               block_yx=self.settings.tile_yx)
+            for name, m in self.models.items()
         }
         s = self.settings
         self.options = {
             name: TilingOptions.for_model(
-                m.card.spec, s.tile_yx, overlap=s.tile_overlap, blend=s.blend, batch_size=s.max_batch_size
+                m.card.spec, None if m.package else s.tile_yx, overlap=s.tile_overlap, blend=s.blend,
+                batch_size=s.max_batch_size,
             )
             for name, m in self.models.items()
         }
@@ -140,7 +143,8 @@ class VirtualStainer:
         """Providers per model and the sizes of recent batches (for health checks and benchmarks)."""
         sizes = list(self.batch_sizes)
         return {
-            "providers": {n: b.session.get_providers()[0] for n, b in self.backends.items()},
+            "providers": {n: b.session.get_providers()[0] if hasattr(b, "session") else "bioimageio.core"
+                          for n, b in self.backends.items()},
             "batches": len(sizes),
             "mean_batch_size": float(np.mean(sizes)) if sizes else 0.0,
             "pid": os.getpid(),
@@ -263,7 +267,9 @@ class Ingress:
         self.cpu_pool = ThreadPoolExecutor(self.config.ingress.max_ongoing_requests, thread_name_prefix="viscy-cpu")
         s = self.config.stainer
         self.tiling = {
-            name: TilingOptions.for_model(m.card.spec, s.tile_yx, overlap=s.tile_overlap, blend=s.blend)
+            name: TilingOptions.for_model(
+                m.card.spec, None if m.package else s.tile_yx, overlap=s.tile_overlap, blend=s.blend
+            )
             for name, m in self.models.items()
         }
         install_gate(Gate.for_config(self.config))
@@ -336,6 +342,7 @@ class Ingress:
         served = self._model(q.get("model"))
         normalize = _bool(q.get("normalize"), "normalize", True)
         denorm = _bool(q.get("denormalize"), "denormalize", False)
+        served.check_denormalize(denorm)
         stats = parse_statistics(request.headers.get("x-viscy-statistics"))
         t0 = time.perf_counter()
         image = await self._image(request)
@@ -343,7 +350,7 @@ class Ingress:
         self._check_tiles(served, x)
 
         def prepare() -> tuple[np.ndarray, str]:
-            if normalize:
+            if normalize or served.package:
                 return served.normalize(x, stats)
             return x.astype(np.float32, copy=False), "none (sent normalised)"
 

@@ -17,6 +17,7 @@ from viscy.data.config import NormalizationConfig
 from viscy.data.patches import denormalize, normalization_for_channel, normalize
 from viscy.errors import ModelError
 from viscy.models import read_card
+from viscy.models.bioimageio import PACKAGE_ARCHITECTURE, is_package, package_card
 from viscy.models.card import ModelCard, read_onnx_props
 from viscy.serve.codecs import PayloadError
 
@@ -46,9 +47,17 @@ class ServedModel:
 
     @classmethod
     def load(cls, path: Path) -> ServedModel:
-        """Read the card of an ONNX file exported by ``viscy export`` (no session is created)."""
+        """Read the card of an ONNX file exported by ``viscy export``, or of a bioimage.io package (nothing is
+        loaded)."""
         path = Path(path)
+        if is_package(path):
+            return cls(path.name.split(".")[0], path, package_card(path))
         return cls(path.stem, path, read_card(path), read_onnx_props(path)[1])
+
+    @property
+    def package(self) -> bool:
+        """Whether this is a bioimage.io package (its own pre/postprocessing, whole images)."""
+        return self.card.spec.architecture == PACKAGE_ARCHITECTURE
 
     def describe(self) -> dict[str, Any]:
         """The public description served by ``GET /v1/models`` (no server paths)."""
@@ -66,6 +75,7 @@ class ServedModel:
             "normalization": [n.model_dump(mode="json") for n in self.normalization],
             "training": card.training,
             "opset": self.opset,
+            "format": "bioimageio" if self.package else "onnx",
         }
 
     # ------------------------------------------------------------------------------------ requests
@@ -139,11 +149,22 @@ class ServedModel:
         Statistics sent with the request (the plate's stored ``fov_statistics`` for an exact match with
         ``viscy predict``) win; otherwise they are computed from the image itself.
         """
+        if self.package:
+            return x.astype(np.float32, copy=False), "the package's own preprocessing"
         params, source = self._stats_for(self.card.source_channels, self.normalization, x, sent)
         return normalize(x.astype(np.float32, copy=False), params), source
 
+    def check_denormalize(self, denormalize: bool) -> None:
+        """422 before any work when a bioimage.io package is asked to denormalise (its postprocessing sets units)."""
+        if denormalize and self.package:
+            raise PayloadError(
+                422, f"model {self.name!r} is a bioimage.io package: its own postprocessing sets the output's units; "
+                     "leave denormalize unset",
+            )
+
     def denormalize(self, pred: np.ndarray, sent: dict[str, dict[str, float]] | None) -> np.ndarray:
         """Rescale a prediction to the targets' units with their statistics (sent with the request)."""
+        self.check_denormalize(True)
         groups = list(self.normalization) + [NormalizationConfig()]
         params, _ = self._stats_for(self.card.target_channels, groups, None, sent)
         return denormalize(pred, params)
@@ -156,7 +177,7 @@ def _grid_sample(channel: np.ndarray) -> np.ndarray:
 
 
 def find_models(paths: list[Path]) -> dict[str, ServedModel]:
-    """Every ONNX model of the given files and directories, by name (the file stem).
+    """Every ONNX model and bioimage.io package of the given paths and directories, by name (the file stem).
 
     Raises
     ------
@@ -167,17 +188,27 @@ def find_models(paths: list[Path]) -> dict[str, ServedModel]:
     files: list[Path] = []
     for p in paths:
         p = Path(p)
-        if p.is_dir():
-            found = sorted(p.glob("*.onnx"))
+        if is_package(p):
+            files.append(p)
+        elif p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.suffix == ".onnx" or (f.suffix == ".zip" and is_package(f))
+                           or (f.is_dir() and is_package(f)))
             if not found:
-                raise ModelError(f"{p} holds no .onnx file; export one with `viscy export` or name a file")
+                raise ModelError(
+                    f"{p} holds no .onnx file or bioimage.io package; export one with `viscy export` or name a file"
+                )
             files.extend(found)
         elif p.is_file():
             if p.suffix != ".onnx":
-                raise ModelError(f"{p} is not an .onnx file; serve exports of `viscy export`")
+                raise ModelError(
+                    f"{p} is neither an .onnx file nor a bioimage.io package; serve exports of `viscy export` or "
+                    "bioimage.io packages (.zip or folder)"
+                )
             files.append(p)
         else:
-            raise ModelError(f"model path {p} does not exist; give an .onnx file or a directory of them")
+            raise ModelError(
+                f"model path {p} does not exist; give an .onnx file, a bioimage.io package or a directory of them"
+            )
     models: dict[str, ServedModel] = {}
     for f in files:
         model = ServedModel.load(f)

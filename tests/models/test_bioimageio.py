@@ -1,0 +1,157 @@
+"""bioimage.io packages: ``viscy export --format bioimageio`` passes bioimageio.core's own model test and carries
+what training knew; a package made with bioimageio.spec alone runs through ``viscy predict`` exactly as
+bioimageio.core predicts it; packages viscy cannot run are refused, naming what was found."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.bmz_helpers import core_prediction, foreign_description, foreign_package, hand_made_run
+from viscy import api
+from viscy.errors import ModelError
+from viscy.models import read_card
+from viscy.models.bioimageio import check_package, is_package, load_package, read_layout
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return hand_made_run(tmp_path_factory.mktemp("run"))
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint, tmp_path_factory) -> tuple[Path, str]:
+    """The package ``viscy export --format bioimageio`` writes from ``best_model.pt`` alone, and its console."""
+    import contextlib
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        result = api.export(model={"checkpoint": checkpoint}, format="bioimageio",
+                            output=tmp_path_factory.mktemp("export") / "nuclei")
+    return result.onnx, out.getvalue()
+
+
+def test_export_writes_a_package_that_passes_bioimageio_core_and_carries_the_card(exported, checkpoint):
+    from viscy.data.plate import Plate
+
+    package, console = exported
+    assert package.name == "nuclei.zip" and "bioimageio.core model test passed" in console, console
+    assert "dataset statistics" in console  # training's per-FOV statistics became the plate's, and it says so
+    # the zoo's own check, per weights format, again here on the written file
+    assert check_package(package) == {"onnx": (True, ""), "pytorch_state_dict": (True, "")}
+
+    descr = load_package(package)
+    (inp,), (out,) = descr.inputs, descr.outputs
+    assert [str(c) for c in inp.axes[1].channel_names] == ["Phase3D"]
+    assert [str(c) for c in out.axes[1].channel_names] == ["Nuclei", "Membrane"]
+    assert [str(a.id) for a in inp.axes] == ["batch", "channel", "z", "y", "x"]
+    y = inp.axes[3].size
+    assert (y.min, y.step) == (36, 4) and out.axes[3].halo == 16  # 2-block U-Net: multiple 4, halo 16
+    plate = Plate(checkpoint.parents[2] / "plate.zarr")
+    stats = plate.normalization("A/2/0")
+    pre = [p for p in inp.preprocessing if p.id == "fixed_zero_mean_unit_variance"][0].kwargs
+    phase = stats["Phase3D"]["dataset_statistics"]
+    assert (pre.mean, pre.std) == ([pytest.approx(phase["median"])], [pytest.approx(phase["iqr"])])
+    post = [p for p in out.postprocessing if p.id == "scale_linear"][0].kwargs
+    assert post.gain == [pytest.approx(stats[c]["dataset_statistics"]["std"]) for c in ("Nuclei", "Membrane")]
+    assert post.offset == [pytest.approx(stats[c]["dataset_statistics"]["mean"]) for c in ("Nuclei", "Membrane")]
+    # test tensors from the held-out FOV, uncropped, as the core test runs them
+    with zipfile.ZipFile(package) as archive:
+        names = set(archive.namelist())
+        test_in = np.load(io.BytesIO(archive.read("test_input.npy")))
+        readme = archive.read("README.md").decode()
+        cover = archive.read("cover.png")
+    assert {"weights.onnx", "weights.pt", "cover.png", "README.md", "rdf.yaml"} <= names
+    raw = plate.read("A/2/0", 0, plate.channel_indices(["Phase3D"]))
+    np.testing.assert_array_equal(test_in[0], raw)  # the whole 96 x 112 FOV (a valid size, under 256)
+    assert "## Validation" in readme and "val_pearson_Nuclei" in readme and "dataset statistics" in readme
+    from PIL import Image
+
+    with Image.open(io.BytesIO(cover)) as image:
+        assert image.format == "PNG" and image.size[0] == 2 * image.size[1]
+    # what training knew travels: viscy reads the card of training back from the package
+    assert read_card(package) == read_card(checkpoint)
+    assert descr.config.model_extra["viscy"]["training_config"]["trainer"]["max_epochs"] == 4
+    assert descr.weights.pytorch_state_dict.architecture.import_from == "viscy.models.bioimageio"
+    assert (package.parent / "nuclei.viscy_config.yaml").is_file()
+
+
+def test_our_package_predicts_through_viscy_as_bioimageio_core_does(exported, tmp_path):
+    """viscy predict of the held-out FOV with the package equals bioimageio.core's prediction of it (1e-4)."""
+    from viscy.data.plate import Plate
+
+    package, _ = exported
+    plate_path = Path(load_package(package).config.model_extra["viscy"]["training_config"]["data"]["data_path"][0])
+    api.predict(data_path=plate_path, onnx=package, positions=["A/2/0"], output=tmp_path / "p.zarr", progress=False)
+    raw = Plate(plate_path).read("A/2/0", 0, [0])[0, 0]
+    with Plate(tmp_path / "p.zarr") as written:
+        ours = written.read("A/2/0", 0, [0, 1])[:, 0]
+    reference = core_prediction(package, raw)[:, 0]
+    assert np.abs(ours - reference).max() < 1e-4 * max(1.0, np.abs(reference).max())
+
+
+def test_a_package_made_by_bioimageio_spec_runs_through_viscy_predict_like_bioimageio_core(tmp_path):
+    from tests.conftest import write_iohub_plate
+    from viscy.data.plate import Plate
+
+    package = foreign_package(tmp_path / "pkg")
+    assert is_package(package) and not is_package(tmp_path)
+    # a plate never preprocessed (the package normalises each image itself), two slices, other channels
+    plate_path = write_iohub_plate(tmp_path / "plate.zarr", shape=(1, 2, 2, 64, 80),
+                                   positions=(("A", "1", "0"), ("A", "1", "1")), channel_names=("Phase3D", "GFP"))
+    result = api.predict(data_path=plate_path, onnx=package, output=tmp_path / "out.zarr", progress=False)
+    assert result.channels == ["nuc_prediction", "mem_prediction"]
+    plate, written = Plate(plate_path), Plate(tmp_path / "out.zarr")
+    for fov in ("A/1/0", "A/1/1"):
+        raw = plate.read(fov, 0, [0])[0]
+        ours = written.read(fov, 0, [0, 1])
+        for z in range(2):
+            np.testing.assert_allclose(ours[:, z], core_prediction(package, raw[z]), atol=1e-4, rtol=1e-4)
+    # a size the package does not take (min 16 + n * 8) is padded to one it takes and cropped back
+    from viscy.models.bioimageio import PackageBackend
+
+    odd = PackageBackend(package)(np.ones((1, 1, 1, 61, 77), np.float32))
+    assert odd.shape == (1, 2, 1, 61, 77) and np.isfinite(odd).all()
+    with pytest.raises(ModelError, match="bioimage.io package: its own pre- and postprocessing"):
+        api.predict(data_path=plate_path, onnx=package, output=tmp_path / "d.zarr", denormalize=True)
+
+
+def test_packages_viscy_cannot_run_are_refused_naming_what_was_found(tmp_path):
+    from bioimageio.spec.model import v0_5 as bmz
+
+    timed = foreign_description(tmp_path / "t", extra_input_axes=[bmz.TimeInputAxis(size=3)])
+    with pytest.raises(ModelError, match=r"its input has axes \['batch', 'channel', 'y', 'x', 'time'\]"):
+        read_layout(timed, "timed.zip")
+    not_a_package = tmp_path / "other.zip"
+    with zipfile.ZipFile(not_a_package, "w") as archive:
+        archive.writestr("notes.txt", "hello")
+    assert not is_package(not_a_package)
+    with pytest.raises(ModelError, match="is not a bioimage.io model package"):
+        load_package(not_a_package)
+
+
+def test_export_never_replaces_what_it_did_not_write_and_needs_the_plate(exported, checkpoint, tmp_path):
+    import shutil
+
+    package, _ = exported
+    with pytest.raises(ModelError, match="already exists; pass --overwrite true"):
+        api.export(model={"checkpoint": checkpoint}, format="bioimageio", output=package)
+    theirs = tmp_path / "theirs.zip"
+    shutil.copy(foreign_package(tmp_path / "pkg"), theirs)
+    before = theirs.read_bytes()
+    with pytest.raises(ModelError, match="was not written by `viscy export`"):
+        api.export(model={"checkpoint": checkpoint}, format="bioimageio", output=theirs, overwrite=True)
+    assert theirs.read_bytes() == before
+    moved = tmp_path / "moved" / "best_model.pt"
+    moved.parent.mkdir()
+    shutil.copy(checkpoint, moved)
+    (moved.parent / "viscy_config.yaml").write_text("data: {data_path: [/nowhere/plate.zarr]}\n")
+    with pytest.raises(ModelError, match="pass --data_path"):
+        api.export(model={"checkpoint": moved}, format="bioimageio", output=tmp_path / "x")
+    assert not (tmp_path / "x.zip").exists()
