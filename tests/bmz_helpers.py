@@ -51,9 +51,6 @@ def foreign_description(root: Path, input_channel: str = "Phase3D", extra_input_
     from bioimageio.spec.model import v0_5 as bmz
     from torch.export import Dim
 
-    from viscy.models.bioimageio import prepare_spec
-
-    prepare_spec()
     root.mkdir(parents=True, exist_ok=True)
     net, arch_file = _net(root)
     torch.save(net.state_dict(), root / "weights.pt")
@@ -134,15 +131,19 @@ def foreign_package(root: Path, input_channel: str = "Phase3D") -> Path:
 
 
 def core_prediction(package: Path, image: np.ndarray) -> np.ndarray:
-    """bioimageio.core's own prediction of a ``(Y, X)`` image with the package's ONNX weights, ``(C, Y, X)``."""
+    """bioimageio.core's own prediction of a ``(Y, X)`` image with the package's ONNX weights (a package of one
+    input channel, and one Z slice where it has a z axis), ``(C, Y, X)``."""
     from bioimageio.core import create_prediction_pipeline, predict
 
     from viscy.models.bioimageio import load_package
 
     descr = load_package(package)
     pipeline = create_prediction_pipeline(descr, weights_format="onnx", devices=["CPUExecutionProvider"])
-    out = predict(model=pipeline, inputs={str(descr.inputs[0].id): image[None, None].astype(np.float32)})
-    return np.asarray(out.members[str(descr.outputs[0].id)].data.values)[0]
+    axes = [str(a.id) for a in descr.inputs[0].axes]
+    batch = image.reshape((1,) * (len(axes) - 2) + image.shape).astype(np.float32)  # batch, channel (z) of size 1
+    out = predict(model=pipeline, inputs={str(descr.inputs[0].id): batch})
+    data = out.members[str(descr.outputs[0].id)].data
+    return np.asarray(data.values).reshape(data.sizes["channel"], *image.shape)
 
 
 def hand_made_run(root: Path) -> Path:
@@ -159,7 +160,7 @@ def hand_made_run(root: Path) -> Path:
     from viscy.models.card import ModelCard
     from viscy.models.checkpoint import save_model
 
-    plate = write_iohub_plate(root / "plate.zarr", shape=(1, 3, 1, 96, 112),
+    plate = write_iohub_plate(root / "plate.zarr", shape=(1, 3, 3, 96, 112),
                               positions=(("A", "1", "0"), ("A", "2", "0")))
     run_preprocess(PreprocessConfig(data_path=plate, grid_spacing=1), progress=False)
     kwargs = {"in_channels": 1, "out_channels": 2, "num_blocks": 2, "num_filters": 4}

@@ -164,6 +164,7 @@ PY_SUBSTITUTIONS: list[Sub] = [
 
 STAGES = ["synth", "preprocess", "info", "train", "tune", "export", "predict", "evaluate", "demo"]
 SERVING = r"^(viscy (serve|infer)|curl) "  # run by test_readme_serving_commands, against a running server
+CONSUMER = r"^bioimageio test "  # bioimageio.core's own CLI, run like the viscy commands (after them)
 JOB = r"^ray job submit .* -- viscy "  # run by test_readme_command_runs, after the viscy commands
 README_DASHBOARD = "http://127.0.0.1:8265"  # the README's `ray job submit --address`
 
@@ -195,8 +196,8 @@ def _not_run_reason(command: str) -> str | None:
 def _run_plan() -> list[str]:
     """The README's ``viscy`` commands to run, in pipeline-stage order (README order within a stage), then its
     ``ray job submit`` example (it trains on the plate the others wrote)."""
-    run = [c for c in readme_commands() if c.startswith("viscy ") and _not_run_reason(c) is None
-           and not re.search(SERVING, c)]
+    run = [c for c in readme_commands() if (c.startswith("viscy ") or re.search(CONSUMER, c))
+           and _not_run_reason(c) is None and not re.search(SERVING, c)]
     jobs = [c for c in readme_commands() if re.search(JOB, c) and _not_run_reason(c) is None]
     return sorted(run, key=lambda c: STAGES.index(c.split()[1]) if c.split()[1] in STAGES else len(STAGES)) + jobs
 
@@ -231,7 +232,7 @@ def test_every_readme_command_is_run_or_allowlisted():
     commands = readme_commands()
     assert sum(c.startswith("viscy ") for c in commands) >= 10, "the README parser found too few commands"
     unknown = [c for c in commands if not c.startswith("viscy ") and _not_run_reason(c) is None
-               and not re.search(SERVING, c) and not re.search(JOB, c)]
+               and not re.search(SERVING, c) and not re.search(JOB, c) and not re.search(CONSUMER, c)]
     assert not unknown, (
         f"README commands neither run nor allowlisted: {unknown}; make them `viscy ...` commands or add them to "
         "NOT_RUN in tests/test_readme.py with the reason they cannot run here"
@@ -307,6 +308,11 @@ def test_readme_command_runs(command: str, workspace: Path):
     if re.search(JOB, command):
         _run_job(new, workspace)
         return
+    if re.search(CONSUMER, command):
+        out = subprocess.run([str(Path(sys.executable).parent / "bioimageio"), *shlex.split(new)[1:]], cwd=workspace,
+                             env=_env(), capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0 and "passed" in out.stdout, f"{new}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+        return
     out = _viscy(shlex.split(new)[1:], workspace)
     assert out.returncode == 0, f"{new}\nexit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
     _check_outputs(shlex.split(new), out.stdout, workspace)
@@ -361,11 +367,15 @@ def _check_outputs(tokens: list[str], stdout: str, work: Path) -> None:
         card = read_card(work / output)
         assert card.target_channels == ["Nuclei", "Membrane"] and card.source_channels == ["Phase3D"]
         assert card.training["run_name"] and card.normalization
+        if _last(tokens, "--format") == "bioimageio":
+            assert "bioimageio.core model test passed" in stdout, stdout
     if verb == "predict" and output not in (None, "null"):
         from viscy.data.plate import Plate
 
         with Plate(work / output) as store:
             assert store.channel_names == ["Nuclei_prediction", "Membrane_prediction"], store.channel_names
+        if str(_last(tokens, "--onnx")).endswith(".zip"):
+            _same_as_bioimageio_core(work / _last(tokens, "--onnx"), work / _last(tokens, "--data_path"), work / output)
     if verb == "predict" and output in (None, "null"):
         from viscy.data.plate import Plate
 
@@ -378,6 +388,21 @@ def _check_outputs(tokens: list[str], stdout: str, work: Path) -> None:
     if verb == "evaluate":
         summary = work / (_last(tokens, "--output_dir") or "evaluation") / "summary.json"
         assert summary.is_file(), f"viscy evaluate wrote no {summary}"
+
+
+def _same_as_bioimageio_core(package: Path, plate_path: Path, output: Path) -> None:
+    """Every predicted plane of the README's package equals bioimageio.core's prediction of it (within 1e-4 of
+    the largest value: the outputs are in the plate's intensities)."""
+    from tests.bmz_helpers import core_prediction
+    from viscy.data.plate import Plate
+
+    with Plate(plate_path) as plate, Plate(output) as written:
+        for fov in written.positions:
+            raw = plate.read(fov, 0, plate.channel_indices(["Phase3D"]))[0]
+            ours = written.read(fov, 0, [0, 1])
+            for z in range(raw.shape[0]):
+                reference = core_prediction(package, raw[z])
+                assert np.abs(ours[:, z] - reference).max() <= 1e-4 * max(1.0, np.abs(reference).max()), (fov, z)
 
 
 def readme_python(text: str | None = None) -> list[str]:

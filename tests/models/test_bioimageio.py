@@ -68,8 +68,8 @@ def test_export_writes_a_package_that_passes_bioimageio_core_and_carries_the_car
         readme = archive.read("README.md").decode()
         cover = archive.read("cover.png")
     assert {"weights.onnx", "weights.pt", "cover.png", "README.md", "rdf.yaml"} <= names
-    raw = plate.read("A/2/0", 0, plate.channel_indices(["Phase3D"]))
-    np.testing.assert_array_equal(test_in[0], raw)  # the whole 96 x 112 FOV (a valid size, under 256)
+    raw = plate.read("A/2/0", 0, plate.channel_indices(["Phase3D"]), slice(1, 2))
+    np.testing.assert_array_equal(test_in[0], raw)  # the central slice, the whole 96 x 112 (a valid size, < 256)
     assert "## Validation" in readme and "val_pearson_Nuclei" in readme and "dataset statistics" in readme
     from PIL import Image
 
@@ -89,11 +89,41 @@ def test_our_package_predicts_through_viscy_as_bioimageio_core_does(exported, tm
     package, _ = exported
     plate_path = Path(load_package(package).config.model_extra["viscy"]["training_config"]["data"]["data_path"][0])
     api.predict(data_path=plate_path, onnx=package, positions=["A/2/0"], output=tmp_path / "p.zarr", progress=False)
-    raw = Plate(plate_path).read("A/2/0", 0, [0])[0, 0]
+    raw = Plate(plate_path).read("A/2/0", 0, [0])[0]
     with Plate(tmp_path / "p.zarr") as written:
-        ours = written.read("A/2/0", 0, [0, 1])[:, 0]
-    reference = core_prediction(package, raw)[:, 0]
-    assert np.abs(ours - reference).max() < 1e-4 * max(1.0, np.abs(reference).max())
+        ours = written.read("A/2/0", 0, [0, 1])
+    for z in range(raw.shape[0]):
+        reference = core_prediction(package, raw[z])
+        assert np.abs(ours[:, z] - reference).max() < 1e-4 * max(1.0, np.abs(reference).max())
+
+
+def test_a_25d_model_exports_from_a_checkpoint_without_its_run_record(checkpoint, tmp_path):
+    """A 3 -> 1 slice U-Net whose run left no run_info.json: the test tensors come from the plate's first FOV,
+    and the package maps a Z window of 3 to one slice."""
+    import torch
+    import yaml
+
+    from tests.helpers import tiny_kwargs
+    from viscy.models import create_model, get_spec
+    from viscy.models.card import ModelCard
+    from viscy.models.checkpoint import save_model
+
+    plate = checkpoint.parents[2] / "plate.zarr"
+    torch.manual_seed(0)
+    kwargs = tiny_kwargs("unet25d") | {"in_channels": 1, "out_channels": 1}
+    net = create_model("unet25d", **kwargs)
+    norm = [{"channels": ["Phase3D"], "level": "dataset_statistics", "subtrahend": "mean", "divisor": "std"}]
+    card = ModelCard("unet25d", kwargs, get_spec(net), ["Phase3D"], ["Nuclei"], norm, {"run_name": "x"})
+    best = save_model(net.state_dict(), card, tmp_path / "x" / "best_model.pt")
+    (best.parent / "viscy_config.yaml").write_text(yaml.safe_dump({"data": {"data_path": [str(plate)]}}))
+    package = api.export(model={"checkpoint": best}, format="bioimageio", output=tmp_path / "z.zip").onnx
+    (inp,), (out,) = load_package(package).inputs, load_package(package).outputs
+    assert (inp.axes[2].size, out.axes[2].size, out.postprocessing[-1].id) == (3, 1, "ensure_dtype")
+    with zipfile.ZipFile(package) as archive:
+        test_in = np.load(io.BytesIO(archive.read("test_input.npy")))
+    from viscy.data.plate import Plate
+
+    np.testing.assert_array_equal(test_in[0], Plate(plate).read("A/1/0", 0, [0]))  # the first FOV's 3 slices
 
 
 def test_a_package_made_by_bioimageio_spec_runs_through_viscy_predict_like_bioimageio_core(tmp_path):

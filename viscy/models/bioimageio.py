@@ -14,8 +14,6 @@ package's own preprocessing, halo, padding and postprocessing apply exactly as i
 
 from __future__ import annotations
 
-import functools
-import inspect
 import json
 import logging
 import re
@@ -54,30 +52,6 @@ CITATIONS = (
 
 
 # ---------------------------------------------------------------------------------------- the libraries
-@functools.cache
-def prepare_spec() -> None:
-    """Import bioimageio.spec, made to work with the installed pydantic.
-
-    bioimageio.spec 0.5.12 (the version bioimageio.core 0.11 pins) calls pydantic wrap-serializer handlers as
-    ``handler(value, info)``; pydantic-core 2.50 type-checks that second argument and raises, so no package
-    with files can be built or even loaded. spec 0.5.14 calls ``handler(value)``; the two functions are given
-    that body here. A spec that no longer has the old call is left as it is.
-    """
-    import bioimageio.spec._internal.io_packaging as io_packaging
-    import bioimageio.spec.model.v0_4 as v0_4
-
-    for module, name in ((io_packaging, "package_file_descr_serializer"), (v0_4, "package_weights")):
-        function = getattr(module, name)
-        source = inspect.getsource(function)
-        fixed, count = re.subn(r"handler\(\s*value,\s*info,[^\n]*\n\s*\)", "handler(value)", source)
-        if count != 1:
-            continue
-        namespace: dict[str, Any] = {}
-        exec(compile(fixed, function.__code__.co_filename, "exec"), module.__dict__, namespace)  # noqa: S102
-        # The WrapSerializer annotations captured the function objects: their code is what must change.
-        function.__code__ = namespace[name].__code__
-
-
 def _spec_error(exc: Exception, what: str) -> ModelError:
     """A :class:`ModelError` for a description ``bioimageio.spec`` refused: its first errors, no traceback."""
     errors = getattr(exc, "errors", None)
@@ -108,7 +82,6 @@ def load_package(path: str | Path) -> Any:
     ModelError
         If it is not a valid bioimage.io model description, naming what ``bioimageio.spec`` found.
     """
-    prepare_spec()
     from bioimageio.spec import InvalidDescr, load_model_description
 
     path = Path(path)
@@ -400,7 +373,7 @@ def _test_fov(config: ExportConfig, run_config: dict[str, Any], run_info: dict[s
         )
     plate = Plate(plate_path)
     held_out = [e.split("::", 1) for e in (run_info.get("split") or {}).get("val", []) if "::" in e]
-    fovs = [fov for p, fov in held_out if Path(p).resolve() == plate_path.resolve()] or plate.positions()
+    fovs = [fov for p, fov in held_out if Path(p).resolve() == plate_path.resolve()] or plate.positions
     return plate_path, fovs[0]
 
 
@@ -438,7 +411,6 @@ def export_package(config: ExportConfig, output: Path) -> dict[str, Any]:
     from viscy.models import create_model, get_spec, resolve_model_source
     from viscy.models.export import export_card, export_onnx, onnx_metadata
 
-    prepare_spec()
     mc = config.model
     if mc.checkpoint is None:
         raise ModelError("a bioimage.io package is made from trained weights: pass --model.checkpoint best_model.pt")

@@ -130,7 +130,10 @@ class ServeConfig(StrictModel):
     host and port from ``http_options``; keys given beside them (command-line overrides) win.
     """
 
-    models: PathList = Field(description="ONNX files exported by `viscy export`, or directories of them.")
+    models: PathList = Field(
+        description="ONNX files exported by `viscy export`, bioimage.io packages (.zip or folder), or directories of "
+        "them."
+    )
     host: str = Field("127.0.0.1", description="Address the HTTP proxy binds (0.0.0.0 exposes it to the network).")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
     app_name: str = Field("viscy", description="Ray Serve application name.")
