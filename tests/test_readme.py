@@ -93,8 +93,6 @@ SUBSTITUTIONS: list[Sub] = [
         " --data.yx_patch_size 64 64", "1 trial (the recipe's starting point) of 1 short epoch on the synth plate: "
         "the command and what it writes; tests/tune runs whole sweeps (ASHA, several trials, resume)",
         only=r"^viscy tune "),
-    Sub(r"$", " --trainer.max_epochs 2", "resume continues to epoch 2 (the first run stopped at 1)",
-        only=r"--trainer\.resume true"),
     Sub(r"--model\.name VSCyto3D", f"--model.name VSCyto3D {TINY_UNEXT2}",
         "VSCyto3D with a tiny backbone (VSCyto3D.ckpt is made with the same)"),
     # ---- the job submitted to a running cluster
@@ -362,9 +360,10 @@ def _check_outputs(tokens: list[str], stdout: str, work: Path) -> None:
         assert "val Pearson" in stdout
     if verb == "export" and "--model.name" not in tokens:
         from viscy.models import read_card
+        from viscy.models.bioimageio import read_package_card
 
         # exported from best_model.pt alone: the channels and normalisation training used are in the file
-        card = read_card(work / output)
+        card = (read_package_card if _last(tokens, "--format") == "bioimageio" else read_card)(work / output)
         assert card.target_channels == ["Nuclei", "Membrane"] and card.source_channels == ["Phase3D"]
         assert card.training["run_name"] and card.normalization
         if _last(tokens, "--format") == "bioimageio":

@@ -109,12 +109,15 @@ def tune(config: ConfigLike = None, **overrides: Any) -> TuneResult:
 
 
 def export(config: ConfigLike = None, **overrides: Any) -> ExportResult:
-    """Export a checkpoint or preset to ONNX with its model card and a parity check (``viscy export``)."""
-    return _run("viscy.models.export:run_export", ExportConfig, config, overrides)
+    """Export a checkpoint or preset to ONNX with its model card, or to a bioimage.io package (``format=
+    "bioimageio"``), with a parity check (``viscy export``)."""
+    exporters = {"onnx": "viscy.models.export:run_export", "bioimageio": "viscy.models.bioimageio:run_package_export"}
+    resolved = resolve_config(ExportConfig, config, **overrides)
+    return _run(exporters[resolved.format], ExportConfig, resolved, {})
 
 
 def predict(config: ConfigLike = None, **overrides: Any) -> PredictResult:
-    """Predict whole plates with a checkpoint or ONNX model on Ray Data (``viscy predict``)."""
+    """Predict whole plates with a checkpoint, ONNX model or bioimage.io package on Ray Data (``viscy predict``)."""
     return _run("viscy.predict.run:run_predict", PredictConfig, config, overrides)
 
 

@@ -94,11 +94,13 @@ VERBS: list[Verb] = [
     ),
     Verb(
         "export",
-        "Export a model (preset or checkpoint) to ONNX with metadata and a parity check.",
+        "Export a model (preset or checkpoint) to ONNX, or to a bioimage.io package, with a parity check.",
         "viscy.models.config:ExportConfig",
         "viscy.api:export",
         "Dynamo exporter, opset >= 18, input 'input' (B, C, Z, Y, X) with dynamic batch, Y and X; the file's\n"
-        "metadata_props carry the model card: channels, depths, YX multiple, normalisation (read_card).",
+        "metadata_props carry the model card: channels, depths, YX multiple, normalisation (read_card).\n"
+        "--format bioimageio writes a bioimage.io package (spec 0.5) from a trained best_model.pt and its\n"
+        "training plate, and writes it only once bioimageio.core's model test passes.",
     ),
     Verb(
         "predict",

@@ -45,7 +45,7 @@ def test_page_shows_input_stains_and_masks(server: Server, browser, tmp_path: Pa
     tifffile.imwrite(image, phase_image((200, 160)))
     browser.get(f"{server.url}/")
     wait = WebDriverWait(browser, 120)
-    wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "Ready: 2 model(s)"))
+    wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "Ready: 3 model(s)"))
     Select(browser.find_element(By.ID, "model")).select_by_value("stain2d")
     Select(browser.find_element(By.ID, "method")).select_by_value("classical")
     browser.find_element(By.ID, "file").send_keys(str(image))

@@ -168,21 +168,14 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     return _load(model, path)
 
 
-def _read_package_card(path: Path) -> ModelCard:
-    from viscy.models.bioimageio import read_package_card
-
-    return read_package_card(path)
-
-
 # Readers of exported formats by file suffix (one line per new export format); anything else is a torch checkpoint.
-CARD_READERS: dict[str, Callable[[Path], ModelCard]] = {".onnx": read_onnx_card, ".zip": _read_package_card}
+CARD_READERS: dict[str, Callable[[Path], ModelCard]] = {".onnx": read_onnx_card}
 
 
 def read_card(path: str | Path) -> ModelCard | None:
     """The model card of a checkpoint or an exported model, whichever viscy version wrote it.
 
-    ``.onnx`` files are read from their metadata, bioimage.io ``.zip`` packages from their description; anything else
-    as a torch checkpoint (``best_model.pt`` of
+    ``.onnx`` files are read from their metadata; anything else as a torch checkpoint (``best_model.pt`` of
     ``viscy train``, a Lightning ``.ckpt`` or a plain state dict) with ``torch.load(weights_only=True)``.
 
     Returns

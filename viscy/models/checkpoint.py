@@ -19,6 +19,11 @@ def _load(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"checkpoint {path} does not exist; check model.checkpoint")
+    if path.suffix.lower() == ".zip":
+        raise ModelError(
+            f"{path} is a zip archive, not torch weights; a bioimage.io package goes to predict or serve as `onnx` "
+            "(viscy.models.bioimageio.read_package_card reads its model card)"
+        )
     if path.suffix.lower() == ".onnx":
         raise ModelError(
             f"{path} is an ONNX export, not torch weights; give it as `onnx` to predict or serve, or use the "

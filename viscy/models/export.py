@@ -233,10 +233,10 @@ def run_export(config: ExportConfig) -> ExportResult:
     from viscy.config import save_config
 
     t0 = time.perf_counter()
+    if config.format != "onnx":
+        raise ModelError(f"run_export writes ONNX; export format {config.format!r} through viscy.api.export")
     mc = config.model
     output = Path(config.output)
-    if config.format == "bioimageio":
-        return _export_bioimageio(config, output, t0)
     if output.suffix != ".onnx":
         output = output.with_suffix(".onnx")
     check_export_output(output, config.overwrite)
@@ -279,45 +279,11 @@ def run_export(config: ExportConfig) -> ExportResult:
     return ExportResult(onnx=output, config=config_path, card=written, parity_max_abs_diff=diff)
 
 
-def _export_bioimageio(config: ExportConfig, output: Path, t0: float) -> ExportResult:
-    """``viscy export --format bioimageio``: the package, tested by bioimageio.core, and its config beside it."""
-    from viscy.config import save_config
-    from viscy.models.bioimageio import export_package, is_package, package_card
-
-    if output.suffix != ".zip":
-        output = output.with_name(output.name + ".zip")
-    check_export_output(output, config.overwrite, ours=lambda p: is_package(p) and _viscy_package(p))
-    made = export_package(config, output)
-    config_path = save_config(config, output.parent, "export", filename=output.stem + ".viscy_config.yaml")
-    card = made["card"]
-    package_card(output)  # it reads back as a package viscy runs
-    size_mb = output.stat().st_size / 2**20
-    fixed = made["fixed_statistics"]
-    note = "; per-FOV normalisation fixed to the training plate's dataset statistics" if fixed else ""
-    print(
-        f"viscy export: {card.describe()} -> {output} (bioimage.io package, {size_mb:.1f} MiB; weights "
-        f"{' + '.join(made['weights'])}, ONNX/torch max|diff| {made['parity']:.1e}; bioimageio.core model test "
-        f"passed; {time.perf_counter() - t0:.1f} s){note}"
-    )
-    return ExportResult(onnx=output, config=config_path, card=card, parity_max_abs_diff=made["parity"])
-
-
-def _viscy_package(path: Path) -> bool:
-    """Whether a package was written by ``viscy export`` (its description keeps viscy's model card)."""
-    from viscy.models.bioimageio import load_package
-
-    try:
-        extra = load_package(path).config.model_extra or {}
-    except ModelError:
-        return False
-    return isinstance(extra.get("viscy"), Mapping) and "model_card" in extra["viscy"]
-
-
 @dataclass(frozen=True)
 class ExportResult:
     """What ``viscy export`` wrote."""
 
-    onnx: Path
+    onnx: Path  # the written file: the .onnx, or the package's .zip with format bioimageio
     config: Path
     card: ModelCard  # as read back from the written file
     parity_max_abs_diff: float | None
