@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.bmz_helpers import core_prediction, foreign_description, foreign_package, hand_made_run
 from viscy import api
@@ -191,3 +193,39 @@ def test_export_never_replaces_what_it_did_not_write_and_needs_the_plate(exporte
     with pytest.raises(ModelError, match="pass --data_path"):
         api.export(model={"checkpoint": moved}, format="bioimageio", output=tmp_path / "x")
     assert not (tmp_path / "x.zip").exists()
+
+
+@given(minimum=st.integers(1, 300), step=st.integers(1, 64), y=st.integers(8, 5000), x=st.integers(8, 5000),
+       block=st.one_of(st.none(), st.tuples(st.integers(8, 2048), st.integers(8, 2048))))
+@settings(max_examples=300, deadline=None)
+def test_padding_of_any_image_is_a_size_the_package_takes_and_bounded(minimum, step, y, x, block):
+    """For any min + n*step package and image: the padded image is accepted as a whole or cut into accepted blocks,
+    covers the image, and grows it by less than one step beyond the package's minimum (serving bounds the cost of a
+    request with this before any work)."""
+    from bioimageio.spec.model.v0_5 import ParameterizedSize
+
+    from viscy.models.bioimageio import padded_yx
+
+    size = ParameterizedSize(min=minimum, step=step)
+    (py, px), blocks = padded_yx({"y": size, "x": size}, y, x, block)
+    assert py >= y and px >= x
+    assert py < max(y, minimum) + step and px < max(x, minimum) + step
+    for n in ((py, px) if blocks is None else blocks):
+        assert n >= minimum and (n - minimum) % step == 0
+    if blocks is not None:
+        assert blocks[0] <= py and blocks[1] <= px
+
+
+def test_serving_refuses_an_image_a_package_would_pad_past_the_pixel_limit(tmp_path):
+    from bioimageio.spec.model.v0_5 import ParameterizedSize
+
+    from viscy.models.bioimageio import package_card
+    from viscy.serve.codecs import PayloadError
+    from viscy.serve.models import ServedModel
+
+    package = foreign_package(tmp_path / "pkg")
+    big_minimum = {"y": ParameterizedSize(min=512, step=8), "x": ParameterizedSize(min=512, step=8)}
+    served = ServedModel("wide", package, package_card(package), None, big_minimum)
+    served.check_padding((1, 1, 512, 512), 2**20, None)  # as it is
+    with pytest.raises(PayloadError, match=r"pads an image of shape \(1, 1, 8, 131072\) to 512 x 131072"):
+        served.check_padding((1, 1, 8, 131072), 2**20, None)  # 1 Mi values sent, 64 Mi after padding

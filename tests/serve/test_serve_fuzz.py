@@ -32,8 +32,8 @@ OTHER_METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]
 CONTENT_TYPES = ["application/octet-stream", "application/x-npy", "image/tiff", "image/png", "text/plain",
                  "application/json", "image/png; charset=utf-8", "", "multipart/form-data; boundary=x"]
 QUERY_VALUES = st.one_of(
-    st.sampled_from(["stain2d", "stain25d", "classical", "nope", "true", "false", "0", "1", "-1", "1e308", "nan",
-                     "inf", "Nuclei", "Membrane", "DAPI", "", "3.5", "400", "4", "100000"]),
+    st.sampled_from(["stain2d", "stain25d", "two_layer", "classical", "nope", "true", "false", "0", "1", "-1",
+                     "1e308", "nan", "inf", "Nuclei", "Membrane", "DAPI", "", "3.5", "400", "4", "100000"]),
     st.text(max_size=12),
 )
 QUERY_KEYS = st.sampled_from(["model", "method", "diameter", "channel", "segment_channel", "normalize",
@@ -68,7 +68,7 @@ def http_requests(draw) -> dict:
     method = rnd.choice(["POST"] * 20 + OTHER_METHODS) if reads_body else rnd.choice(["GET"] * 6 + OTHER_METHODS)
     query = draw(st.dictionaries(QUERY_KEYS, QUERY_VALUES, max_size=4)) if rnd.random() < 0.5 else {}
     if rnd.random() < 0.7:  # most requests name a served model
-        query["model"] = rnd.choice(["stain2d", "stain25d"])
+        query["model"] = rnd.choice(["stain2d", "stain25d", "two_layer"])
     kind = rnd.choice(CONTENT_TYPES)
     ndim = rnd.choice([1, 2, 2, 2, 3, 3, 4, 5])
     shape = tuple([rnd.randint(1, 4) for _ in range(ndim - 2)] + [rnd.randint(1, 40) for _ in range(min(ndim, 2))])
@@ -132,7 +132,8 @@ def test_2000_generated_requests_get_bounded_4xx_or_good_answers(server: Server)
     for name, (make, kind, x_dtype, x_shape) in bombs(serve_args(server.models_dir, None)["max_image_pixels"]).items():
         headers = {"Content-Type": kind, **({"X-Dtype": x_dtype} if x_dtype else {}),
                    **({"X-Shape": x_shape} if x_shape else {})}
-        for route in ("/v1/stain?model=stain2d", "/v1/segment", "/v1/stain-and-segment?model=stain2d"):
+        for route in ("/v1/stain?model=stain2d", "/v1/stain?model=two_layer", "/v1/segment",
+                      "/v1/stain-and-segment?model=stain2d"):
             t0 = time.monotonic()
             r = session.post(f"{server.url}{route}", data=make(), headers=headers, timeout=60)
             _check_answer(r, time.monotonic() - t0, f"{name} -> {route}")

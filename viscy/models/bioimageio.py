@@ -250,7 +250,7 @@ class PackageBackend:
             self.pipeline = create_prediction_pipeline(descr, weights_format=fmt, devices=devices)
         except Exception as exc:
             raise ModelError(f"bioimage.io package {Path(path).name}: its {fmt} weights do not load: {exc}") from exc
-        self.sizes = {str(a.id): a.size for a in descr.inputs[0].axes if str(a.id) in ("y", "x")}
+        self.sizes = input_yx_sizes(descr)
         self.block_yx = block_yx
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -261,13 +261,9 @@ class PackageBackend:
         for b in range(batch.shape[0]):
             czyx = np.ascontiguousarray(batch[b], dtype=np.float32)
             y, x = czyx.shape[-2:]
-            block = self._block(y, x)
-            if block is None:
-                target = (_valid_size(y, self.sizes["y"], up=True), _valid_size(x, self.sizes["x"], up=True))
-            else:
-                target = (max(y, block[0]), max(x, block[1]))
-            if target != (y, x):
-                czyx = np.pad(czyx, [(0, 0), (0, 0), (0, target[0] - y), (0, target[1] - x)], mode="symmetric")
+            (ty, tx), block = padded_yx(self.sizes, y, x, self.block_yx)
+            if (ty, tx) != (y, x):
+                czyx = np.pad(czyx, [(0, 0), (0, 0), (0, ty - y), (0, tx - x)], mode="symmetric")
             arr = _to_axes(czyx, lay.input_axes)
             sample = Sample(members={lay.input_id: Tensor.from_numpy(arr, dims=lay.input_axes)}, stat={}, id=b)
             if block is None:
@@ -281,25 +277,35 @@ class PackageBackend:
             outputs.append(out[..., :y, :x])
         return np.stack(outputs)
 
-    def _block(self, y: int, x: int) -> tuple[int, int] | None:
-        """The block shape for an image of ``y`` x ``x`` (None: the whole image, padded to a valid size).
 
-        A fixed-size axis is always cut in blocks of its size; a ``min + n*step`` axis only with ``block_yx``.
-        """
-        wanted = self.block_yx or (None, None)
-        fixed = any(isinstance(size, int) for size in self.sizes.values())
-        if self.block_yx is None and not fixed:
-            return None
-        block = []
-        for n, size, want in ((y, self.sizes["y"], wanted[0]), (x, self.sizes["x"], wanted[1])):
-            if isinstance(size, int):
-                block.append(size)
-            else:
-                limit = min(want, n) if want else n
-                block.append(_valid_size(limit, size, up=False) or _valid_size(limit, size, up=True))
-        if block[0] >= y and block[1] >= x and not fixed:
-            return None
-        return block[0], block[1]
+def input_yx_sizes(descr: Any) -> dict[str, Any]:
+    """The package input's ``y`` and ``x`` sizes (an int, or ``ParameterizedSize`` min + n * step)."""
+    return {str(a.id): a.size for a in descr.inputs[0].axes if str(a.id) in ("y", "x")}
+
+
+def padded_yx(
+    sizes: Mapping[str, Any], y: int, x: int, block_yx: tuple[int, int] | None = None
+) -> tuple[tuple[int, int], tuple[int, int] | None]:
+    """What :class:`PackageBackend` runs for a ``y`` x ``x`` image: the padded size and the block shape (None:
+    the whole image at once). Serving bounds a request's cost with it before any work.
+
+    A fixed-size axis is always cut in blocks of its size, a ``min + n*step`` axis only with ``block_yx``; the
+    image is padded to the next size the package accepts (whole), or to at least one block (blocked).
+    """
+    fixed = any(isinstance(size, int) for size in sizes.values())
+    if block_yx is None and not fixed:
+        return (_valid_size(y, sizes["y"], up=True), _valid_size(x, sizes["x"], up=True)), None
+    wanted = block_yx or (None, None)
+    block = []
+    for n, size, want in ((y, sizes["y"], wanted[0]), (x, sizes["x"], wanted[1])):
+        if isinstance(size, int):
+            block.append(size)
+        else:
+            limit = min(want, n) if want else n
+            block.append(_valid_size(limit, size, up=False) or _valid_size(limit, size, up=True))
+    if block[0] >= y and block[1] >= x and not fixed:
+        return (_valid_size(y, sizes["y"], up=True), _valid_size(x, sizes["x"], up=True)), None
+    return (max(y, block[0]), max(x, block[1])), (block[0], block[1])
 
 
 def _valid_size(n: int, size: Any, up: bool) -> int | None:

@@ -333,6 +333,7 @@ class Ingress:
     def _check_tiles(self, served: ServedModel, x: np.ndarray) -> None:
         from viscy.predict.tiling import count_model_calls
 
+        served.check_padding(x.shape, self.config.max_image_pixels, self.config.stainer.tile_yx)
         tiles = count_model_calls(x.shape[1], x.shape[-2:], self.tiling[served.name])
         if tiles > self.config.max_tiles:
             raise PayloadError(413, f"the image of shape {x.shape} makes {tiles} model tiles, over max_tiles "

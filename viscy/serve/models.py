@@ -17,7 +17,14 @@ from viscy.data.config import NormalizationConfig
 from viscy.data.patches import denormalize, normalization_for_channel, normalize
 from viscy.errors import ModelError
 from viscy.models import read_card
-from viscy.models.bioimageio import PACKAGE_ARCHITECTURE, is_package, package_card
+from viscy.models.bioimageio import (
+    PACKAGE_ARCHITECTURE,
+    input_yx_sizes,
+    is_package,
+    load_package,
+    padded_yx,
+    read_layout,
+)
 from viscy.models.card import ModelCard, read_onnx_props
 from viscy.serve.codecs import PayloadError
 
@@ -34,6 +41,7 @@ class ServedModel:
     path: Path
     card: ModelCard
     opset: int | None = None
+    package_sizes: dict[str, Any] | None = field(default=None, repr=False)  # a package's input y/x sizes
     normalization: list[NormalizationConfig] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -51,7 +59,8 @@ class ServedModel:
         loaded)."""
         path = Path(path)
         if is_package(path):
-            return cls(path.name.split(".")[0], path, package_card(path))
+            descr = load_package(path)
+            return cls(path.name.split(".")[0], path, read_layout(descr, path)[1], None, input_yx_sizes(descr))
         return cls(path.stem, path, read_card(path), read_onnx_props(path)[1])
 
     @property
@@ -153,6 +162,19 @@ class ServedModel:
             return x.astype(np.float32, copy=False), "the package's own preprocessing"
         params, source = self._stats_for(self.card.source_channels, self.normalization, x, sent)
         return normalize(x.astype(np.float32, copy=False), params), source
+
+    def check_padding(self, shape: tuple[int, ...], max_values: int, block_yx: tuple[int, int] | None) -> None:
+        """413 before any work when a package would pad a ``(C, Z, Y, X)`` image to more than ``max_values``
+        values (a thin image and a package whose minimum size is large)."""
+        if self.package_sizes is None:
+            return
+        (py, px), _ = padded_yx(self.package_sizes, shape[-2], shape[-1], block_yx)
+        values = math.prod(shape[:-2]) * py * px
+        if values > max_values:
+            raise PayloadError(
+                413, f"model {self.name!r} pads an image of shape {tuple(shape)} to {py} x {px} ({values} values), "
+                     f"over max_image_pixels ({max_values}); send an image closer to square, or fewer planes",
+            )
 
     def check_denormalize(self, denormalize: bool) -> None:
         """422 before any work when a bioimage.io package is asked to denormalise (its postprocessing sets units)."""
