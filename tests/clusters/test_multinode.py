@@ -58,10 +58,7 @@ def cluster(tmp_path_factory):
     logs = tmp_path_factory.mktemp("nodes")
     head_temp = Path(tempfile.mkdtemp(prefix="ray_head_"))
     try:
-        # The GCS declares a silent node dead after 3 missed health checks 1 s apart (Ray's defaults: 5, 3 s apart),
-        # so the node-loss test waits seconds, not tens of seconds, for the restart.
-        health = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
-        with ray_head(logs, _env(**health), num_cpus=2, resources={HEAD: 1}, temp_dir=head_temp) as head:
+        with ray_head(logs, _env(), num_cpus=2, resources={HEAD: 1}, temp_dir=head_temp) as head:
             started = Cluster(head, logs)
             try:
                 started.add_node_b()

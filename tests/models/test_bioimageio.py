@@ -186,6 +186,11 @@ def test_export_never_replaces_what_it_did_not_write_and_needs_the_plate(exporte
     with pytest.raises(ModelError, match="was not written by `viscy export`"):
         api.export(model={"checkpoint": checkpoint}, format="bioimageio", output=theirs, overwrite=True)
     assert theirs.read_bytes() == before
+    link = tmp_path / "link.zip"
+    link.symlink_to(theirs)
+    with pytest.raises(ModelError, match="is a link; it is left untouched"):
+        api.export(model={"checkpoint": checkpoint}, format="bioimageio", output=link, overwrite=True)
+    assert link.is_symlink() and theirs.read_bytes() == before
     moved = tmp_path / "moved" / "best_model.pt"
     moved.parent.mkdir()
     shutil.copy(checkpoint, moved)
