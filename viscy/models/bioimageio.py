@@ -34,6 +34,7 @@ from viscy.models.registry import ModelSpec
 if TYPE_CHECKING:
     from torch import nn
 
+    from viscy.data.plate import Plate
     from viscy.models.config import ExportConfig
     from viscy.models.export import ExportResult
 
@@ -368,7 +369,7 @@ def _training_run(checkpoint: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return config or {}, info
 
 
-def _test_fov(config: ExportConfig, run_config: dict[str, Any], run_info: dict[str, Any]) -> tuple[Path, str]:
+def _test_fov(config: ExportConfig, run_config: dict[str, Any], run_info: dict[str, Any]) -> tuple[Plate, str]:
     """The plate and FOV the test tensors come from: ``data_path`` or training's plate; its first held-out FOV."""
     from viscy.data.plate import Plate
 
@@ -385,7 +386,7 @@ def _test_fov(config: ExportConfig, run_config: dict[str, Any], run_info: dict[s
     plate = Plate(plate_path)
     held_out = [e.split("::", 1) for e in (run_info.get("split") or {}).get("val", []) if "::" in e]
     fovs = [fov for p, fov in held_out if Path(p).resolve() == plate_path.resolve()] or plate.positions
-    return plate_path, fovs[0]
+    return plate, fovs[0]
 
 
 def _stats(meta: dict[str, Any], channel: str, group: Mapping[str, Any] | None) -> tuple[float, float] | None:
@@ -452,17 +453,14 @@ def export_package(config: ExportConfig, output: Path) -> dict[str, Any]:
 
     import torch
 
-    from viscy.data.plate import Plate
     from viscy.models import create_model, get_spec, resolve_model_source
-    from viscy.models.export import export_card, export_onnx, onnx_metadata
+    from viscy.models.export import _FirstOutput, export_card, export_onnx, onnx_metadata
 
     mc = config.model
     if mc.checkpoint is None:
         raise ModelError("a bioimage.io package is made from trained weights: pass --model.checkpoint best_model.pt")
     name, kwargs, card_in = resolve_model_source(mc.name, mc.kwargs, mc.checkpoint)
-    model = package_network(name, kwargs)
-    model.model.load_state_dict(create_model(name, checkpoint=mc.checkpoint, **kwargs).state_dict())
-    model.eval()
+    model = _FirstOutput(create_model(name, checkpoint=mc.checkpoint, **kwargs)).eval()  # package_network's
     norm = [n.model_dump(mode="json") for n in config.normalization] if config.normalization is not None else None
     card = export_card(model.model, name=name, kwargs=kwargs, card=card_in, source_channels=config.source_channels,
                        target_channels=config.target_channels, normalization=norm)
@@ -470,8 +468,8 @@ def export_package(config: ExportConfig, output: Path) -> dict[str, Any]:
         raise ModelError("the model does not name its channels; pass --source_channels and --target_channels")
     spec = get_spec(model.model)
     run_config, run_info = _training_run(Path(mc.checkpoint))
-    plate_path, fov = _test_fov(config, run_config, run_info)
-    plate = Plate(plate_path)
+    plate, fov = _test_fov(config, run_config, run_info)
+    plate_path = plate.path
     meta = plate.normalization(fov)
     groups = card.normalization_by_channel
     pre = [_stats(meta, ch, groups.get(ch)) for ch in card.source_channels]
