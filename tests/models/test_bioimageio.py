@@ -80,7 +80,8 @@ def test_export_writes_a_package_that_passes_bioimageio_core_and_carries_the_car
     assert read_package_card(package) == read_card(checkpoint)
     assert descr.config.model_extra["viscy"]["training_config"]["trainer"]["max_epochs"] == 4
     assert descr.weights.pytorch_state_dict.architecture.import_from == "viscy.models.bioimageio"
-    assert (package.parent / "nuclei.viscy_config.yaml").is_file()
+    # nothing else beside it: the package was written under a unique partial name and renamed
+    assert sorted(p.name for p in package.parent.iterdir()) == ["nuclei.viscy_config.yaml", "nuclei.zip"]
 
 
 def test_our_package_predicts_through_viscy_as_bioimageio_core_does(exported, tmp_path):

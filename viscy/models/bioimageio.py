@@ -454,7 +454,7 @@ def export_package(config: ExportConfig, output: Path) -> dict[str, Any]:
     import torch
 
     from viscy.models import create_model, get_spec, resolve_model_source
-    from viscy.models.export import _FirstOutput, export_card, export_onnx, onnx_metadata
+    from viscy.models.export import _FirstOutput, export_card, export_onnx, new_partial, onnx_metadata
 
     mc = config.model
     if mc.checkpoint is None:
@@ -515,7 +515,7 @@ def export_package(config: ExportConfig, output: Path) -> dict[str, Any]:
         target = plate.read(fov, 0, target_idx, out_z)[..., y0 : y0 + cy, x0 : x0 + cx]
         _cover(tmp / "cover.png", test_input[0], test_output[0], target, card)
         descr = build(covered=True, output_scale=float(np.abs(test_output).max()))
-        partial = output.with_name(output.name + ".partial")
+        partial = new_partial(output)
         from bioimageio.spec import save_bioimageio_package
 
         try:

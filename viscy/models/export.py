@@ -254,7 +254,7 @@ def run_export(config: ExportConfig) -> ExportResult:
     )
     # Written under a temporary name and renamed only after the parity check passes, so a failed export
     # never leaves a file that looks usable.
-    partial = output.with_name(output.stem + ".partial.onnx")
+    partial = new_partial(output)
     spec = get_spec(model)
     try:
         export_onnx(model, partial, example_yx=tuple(config.example_yx), opset=config.opset, metadata=meta)
@@ -287,6 +287,18 @@ class ExportResult:
     config: Path
     card: ModelCard  # as read back from the written file
     parity_max_abs_diff: float | None
+
+
+def new_partial(output: Path) -> Path:
+    """A new, empty file beside ``output`` to write it under until it is checked (a unique name: never a file of
+    the user's, which a fixed name such as ``<name>.partial`` could be)."""
+    import os
+    import tempfile
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{output.stem}.", suffix=f".partial{output.suffix}", dir=output.parent)
+    os.close(fd)
+    return Path(name)
 
 
 def _onnx_of_viscy(path: Path) -> bool:
