@@ -114,17 +114,22 @@ def test_a_25d_model_exports_from_a_checkpoint_without_its_run_record(checkpoint
     torch.manual_seed(0)
     kwargs = tiny_kwargs("unet25d") | {"in_channels": 1, "out_channels": 1}
     net = create_model("unet25d", **kwargs)
-    norm = [{"channels": ["Phase3D"], "level": "dataset_statistics", "subtrahend": "mean", "divisor": "std"}]
+    norm = [{"level": "dataset_statistics", "subtrahend": "mean", "divisor": "std"}]  # one group for every channel
     card = ModelCard("unet25d", kwargs, get_spec(net), ["Phase3D"], ["Nuclei"], norm, {"run_name": "x"})
     best = save_model(net.state_dict(), card, tmp_path / "x" / "best_model.pt")
     (best.parent / "viscy_config.yaml").write_text(yaml.safe_dump({"data": {"data_path": [str(plate)]}}))
     package = api.export(model={"checkpoint": best}, format="bioimageio", output=tmp_path / "z.zip").onnx
     (inp,), (out,) = load_package(package).inputs, load_package(package).outputs
     assert (inp.axes[2].size, out.axes[2].size, out.postprocessing[-1].id) == (3, 1, "ensure_dtype")
-    with zipfile.ZipFile(package) as archive:
-        test_in = np.load(io.BytesIO(archive.read("test_input.npy")))
     from viscy.data.plate import Plate
 
+    stats = Plate(plate).normalization("A/1/0")
+    pre = [p for p in inp.preprocessing if p.id == "fixed_zero_mean_unit_variance"][0].kwargs
+    post = [p for p in out.postprocessing if p.id == "scale_linear"][0].kwargs
+    assert pre.mean == [pytest.approx(stats["Phase3D"]["dataset_statistics"]["mean"])]
+    assert post.gain == [pytest.approx(stats["Nuclei"]["dataset_statistics"]["std"])]
+    with zipfile.ZipFile(package) as archive:
+        test_in = np.load(io.BytesIO(archive.read("test_input.npy")))
     np.testing.assert_array_equal(test_in[0], Plate(plate).read("A/1/0", 0, [0]))  # the first FOV's 3 slices
 
 

@@ -34,6 +34,7 @@ from viscy.models.registry import ModelSpec
 if TYPE_CHECKING:
     from torch import nn
 
+    from viscy.data.config import NormalizationConfig
     from viscy.data.plate import Plate
     from viscy.models.config import ExportConfig
     from viscy.models.export import ExportResult
@@ -389,13 +390,13 @@ def _test_fov(config: ExportConfig, run_config: dict[str, Any], run_info: dict[s
     return plate, fovs[0]
 
 
-def _stats(meta: dict[str, Any], channel: str, group: Mapping[str, Any] | None) -> tuple[float, float] | None:
+def _stats(meta: dict[str, Any], channel: str, group: NormalizationConfig | None) -> tuple[float, float] | None:
     """(subtrahend, divisor) of a channel's dataset statistics for its normalisation group (None: none)."""
     if group is None:
         return None
     try:
         stats = meta[channel]["dataset_statistics"]
-        return float(stats[group.get("subtrahend", "median")]), float(stats[group.get("divisor", "iqr")])
+        return float(stats[group.subtrahend]), float(stats[group.divisor])
     except KeyError:
         raise ModelError(
             f"the plate has no dataset statistics for {channel!r}; run `viscy preprocess` on it first"
@@ -453,6 +454,8 @@ def export_package(config: ExportConfig, output: Path) -> dict[str, Any]:
 
     import torch
 
+    from viscy.data.config import NormalizationConfig
+    from viscy.data.patches import normalization_for_channel
     from viscy.models import create_model, get_spec, resolve_model_source
     from viscy.models.export import _FirstOutput, export_card, export_onnx, new_partial, onnx_metadata
 
@@ -471,9 +474,10 @@ def export_package(config: ExportConfig, output: Path) -> dict[str, Any]:
     plate, fov = _test_fov(config, run_config, run_info)
     plate_path = plate.path
     meta = plate.normalization(fov)
-    groups = card.normalization_by_channel
-    pre = [_stats(meta, ch, groups.get(ch)) for ch in card.source_channels]
-    post = [_stats(meta, ch, groups.get(ch)) for ch in card.target_channels]
+    # the groups as training applied them (a group without channels covers the others)
+    groups = [NormalizationConfig(**g) for g in card.normalization]
+    pre = [_stats(meta, ch, normalization_for_channel(ch, groups)) for ch in card.source_channels]
+    post = [_stats(meta, ch, normalization_for_channel(ch, groups)) for ch in card.target_channels]
 
     # test tensors: the held-out FOV's central Z window and YX crop, run as bioimageio.core's test runs them
     m = spec.yx_multiple
@@ -531,7 +535,7 @@ def export_package(config: ExportConfig, output: Path) -> dict[str, Any]:
         finally:
             partial.unlink(missing_ok=True)
     return {"card": card, "weights": list(tests), "parity": parity, "seconds": time.perf_counter() - started,
-            "fixed_statistics": any(g.get("level") == "fov_statistics" for g in card.normalization)}
+            "fixed_statistics": any(g.get("level", "fov_statistics") == "fov_statistics" for g in card.normalization)}
 
 
 def _core_outputs(descr: Any, test_input: np.ndarray) -> dict[str, np.ndarray]:
